@@ -1,0 +1,95 @@
+"""Typed configs (pydantic, unknown keys rejected) for every stage, loaded from one YAML.
+
+Defaults reproduce the papers (see ../shared/SCIENCE.md); presets live in pipelines/configs/.
+`slicefm config default` writes a commented default file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WindowSpec(Strict):
+    name: str
+    lo: float
+    hi: float
+
+    @field_validator("hi")
+    @classmethod
+    def _ordered(cls, hi: float, info) -> float:  # noqa: ANN001
+        if "lo" in info.data and hi <= info.data["lo"]:
+            raise ValueError(f"window hi ({hi}) must exceed lo ({info.data['lo']})")
+        return hi
+
+
+class ZScoreSpec(Strict):
+    """DALE-CT normalisation: clip to [clip_lo, clip_hi] HU, then (x - mean) / std (the DALE-CT code's values)."""
+
+    clip_lo: float = -997.0
+    clip_hi: float = 888.0
+    mean: float = -142.39
+    std: float = Field(360.97, gt=0)
+
+
+class DataConfig(Strict):
+    """Where the raw dataset comes from."""
+
+    source: str = "data/demo"  # local path (DVC-tracked) of the dataset to ingest
+    format: Literal["auto", "dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"] = "auto"
+    cohort: str | None = None
+    # Generated with the phantom generator when `source` is missing (the demo dataset is reproducible).
+    phantom_if_missing: bool = True
+    phantom_scans: int = Field(40, ge=2)
+    phantom_format: Literal["dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"] = "dicom"
+    phantom_profile: Literal["default", "shifted"] = "default"
+    phantom_seed: int = 0
+    phantom_size: int = Field(128, ge=32)
+
+
+class IngestConfig(Strict):
+    workers: int = Field(2, ge=1)
+
+
+class PreprocessConfig(Strict):
+    """HU windows or z-score, body crop, resize, optional 5-cut tiling, 12 mm slabs."""
+
+    normalisation: Literal["windows", "zscore"] = "windows"
+    # Names from slicefm.preprocess.windows.WINDOWS or explicit {name, lo, hi}; CLEAR: abdomen + lung.
+    windows: list[str | WindowSpec] = Field(default_factory=lambda: ["abdomen", "lung"])
+    zscore: ZScoreSpec = Field(default_factory=ZScoreSpec)
+    body_crop: bool = True
+    crop_margin_px: int = Field(4, ge=0)
+    size: int | None = Field(256, ge=16)  # output side in px; None = native (no resize)
+    five_cut: bool = False
+    slab_mm: float = Field(12.0, gt=0)
+    n_shards: int = Field(4, ge=1)
+    workers: int = Field(2, ge=1)
+
+
+class PipelineConfig(Strict):
+    """The whole run: one YAML, one section per stage."""
+
+    name: str = "slicefm"
+    experiment: str = "slicefm"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+
+def load_config(path: str | Path, model: type[Strict] = PipelineConfig) -> Strict:
+    """Load and validate a YAML config (unknown keys are errors naming the key)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return model.model_validate(data)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

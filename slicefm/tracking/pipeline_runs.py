@@ -1,0 +1,73 @@
+"""The pipeline's parent MLflow run: opened by the first step, closed by the exit handler, summarised at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from slicefm.tracking import mlflow_runs
+
+
+def start_parent_run(tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str) -> str:
+    """Open the parent run with lineage tags and the flattened config as params; returns its id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    config = yaml.safe_load(config_yaml) or {}
+    tags = mlflow_runs.lineage_tags(
+        git_commit=mlflow_runs.git_commit(Path.cwd()),
+        config_hash=mlflow_runs.config_hash(config),
+        data_version=data_version or None,
+        image=None,
+    )
+    run_id = mlflow_runs.start_pipeline_run(tracking_uri, experiment, run_name, tags)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow_runs.log_params_flat(config)
+    MlflowClient(tracking_uri).log_text(run_id, config_yaml, "config.yaml")
+    # start_run(run_id=...) ends the run on exit: mark it running again until the exit handler closes it.
+    MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def finish_parent_run(tracking_uri: str, parent_run_id: str) -> str:
+    """FINISHED when every stage run finished (and there was at least one), else FAILED."""
+    runs = child_runs(tracking_uri, parent_run_id)
+    ok = bool(runs) and all(r.info.status == "FINISHED" for r in runs)
+    status = "FINISHED" if ok else "FAILED"
+    mlflow_runs.finish_pipeline_run(tracking_uri, parent_run_id, status)
+    return status
+
+
+def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Path | None = None) -> str:
+    """Human summary of a finished pipeline run: stage outputs, headline metrics, where to look."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return f"no MLflow experiment {experiment!r} at {tracking_uri}"
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'")
+    if not parents:
+        return f"no MLflow run {run_name!r} in experiment {experiment!r}"
+    parent = parents[0]
+    lines = [f"\npipeline run {run_name}: {parent.info.status} (MLflow run {parent.info.run_id})"]
+    for run in sorted(child_runs(tracking_uri, parent.info.run_id), key=lambda r: r.info.start_time):
+        stage = run.data.tags.get("slicefm.stage", run.info.run_name)
+        metrics = ", ".join(f"{k}={v:g}" for k, v in sorted(run.data.metrics.items()))
+        lines.append(f"  {stage:<11} {run.info.status:<9} {metrics}")
+        if "slicefm.output_uri" in run.data.tags:
+            lines.append(f"  {'':<11} output: {run.data.tags['slicefm.output_uri']}")
+    lines.append(f"MLflow: {tracking_uri}  (browse: mlflow ui --backend-store-uri {tracking_uri})")
+    if kfp_root is not None:
+        lines.append(f"KFP local outputs: {kfp_root}")
+    return "\n".join(lines)
