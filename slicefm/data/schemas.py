@@ -99,7 +99,9 @@ def validate(df: pd.DataFrame, schema: type[pa.DataFrameModel], what: str) -> pd
         return schema.validate(df, lazy=True)
     except pa.errors.SchemaErrors as err:
         cases = err.failure_cases[["column", "check", "failure_case"]].drop_duplicates().head(20)
-        raise SchemaValidationError(f"{what} does not match {schema.__name__}:\n{cases.to_string(index=False)}") from None
+        raise SchemaValidationError(
+            f"{what} does not match {schema.__name__}:\n{cases.to_string(index=False)}"
+        ) from None
 
 
 def label_columns(df: pd.DataFrame) -> list[str]:

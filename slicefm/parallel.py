@@ -1,0 +1,25 @@
+"""Process pools for per-scan work that are safe after torch has started threads.
+
+Forking a process whose OpenMP/torch thread pools are live can deadlock the child, so workers come
+from a forkserver (a clean process started once). Each worker uses one intra-op thread: the pool
+already occupies the cores, and oversubscription slows everything down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker
+    )

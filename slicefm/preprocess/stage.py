@@ -1,0 +1,206 @@
+"""The preprocess stage: canonical HU volumes (from ingest) -> fixed-size slice stacks + slices.parquet.
+
+Per scan: body crop (one square box for the whole volume) -> resize -> HU windows (uint8, one channel
+per window) or DALE-CT clip + z-score (float16) -> optional 5-cut tiles; 12 mm slab ids from z spacing;
+lesion boxes mapped into the output frame. Scans run in parallel; finished scans (stack + index present)
+are skipped on re-runs; every file is written atomically by the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.data.ingest import read_lesions, read_scans
+from slicefm.data.schemas import SlicesSchema, validate
+from slicefm.preprocess.boxes import map_box_to_output
+from slicefm.preprocess.crop import body_bbox, body_mask, crop_to_box, square_box
+from slicefm.preprocess.resize import resize_slices
+from slicefm.preprocess.shards import shard_of, stack_key
+from slicefm.preprocess.slabs import slab_ids
+from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
+from slicefm.preprocess.windows import WINDOWS, HUWindow, ZScoreNorm, apply_windows_uint8, apply_zscore
+from slicefm.parallel import process_pool
+from slicefm.tracking.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+
+
+@dataclass
+class PreprocessResult:
+    out_uri: str
+    n_scans: int
+    n_skipped: int
+    n_slices: int
+    channels: list[str]
+
+
+def resolve_windows(cfg: PreprocessConfig) -> list[HUWindow]:
+    out = []
+    for w in cfg.windows:
+        if isinstance(w, WindowSpec):
+            out.append(HUWindow(w.name, w.lo, w.hi))
+        elif w in WINDOWS:
+            out.append(WINDOWS[w])
+        else:
+            raise ValueError(f"unknown window {w!r}; known: {sorted(WINDOWS)} (or give name/lo/hi)")
+    return out
+
+
+def channel_names(cfg: PreprocessConfig) -> list[str]:
+    return ["zscore"] if cfg.normalisation == "zscore" else [w.name for w in resolve_windows(cfg)]
+
+
+def crop_box_for(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, int]:
+    """Square body box (y0, y1, x0, x1) in the input frame; may extend past the image (padded with air)."""
+    h, w = hu.shape[1:]
+    box = body_bbox(body_mask(hu), margin_px=cfg.crop_margin_px) if cfg.body_crop else (0, h, 0, w)
+    return square_box(box, (h, w))
+
+
+def normalise(hu_resized: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """[z, H, W] HU -> [z, C, H, W] uint8 windows or float16 z-scores."""
+    if cfg.normalisation == "zscore":
+        z = cfg.zscore
+        return apply_zscore(hu_resized, ZScoreNorm(z.clip_lo, z.clip_hi, z.mean, z.std))
+    return apply_windows_uint8(hu_resized, resolve_windows(cfg))
+
+
+def preprocess_volume(
+    hu: np.ndarray, cfg: PreprocessConfig
+) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
+    """One canonical HU volume -> (stack, crop box, crop side). Resizing happens in HU, windowing after."""
+    box = crop_box_for(hu, cfg)
+    cropped = crop_to_box(hu, box, pad_value=AIR_HU)
+    side = cropped.shape[-1]
+    size = cfg.size or side
+    if cfg.five_cut:
+        tiles = tile_slices(cropped, five_cut_boxes((0, side, 0, side)), size)  # [z, 5, H, W]
+        z, t = tiles.shape[:2]
+        flat = normalise(tiles.reshape(z * t, size, size), cfg)
+        stack = flat.reshape(z, t, *flat.shape[1:])
+    else:
+        stack = normalise(resize_slices(cropped, cfg.size), cfg)
+    return stack, box, side
+
+
+def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
+    """Process one scan (worker process). Returns its slice rows and crop info."""
+    scan, lesions, in_uri, out_uri, cfg_json, skip_done = args
+    cfg = PreprocessConfig.model_validate_json(cfg_json)
+    out = open_store(out_uri)
+    scan_id = scan["scan_id"]
+    shard = shard_of(scan_id, cfg.n_shards)
+    key = stack_key(scan_id, shard)
+    index_key = f"index/{scan_id}.parquet"
+    if skip_done and out.exists(key) and out.exists(index_key):
+        return scan_id, None, {}
+    vol_store = open_store(in_uri)
+    local = vol_store.local_path(scan["volume"])
+    hu16 = np.load(local, mmap_mode="r") if local is not None else vol_store.read_npy(scan["volume"])
+    hu = np.asarray(hu16, dtype=np.float32)
+    stack, box, side = preprocess_volume(hu, cfg)
+    n = hu.shape[0]
+    z_mm = np.arange(n, dtype=np.float64) * float(scan["spacing_z_mm"])
+    boxes: list[list] = [[] for _ in range(n)]
+    out_size = cfg.size or side
+    for les in lesions:
+        mapped = map_box_to_output(
+            np.array([[les["x0"], les["y0"], les["x1"], les["y1"]]]), box, out_size, side
+        )[0]
+        boxes[int(les["key_slice"])].append([round(float(v), 2) for v in mapped] + [int(les["lesion_type"])])
+    rows = pd.DataFrame(
+        {
+            "scan_id": scan_id,
+            "slice_index": np.arange(n),
+            "z_mm": z_mm,
+            "slab_id": slab_ids(z_mm, cfg.slab_mm),
+            "shard": shard,
+            "stack": key,
+            "row": np.arange(n),
+            "is_key_slice": [bool(b) for b in boxes],
+            "lesion_boxes": [json.dumps(b) for b in boxes],
+        }
+    )
+    rows = validate(rows, SlicesSchema, f"slices of {scan_id}")
+    # Stack first, index second: the index's presence marks the scan finished for re-runs.
+    out.write_npy(key, stack)
+    out.write_parquet(index_key, rows)
+    crop = {
+        "scan_id": scan_id,
+        "crop_y0": box[0],
+        "crop_y1": box[1],
+        "crop_x0": box[2],
+        "crop_x1": box[3],
+        "crop_side": side,
+    }
+    out.write_json(f"index/{scan_id}.crop.json", crop)
+    return scan_id, rows, crop
+
+
+def run_preprocess(
+    scans_uri: str, out_uri: str, cfg: PreprocessConfig, resume: bool = True
+) -> PreprocessResult:
+    """Preprocess every scan of an ingest output into slice stacks (skips finished scans when resume)."""
+    in_store, out = open_store(scans_uri), open_store(out_uri)
+    scans = read_scans(in_store)
+    lesions = read_lesions(in_store)
+    by_scan = {sid: g.to_dict("records") for sid, g in lesions.groupby("scan_id")}
+    cfg_json = cfg.model_dump_json()
+    tasks = [
+        (row, by_scan.get(row["scan_id"], []), in_store.uri(""), out.uri(""), cfg_json, resume)
+        for row in scans.to_dict("records")
+    ]
+    skipped = 0
+    if cfg.workers > 1 and len(tasks) > 1:
+        with process_pool(cfg.workers) as pool:
+            results = list(
+                tqdm(pool.map(_scan_task, tasks), total=len(tasks), desc="preprocess", unit="scan")
+            )
+    else:
+        results = [_scan_task(t) for t in tqdm(tasks, desc="preprocess", unit="scan")]
+    skipped = sum(1 for _, rows, _ in results if rows is None)
+    slices = _collect(out, [r[0] for r in results])
+    out.write_parquet("slices.parquet", slices)
+    out.write_parquet("scans.parquet", scans)
+    out.write_parquet("lesions.parquet", lesions)
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "channels": channel_names(cfg),
+        "dtype": "float16" if cfg.normalisation == "zscore" else "uint8",
+        "layout": "[slice, tile, channel, H, W]" if cfg.five_cut else "[slice, channel, H, W]",
+        "n_scans": len(scans),
+        "n_slices": len(slices),
+        "source": in_store.uri(""),
+    }
+    out.write_json("preprocess.json", meta)
+    log.info(
+        "preprocessed %d scans (%d skipped as finished), %d slices",
+        len(scans) - skipped,
+        skipped,
+        len(slices),
+    )
+    return PreprocessResult(out.uri(""), len(scans), skipped, len(slices), meta["channels"])
+
+
+def _collect(out: Store, scan_ids: list[str]) -> pd.DataFrame:
+    frames = [out.read_parquet(f"index/{sid}.parquet") for sid in scan_ids]
+    if not frames:
+        return validate(
+            pd.DataFrame(columns=list(SlicesSchema.to_schema().columns)), SlicesSchema, "slices.parquet"
+        )
+    return validate(pd.concat(frames, ignore_index=True), SlicesSchema, "slices.parquet")
+
+
+def read_slices(store: Store) -> pd.DataFrame:
+    return validate(store.read_parquet("slices.parquet"), SlicesSchema, store.uri("slices.parquet"))
+
+
+__all__ = ["run_preprocess", "preprocess_volume", "read_slices", "PreprocessResult"]
