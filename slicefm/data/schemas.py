@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -34,7 +36,7 @@ class ScansSchema(pa.DataFrameModel):
     split: Series[str] = pa.Field(isin=list(SPLITS))
     scanner: Series[str]
     # Targets: any number of label_<name> columns; 1 present, 0 absent, -1 unknown.
-    labels: Series[int] = pa.Field(alias=rf"^{LABEL_PREFIX}.+", regex=True, isin=[-1, 0, 1])
+    labels: Optional[Series[int]] = pa.Field(alias=rf"^{LABEL_PREFIX}.+", regex=True, isin=[-1, 0, 1])  # noqa: UP045
 
     class Config:
         coerce = True

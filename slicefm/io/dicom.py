@@ -27,6 +27,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from slicefm.data.redact import redact_uids
 from slicefm.io.orientation import reorient_to_canonical
 from slicefm.io.volume import InvalidScanError, Volume
 
@@ -75,7 +76,7 @@ def scan_dicom_tree(root: Path) -> DicomTree:
             uid, reason = _scan_file(path)
             if reason is not None:
                 rel = path.relative_to(root).as_posix()
-                logger.debug("DICOM scan: skipping %s: %s", rel, reason)
+                logger.debug("DICOM scan: skipping %s: %s", redact_uids(rel), redact_uids(reason))
                 tree.rejected.append((rel, reason))
             else:
                 tree.series.setdefault(uid, []).append(path)  # type: ignore[arg-type]
@@ -114,7 +115,7 @@ def read_dicom_series(files: list[Path], root: Path | None = None) -> Volume:
     if not slices:
         raise InvalidScanError(source, "localizer/scout series")
     if n_localizers:
-        logger.info("%s: dropped %d localizer/scout images", source, n_localizers)
+        logger.info("%s: dropped %d localizer/scout images", redact_uids(source), n_localizers)
     if len(slices) < 2:
         raise InvalidScanError(source, "single-slice series (need >= 2 slices)")
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
@@ -131,7 +132,7 @@ def read_dicom_series(files: list[Path], root: Path | None = None) -> Volume:
     data_ijk = hu.transpose(2, 1, 0)  # [column, row, slice]
     hu_canonical, spacing = reorient_to_canonical(data_ijk, geometry.affine(), frame="LPS")
     first = ordered[0][1]
-    logger.debug("%s: read %d slices, shape %s", source, len(ordered), hu_canonical.shape)
+    logger.debug("%s: read %d slices, shape %s", redact_uids(source), len(ordered), hu_canonical.shape)
     return Volume(
         hu=hu_canonical,
         spacing_mm=spacing,

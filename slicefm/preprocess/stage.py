@@ -8,9 +8,11 @@ are skipped on re-runs; every file is written atomically by the store.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from slicefm.config import PreprocessConfig, WindowSpec
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
+from slicefm.parallel import process_pool
 from slicefm.preprocess.boxes import map_box_to_output
 from slicefm.preprocess.crop import body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
@@ -25,7 +28,6 @@ from slicefm.preprocess.shards import shard_of, stack_key
 from slicefm.preprocess.slabs import slab_ids
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
 from slicefm.preprocess.windows import WINDOWS, HUWindow, ZScoreNorm, apply_windows_uint8, apply_zscore
-from slicefm.parallel import process_pool
 from slicefm.tracking.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,30 @@ def preprocess_volume(
     return stack, box, side
 
 
+def resize_masks(
+    masks: dict[str, np.ndarray], box: tuple[int, int, int, int], size: int | None
+) -> dict[str, np.ndarray]:
+    """Label masks [z, y, x] -> the stack's frame: same crop (padded with 0), nearest-neighbour resize."""
+    import torch
+
+    out = {}
+    for name, mask in masks.items():
+        cropped = np.ascontiguousarray(crop_to_box(mask.astype(np.uint8), box, pad_value=0))
+        if size is not None and cropped.shape[-1] != size:
+            t = torch.from_numpy(cropped).unsqueeze(1)
+            cropped = (
+                torch.nn.functional.interpolate(t, size=(size, size), mode="nearest-exact").squeeze(1).numpy()
+            )
+        out[name] = cropped
+    return out
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
 def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
     """Process one scan (worker process). Returns its slice rows and crop info."""
     scan, lesions, in_uri, out_uri, cfg_json, skip_done = args
@@ -131,6 +157,11 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
     )
     rows = validate(rows, SlicesSchema, f"slices of {scan_id}")
     # Stack first, index second: the index's presence marks the scan finished for re-runs.
+    mask_key = f"masks/{scan_id}.npz"
+    if vol_store.exists(mask_key):
+        with np.load(io.BytesIO(vol_store.read_bytes(mask_key))) as npz:
+            masks = {k: npz[k] for k in npz.files}
+        out.write_bytes(mask_key, _npz_bytes(resize_masks(masks, box, cfg.size)))
     out.write_npy(key, stack)
     out.write_parquet(index_key, rows)
     crop = {
@@ -171,6 +202,9 @@ def run_preprocess(
     out.write_parquet("slices.parquet", slices)
     out.write_parquet("scans.parquet", scans)
     out.write_parquet("lesions.parquet", lesions)
+    for name in ("organ_classes.json", "finding_classes.json"):
+        if in_store.exists(f"masks/{name}"):
+            out.write_bytes(f"masks/{name}", in_store.read_bytes(f"masks/{name}"))
     meta = {
         "config": cfg.model_dump(mode="json"),
         "channels": channel_names(cfg),

@@ -1,0 +1,44 @@
+"""A folder of NIfTI volumes (.nii / .nii.gz), one scan per file; ref = path relative to the root."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from slicefm.data.adapters.base import AdapterResult, ScanCandidate, rel
+from slicefm.data.adapters.masks import mask_for
+from slicefm.data.adapters.sidecar import is_sidecar, read_sidecars
+from slicefm.io.nifti import read_nifti
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+
+
+def discover(source: Path, cohort: str | None = None) -> AdapterResult:
+    side = read_sidecars(source)
+    files = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
+    )
+    rejected = [
+        (rel(p, source), "not a NIfTI file (.nii/.nii.gz expected)")
+        for p in sorted(source.rglob("*"))
+        if p.is_file() and p not in files and not is_sidecar(p, source) and not p.name.startswith(".")
+    ]
+    cands, used = [], set()
+    for path in files:
+        stem = nifti_stem(path)
+        cand = ScanCandidate(
+            ref=rel(path, source), source=rel(path, source), load=partial(read_nifti, path), patient_ref=stem
+        )
+        cand.labels, cand.lesions, key = side.lookup(stem, stem)
+        cand.mask_file = mask_for(source, stem)
+        cand.patient_ref = side.patients.get(stem, stem)
+        if key is not None:
+            used.add(key)
+        cands.append(cand)
+    rejected += side.rejected + side.unmatched(used)
+    return AdapterResult(cohort or source.name, "nifti", cands, rejected, side.label_names)

@@ -1,0 +1,270 @@
+"""Ingestion: source dataset -> de-identified canonical volumes + validated manifests.
+
+Writes, under the output location (local dir or s3://):
+  volumes/<scan_id>.npy   int16 HU, canonical [z, y, x] (no headers, so no PHI travels further)
+  masks/<scan_id>.npz     organ/lesion masks when the source has them (phantom data, segmentations)
+  scans.parquet, lesions.parquet, quarantine.csv, dataset.json
+One bad scan never stops the batch: it goes to quarantine.csv with the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from slicefm import __version__
+from slicefm.data import pseudonym
+from slicefm.data.adapters import detect_format, get_adapter
+from slicefm.data.adapters.base import AdapterResult, ScanCandidate
+from slicefm.data.redact import redact_uids
+from slicefm.data.schemas import (
+    LABEL_PREFIX,
+    LesionsSchema,
+    QuarantineSchema,
+    ScansSchema,
+    validate,
+)
+from slicefm.io.volume import InvalidScanError, Volume
+from slicefm.parallel import process_pool
+from slicefm.tracking.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024
+MAX_HU = 32767
+
+
+class NoUsableScansError(RuntimeError):
+    """Every scan of the source was quarantined."""
+
+
+@dataclass
+class IngestResult:
+    out_uri: str
+    n_scans: int
+    n_quarantined: int
+    n_lesions: int
+    cohort: str
+    fmt: str
+
+
+def label_slug(name: str) -> str:
+    """'Arterial wall calcification' -> 'arterial_wall_calcification'."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def check_volume(vol: Volume) -> None:
+    """Reject volumes no later stage can use (raises InvalidScanError naming the problem)."""
+    hu = vol.hu
+    if hu.ndim != 3:
+        raise InvalidScanError(vol.source, f"expected a 3-D volume, got shape {hu.shape}")
+    if hu.shape[0] < 2:
+        raise InvalidScanError(vol.source, f"single-slice volume (shape {hu.shape}; need >= 2 slices)")
+    if not np.isfinite(hu).all():
+        raise InvalidScanError(vol.source, f"{int((~np.isfinite(hu)).sum())} NaN/inf voxels")
+    lo, hi = float(hu.min()), float(hu.max())
+    if hi - lo < 1.0:
+        raise InvalidScanError(vol.source, f"constant volume (all voxels = {lo:.0f} HU)")
+    if hi < -500:
+        raise InvalidScanError(vol.source, f"no tissue above -500 HU (max {hi:.0f}): not a CT in HU?")
+    if any(not np.isfinite(s) or s <= 0 for s in vol.spacing_mm):
+        raise InvalidScanError(vol.source, f"invalid voxel spacing {vol.spacing_mm}")
+
+
+def _to_int16(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(hu), AIR_HU, MAX_HU).astype(np.int16)
+
+
+@dataclass
+class _Loaded:
+    """What a worker sends back for one candidate (picklable)."""
+
+    index: int
+    ok: bool
+    reason: str = ""
+    source: str = ""
+    patient_ref: str = ""
+    shape: tuple[int, int, int] = (0, 0, 0)
+    spacing_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scanner: str = ""
+
+
+def _load_and_store(
+    index: int, cand: ScanCandidate, scan_key_fn_args: tuple[bytes, str], out_uri: str
+) -> _Loaded:
+    """Read one candidate, check it, write its canonical volume (runs in a worker process)."""
+    key, cohort = scan_key_fn_args
+    try:
+        vol = cand.load()
+        check_volume(vol)
+    except InvalidScanError as err:
+        return _Loaded(index, False, err.reason, source=cand.source)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
+        # Readers translate the failures they know; anything else still only costs this scan.
+        return _Loaded(index, False, f"unreadable: {err.__class__.__name__}: {err}", source=cand.source)
+    patient_ref = (
+        cand.patient_ref or vol.identifiers.get("PatientID") or vol.identifiers.get("StudyInstanceUID")
+    )
+    patient_ref = patient_ref or cand.ref
+    scan_id = pseudonym.scan_pseudonym(key, cohort, cand.ref)
+    store = open_store(out_uri)
+    store.write_npy(f"volumes/{scan_id}.npy", _to_int16(vol.hu))
+    if cand.mask_file is not None and Path(cand.mask_file).exists():
+        store.write_bytes(f"masks/{scan_id}.npz", Path(cand.mask_file).read_bytes())
+    scanner = " ".join(str(vol.info.get(k, "")) for k in ("Manufacturer", "ManufacturerModelName")).strip()
+    return _Loaded(
+        index,
+        True,
+        source=cand.source,
+        patient_ref=str(patient_ref),
+        shape=vol.shape,
+        spacing_mm=tuple(float(s) for s in vol.spacing_mm),  # type: ignore[arg-type]
+        scanner=scanner,
+    )
+
+
+def ingest(
+    source: Path,
+    out_uri: str,
+    key: bytes,
+    fmt: str = "auto",
+    cohort: str | None = None,
+    workers: int = 1,
+    data_version: str | None = None,
+) -> IngestResult:
+    """Ingest one dataset. Raises NoUsableScansError (after writing quarantine.csv) when nothing is usable."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"ingestion source {source} does not exist")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    adapter_result: AdapterResult = get_adapter(fmt)(source, cohort)
+    cohort = adapter_result.cohort
+    store = open_store(out_uri)
+    log.info(
+        "ingest %s (%s, cohort %s): %d candidate scans", source, fmt, cohort, len(adapter_result.candidates)
+    )
+
+    loaded = _load_all(adapter_result.candidates, key, cohort, out_uri, workers)
+    quarantine = [(redact_uids(f, key), redact_uids(r, key)) for f, r in adapter_result.rejected]
+    rows, lesion_rows = [], []
+    for res in loaded:
+        cand = adapter_result.candidates[res.index]
+        if not res.ok:
+            entry = (redact_uids(res.source, key), redact_uids(res.reason, key))
+            quarantine.append(entry)
+            log.warning("quarantined %s: %s", *entry)
+            continue
+        scan_id = pseudonym.scan_pseudonym(key, cohort, cand.ref)
+        row = {
+            "scan_id": scan_id,
+            "patient_id": pseudonym.patient_pseudonym(key, cohort, res.patient_ref),
+            "cohort": cohort,
+            "format": fmt,
+            "source": redact_uids(cand.source, key),
+            "volume": f"volumes/{scan_id}.npy",
+            "modality": "CT",
+            "n_slices": res.shape[0],
+            "height": res.shape[1],
+            "width": res.shape[2],
+            "spacing_z_mm": res.spacing_mm[0],
+            "spacing_y_mm": res.spacing_mm[1],
+            "spacing_x_mm": res.spacing_mm[2],
+            "split": cand.split,
+            "scanner": res.scanner,
+        }
+        for name in adapter_result.label_names:
+            row[LABEL_PREFIX + label_slug(name)] = int(cand.labels.get(name, -1))
+        rows.append(row)
+        for i, les in enumerate(cand.lesions):
+            if not 0 <= les.key_slice < res.shape[0]:
+                quarantine.append(
+                    (cand.source, f"lesion {i}: key slice {les.key_slice} outside 0..{res.shape[0] - 1}")
+                )
+                continue
+            lesion_rows.append(
+                {
+                    "scan_id": scan_id,
+                    "lesion_index": i,
+                    "key_slice": les.key_slice,
+                    "x0": les.box_xyxy[0],
+                    "y0": les.box_xyxy[1],
+                    "x1": les.box_xyxy[2],
+                    "y1": les.box_xyxy[3],
+                    "lesion_type": les.lesion_type,
+                    "lesion_name": les.lesion_name,
+                }
+            )
+
+    label_cols = [LABEL_PREFIX + label_slug(n) for n in adapter_result.label_names]
+    scans = pd.DataFrame(rows, columns=list(ScansSchema.to_schema().columns)[:-1] + label_cols)
+    scans = scans.sort_values("scan_id").reset_index(drop=True)
+    lesions = pd.DataFrame(lesion_rows, columns=list(LesionsSchema.to_schema().columns))
+    quarantine_df = pd.DataFrame(quarantine, columns=["file", "reason"])
+    write_manifests(store, scans, lesions, quarantine_df)
+    for name in ("organ_classes.json", "finding_classes.json"):  # class names of the copied masks
+        if (source / "masks" / name).exists():
+            store.write_bytes(f"masks/{name}", (source / "masks" / name).read_bytes())
+    summary = {
+        "source_format": fmt,
+        "cohort": cohort,
+        "data_version": data_version,
+        "slicefm_version": __version__,
+        "n_scans": len(scans),
+        "n_patients": int(scans["patient_id"].nunique()) if len(scans) else 0,
+        "n_slices": int(scans["n_slices"].sum()) if len(scans) else 0,
+        "n_lesions": len(lesions),
+        "n_quarantined": len(quarantine_df),
+        "labels": label_cols,
+        "splits": scans["split"].value_counts().to_dict() if len(scans) else {},
+    }
+    store.write_bytes("dataset.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+    log.info("ingested %d scans, %d lesions; %d quarantined", len(scans), len(lesions), len(quarantine_df))
+    if len(scans) == 0:
+        reasons = quarantine_df["reason"].value_counts().head(5).to_dict()
+        raise NoUsableScansError(
+            f"no usable scan in {source}: {len(quarantine_df)} inputs quarantined "
+            f"(see {store.uri('quarantine.csv')}); most common reasons: {reasons}"
+        )
+    return IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt)
+
+
+def _load_all(
+    cands: list[ScanCandidate], key: bytes, cohort: str, out_uri: str, workers: int
+) -> list[_Loaded]:
+    args = (key, cohort)
+    if workers <= 1 or len(cands) <= 1:
+        return [
+            _load_and_store(i, c, args, out_uri)
+            for i, c in enumerate(tqdm(cands, desc="ingest", unit="scan"))
+        ]
+    with process_pool(workers) as pool:
+        futures = [pool.submit(_load_and_store, i, c, args, out_uri) for i, c in enumerate(cands)]
+        return [f.result() for f in tqdm(futures, desc="ingest", unit="scan")]
+
+
+def write_manifests(
+    store: Store, scans: pd.DataFrame, lesions: pd.DataFrame, quarantine: pd.DataFrame
+) -> None:
+    """Validate and write the three tables (each write is atomic)."""
+    scans = validate(scans, ScansSchema, "scans.parquet")
+    lesions = validate(lesions, LesionsSchema, "lesions.parquet")
+    quarantine = validate(quarantine, QuarantineSchema, "quarantine.csv")
+    store.write_parquet("scans.parquet", scans)
+    store.write_parquet("lesions.parquet", lesions)
+    store.write_bytes("quarantine.csv", quarantine.to_csv(index=False).encode())
+
+
+def read_scans(store: Store) -> pd.DataFrame:
+    """scans.parquet, validated on read."""
+    return validate(store.read_parquet("scans.parquet"), ScansSchema, store.uri("scans.parquet"))
+
+
+def read_lesions(store: Store) -> pd.DataFrame:
+    return validate(store.read_parquet("lesions.parquet"), LesionsSchema, store.uri("lesions.parquet"))
