@@ -332,7 +332,9 @@ def write_dicom_series(
             else:  # encapsulated RLE: let pydicom encode the fragments
                 ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
                 ds.PixelData = stored[k].tobytes()
-                ds.compress(RLELossless, stored[k])
+                ds.compress(
+                    RLELossless, stored[k], generate_instance_uid=False
+                )  # keep the seeded UID: bytes stay reproducible
                 ds.save_as(tmp / names[k], enforce_file_format=True)
             paths.append(out_dir / names[k])
     return paths

@@ -9,7 +9,9 @@ import yaml
 from slicefm.tracking import mlflow_runs
 
 
-def start_parent_run(tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str) -> str:
+def start_parent_run(
+    tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str
+) -> str:
     """Open the parent run with lineage tags and the flattened config as params; returns its id."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -21,6 +23,7 @@ def start_parent_run(tracking_uri: str, experiment: str, run_name: str, config_y
         data_version=data_version or None,
         image=None,
     )
+    tags["slicefm.role"] = "pipeline"
     run_id = mlflow_runs.start_pipeline_run(tracking_uri, experiment, run_name, tags)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -39,27 +42,38 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list:
     return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def finish_parent_run(tracking_uri: str, parent_run_id: str) -> str:
-    """FINISHED when every stage run finished (and there was at least one), else FAILED."""
-    runs = child_runs(tracking_uri, parent_run_id)
-    ok = bool(runs) and all(r.info.status == "FINISHED" for r in runs)
-    status = "FINISHED" if ok else "FAILED"
-    mlflow_runs.finish_pipeline_run(tracking_uri, parent_run_id, status)
-    return status
-
-
-def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Path | None = None) -> str:
-    """Human summary of a finished pipeline run: stage outputs, headline metrics, where to look."""
+def find_parent_run(tracking_uri: str, experiment: str, run_name: str):
+    """The pipeline's parent run by name (None when it was never created)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return f"no MLflow experiment {experiment!r} at {tracking_uri}"
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'")
-    if not parents:
-        return f"no MLflow run {run_name!r} in experiment {experiment!r}"
-    parent = parents[0]
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.runName = '{run_name}' and tags.slicefm.role = 'pipeline'",
+    )
+    return runs[0] if runs else None
+
+
+def finish_parent_run(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """FINISHED when every stage run finished (and there was at least one), else FAILED."""
+    parent = find_parent_run(tracking_uri, experiment, run_name)
+    if parent is None:
+        return "MISSING"
+    runs = child_runs(tracking_uri, parent.info.run_id)
+    ok = bool(runs) and all(r.info.status == "FINISHED" for r in runs)
+    status = "FINISHED" if ok else "FAILED"
+    mlflow_runs.finish_pipeline_run(tracking_uri, parent.info.run_id, status)
+    return status
+
+
+def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Path | None = None) -> str:
+    """Human summary of a finished pipeline run: stage outputs, headline metrics, where to look."""
+    parent = find_parent_run(tracking_uri, experiment, run_name)
+    if parent is None:
+        return f"no MLflow pipeline run {run_name!r} in experiment {experiment!r} at {tracking_uri}"
     lines = [f"\npipeline run {run_name}: {parent.info.status} (MLflow run {parent.info.run_id})"]
     for run in sorted(child_runs(tracking_uri, parent.info.run_id), key=lambda r: r.info.start_time):
         stage = run.data.tags.get("slicefm.stage", run.info.run_name)

@@ -37,9 +37,22 @@ def test_load_key_env_then_file(tmp_path):
 
 def _scan_row(**over):
     row = dict(
-        scan_id="S" + "a" * 16, patient_id="P" + "b" * 16, cohort="c", format="dicom", source="x", volume="v",
-        modality="CT", n_slices=10, height=64, width=64, spacing_z_mm=2.5, spacing_y_mm=0.7, spacing_x_mm=0.7,
-        split="train", scanner="", label_liver=1,
+        scan_id="S" + "a" * 16,
+        patient_id="P" + "b" * 16,
+        cohort="c",
+        format="dicom",
+        source="x",
+        volume="v",
+        modality="CT",
+        n_slices=10,
+        height=64,
+        width=64,
+        spacing_z_mm=2.5,
+        spacing_y_mm=0.7,
+        spacing_x_mm=0.7,
+        split="train",
+        scanner="",
+        label_liver=1,
     )
     row.update(over)
     return row
@@ -57,8 +70,17 @@ def test_scans_schema_accepts_valid_and_names_every_failure():
 
 
 def test_lesion_boxes_must_be_ordered():
-    row = dict(scan_id="S" + "a" * 16, lesion_index=0, key_slice=3, x0=10.0, y0=5.0, x1=4.0, y1=9.0, lesion_type=4,
-               lesion_name="liver")
+    row = dict(
+        scan_id="S" + "a" * 16,
+        lesion_index=0,
+        key_slice=3,
+        x0=10.0,
+        y0=5.0,
+        x1=4.0,
+        y1=9.0,
+        lesion_type=4,
+        lesion_name="liver",
+    )
     with pytest.raises(SchemaValidationError, match="boxes_are_ordered"):
         validate(pd.DataFrame([row]), LesionsSchema, "lesions")
 

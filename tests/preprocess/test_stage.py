@@ -36,12 +36,41 @@ def make_ingest(root_uri: str, n_scans: int = 3) -> pd.DataFrame:
     for i in range(n_scans):
         sid = f"S{i:016x}"
         store.write_npy(f"volumes/{sid}.npy", _volume(rng))
-        rows.append(dict(scan_id=sid, patient_id=f"P{i:016x}", cohort="t", format="dicom", source=f"s{i}",
-                         volume=f"volumes/{sid}.npy", modality="CT", n_slices=N, height=H, width=W,
-                         spacing_z_mm=2.5, spacing_y_mm=0.8, spacing_x_mm=0.8, split="train", scanner="",
-                         label_liver=i % 2))
-    lesions = pd.DataFrame([dict(scan_id="S" + "0" * 16, lesion_index=0, key_slice=5, x0=40.0, y0=30.0, x1=56.0,
-                                 y1=46.0, lesion_type=4, lesion_name="liver")])
+        rows.append(
+            dict(
+                scan_id=sid,
+                patient_id=f"P{i:016x}",
+                cohort="t",
+                format="dicom",
+                source=f"s{i}",
+                volume=f"volumes/{sid}.npy",
+                modality="CT",
+                n_slices=N,
+                height=H,
+                width=W,
+                spacing_z_mm=2.5,
+                spacing_y_mm=0.8,
+                spacing_x_mm=0.8,
+                split="train",
+                scanner="",
+                label_liver=i % 2,
+            )
+        )
+    lesions = pd.DataFrame(
+        [
+            dict(
+                scan_id="S" + "0" * 16,
+                lesion_index=0,
+                key_slice=5,
+                x0=40.0,
+                y0=30.0,
+                x1=56.0,
+                y1=46.0,
+                lesion_type=4,
+                lesion_name="liver",
+            )
+        ]
+    )
     write_manifests(store, pd.DataFrame(rows), lesions, pd.DataFrame(columns=["file", "reason"]))
     return pd.DataFrame(rows)
 
@@ -113,7 +142,9 @@ def test_zscore_native_size_and_custom_window(tmp_path):
 
 def test_five_cut_tiles(tmp_path):
     make_ingest(str(tmp_path / "ing"), n_scans=1)
-    res = run_preprocess(str(tmp_path / "ing"), str(tmp_path / "t"), PreprocessConfig(size=32, five_cut=True, workers=1))
+    res = run_preprocess(
+        str(tmp_path / "ing"), str(tmp_path / "t"), PreprocessConfig(size=32, five_cut=True, workers=1)
+    )
     out = open_store(res.out_uri)
     stack = np.load(tmp_path / "t" / read_slices(out)["stack"].iloc[0])
     assert stack.shape == (N, 5, 2, 32, 32)

@@ -1,0 +1,43 @@
+"""Open and close the pipeline's parent MLflow run (every stage nests its own run under it)."""
+
+from kfp import dsl
+
+from components.settings import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def start_tracking(
+    tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str
+) -> str:
+    """Create the parent MLflow run of this pipeline run.
+
+    Args:
+        tracking_uri: MLflow tracking URI (http(s)://server or sqlite:///path).
+        experiment: MLflow experiment name.
+        run_name: name of the pipeline run (also the artifact-store prefix).
+        config_yaml: the pipeline config, logged as params and an artifact.
+        data_version: DVC revision / md5 of the dataset, recorded as a lineage tag.
+    Returns:
+        The parent run id.
+    """
+    from slicefm.tracking.pipeline_runs import start_parent_run
+
+    return start_parent_run(tracking_uri, experiment, run_name, config_yaml, data_version)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def finish_tracking(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """Exit handler: close the parent run, FINISHED when every stage run finished, FAILED otherwise.
+
+    The parent is found by run name (an exit task cannot take another task's output).
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        experiment: MLflow experiment name.
+        run_name: the pipeline run name given to start_tracking.
+    Returns:
+        The final status.
+    """
+    from slicefm.tracking.pipeline_runs import finish_parent_run
+
+    return finish_parent_run(tracking_uri, experiment, run_name)

@@ -1,0 +1,122 @@
+"""Run the pipeline locally (kfp.local SubprocessRunner), compile it to YAML, or submit it to Kubeflow."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from slicefm.config import PipelineConfig, dump_config, load_config
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("SLICEFM_HOME") or ROOT / ".slicefm").resolve()
+
+
+def data_version(source: Path) -> str:
+    """The DVC md5 of the tracked data directory holding `source` (or "" when not DVC-tracked)."""
+    dvc_file = ROOT / "data.dvc"
+    try:
+        source.resolve().relative_to((ROOT / "data").resolve())
+    except ValueError:
+        return ""
+    if not dvc_file.exists():
+        return ""
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
+    return f"dvc-md5:{outs[0]['md5']}" if outs else ""
+
+
+def compile_pipeline(out: Path) -> Path:
+    from kfp import compiler
+
+    from pipelines.slicefm_pipeline import slicefm_pipeline
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(slicefm_pipeline, str(out))
+    return out
+
+
+def _arguments(
+    cfg: PipelineConfig, source: str, tracking_uri: str, store_uri: str, run_name: str, version: str
+) -> dict:
+    return {
+        "config_yaml": dump_config(cfg),
+        "data_source": source,
+        "tracking_uri": tracking_uri,
+        "store_uri": store_uri,
+        "run_name": run_name,
+        "experiment": cfg.experiment,
+        "data_version": version,
+    }
+
+
+def run_local(config_path: Path, run_name: str | None = None) -> int:
+    """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are."""
+    from kfp import local
+
+    from pipelines.slicefm_pipeline import slicefm_pipeline
+    from slicefm.data.pseudonym import KEY_ENV, load_key
+    from slicefm.pipeline_data import ensure_demo_data
+    from slicefm.tracking.mlflow_runs import resolve_tracking_uri
+    from slicefm.tracking.pipeline_runs import describe_run
+
+    cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
+    state = state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    source = ensure_demo_data(
+        cfg.data, ROOT / cfg.data.source if not Path(cfg.data.source).is_absolute() else None
+    )
+    # Components read the key from the environment, as they would from a Kubernetes Secret.
+    os.environ[KEY_ENV] = load_key(state / "pseudonym.key").decode()
+    tracking_uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), ROOT)
+    store_uri = os.environ.get("SLICEFM_STORE", "")
+    run_name = run_name or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"), raise_on_error=True
+    )
+    print(
+        f"running pipeline {cfg.name!r} locally (kfp.local) as {run_name}; data {source}; MLflow {tracking_uri}"
+    )
+    slicefm_pipeline(
+        **_arguments(cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source))
+    )
+    print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
+    return 0
+
+
+def submit(
+    config_path: Path, host: str | None, namespace: str | None, experiment: str, token: str | None
+) -> int:
+    """Compile and start a run on a Kubeflow Pipelines endpoint; prints the run URL."""
+    import kfp
+
+    if not host:
+        raise SystemExit("set KFP_HOST (or --host) to the Kubeflow Pipelines endpoint")
+    cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise SystemExit("set MLFLOW_TRACKING_URI to the in-cluster MLflow server for cluster runs")
+    run_name = f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "slicefm_pipeline.yaml")
+        client = kfp.Client(host=host, existing_token=token, namespace=namespace)
+        args = _arguments(
+            cfg,
+            os.environ.get("SLICEFM_DATA_SOURCE", cfg.data.source),
+            tracking_uri,
+            os.environ.get("SLICEFM_STORE", ""),
+            run_name,
+            data_version(ROOT / cfg.data.source),
+        )
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace
+        )
+    print(f"submitted {run_name}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
+    return 0

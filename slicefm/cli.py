@@ -1,0 +1,215 @@
+"""`slicefm <verb>`: one verb per pipeline stage, plus data, config and pipeline commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from slicefm.config import PipelineConfig, dump_config, load_config
+
+log = logging.getLogger("slicefm")
+
+
+def project_dir() -> Path:
+    """The directory holding .slicefm/ state: $SLICEFM_HOME's parent, else the current directory."""
+    home = os.environ.get("SLICEFM_HOME")
+    return Path(home).resolve().parent if home else Path.cwd()
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("SLICEFM_HOME") or (Path.cwd() / ".slicefm")).resolve()
+
+
+def _config(path: str | None) -> PipelineConfig:
+    return load_config(path) if path else PipelineConfig()  # type: ignore[return-value]
+
+
+def _key() -> bytes:
+    from slicefm.data.pseudonym import load_key
+
+    return load_key(state_dir() / "pseudonym.key")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from slicefm.data.ingest import NoUsableScansError
+    from slicefm.stages import ingest_stage
+
+    cfg = _config(args.config)
+    if args.format:
+        cfg.data.format = args.format
+    if args.cohort:
+        cfg.data.cohort = args.cohort
+    if args.workers:
+        cfg.ingest.workers = args.workers
+    try:
+        res = ingest_stage(cfg, args.source, args.out, _key())
+    except NoUsableScansError as err:
+        log.error("%s", err)
+        return 2
+    print(
+        f"ingested {res.n_scans} scans ({res.fmt}, cohort {res.cohort}), {res.n_lesions} lesions, "
+        f"{res.n_quarantined} quarantined -> {res.out_uri}"
+    )
+    if res.n_quarantined:
+        print(f"  see {res.out_uri.rstrip('/')}/quarantine.csv for what was not used and why")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from slicefm.stages import preprocess_stage
+
+    cfg = _config(args.config)
+    res = preprocess_stage(cfg, args.scans, args.out)
+    print(
+        f"preprocessed {res.n_scans} scans ({res.n_skipped} already done), {res.n_slices} slices, "
+        f"channels {res.channels} -> {res.out_uri}"
+    )
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from slicefm.data.phantom_writers import generate_dataset
+
+    out = generate_dataset(
+        Path(args.out), args.n_scans, args.format, seed=args.seed, shape_xy=args.size, profile=args.profile
+    )
+    print(
+        f"wrote {args.n_scans} phantom scans ({args.format}, profile {args.profile}, seed {args.seed}) -> {out}"
+    )
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from slicefm.pipeline_data import ensure_demo_data
+
+    cfg = _config(args.config)
+    path = ensure_demo_data(cfg.data, Path(args.out) if args.out else None, force=args.force)
+    print(f"demo dataset at {path}")
+    return 0
+
+
+def cmd_config_default(args: argparse.Namespace) -> int:
+    text = "# slicefm default configuration (every key; unknown keys are rejected)\n" + dump_config(
+        PipelineConfig()
+    )
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _pipeline_runner():
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pipelines").is_dir():
+        raise SystemExit("the pipeline commands run from a slicefm checkout (pipelines/ not found)")
+    sys.path.insert(0, str(root))
+    from pipelines import runner
+
+    return runner
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name)
+
+
+def cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    path = _pipeline_runner().compile_pipeline(Path(args.out))
+    print(f"compiled pipeline -> {path}")
+    return 0
+
+
+def cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    return _pipeline_runner().submit(
+        Path(args.config),
+        host=args.host,
+        namespace=args.namespace,
+        experiment=args.experiment,
+        token=args.token,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slicefm", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser(
+        "ingest", help="ingest a dataset: canonical volumes + scans/lesions/quarantine manifests"
+    )
+    s.add_argument(
+        "--source", required=True, help="dataset root (DICOM tree, NIfTI dir or a cohort's published layout)"
+    )
+    s.add_argument(
+        "--format", choices=["auto", "dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"]
+    )
+    s.add_argument("--out", required=True, help="output directory or s3:// URI")
+    s.add_argument("--cohort", help="cohort name (default: from the layout)")
+    s.add_argument("--workers", type=int)
+    s.add_argument("--config", help="pipeline YAML (data/ingest sections)")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("preprocess", help="windows, body crop, resize, tiles, slabs -> slice stacks")
+    s.add_argument("--scans", required=True, help="ingest output (directory or s3://)")
+    s.add_argument("--out", required=True, help="output directory or s3:// URI")
+    s.add_argument("--config", help="pipeline YAML (preprocess section)")
+    s.set_defaults(func=cmd_preprocess)
+
+    data = sub.add_parser("data", help="phantom CT data").add_subparsers(dest="data_verb", required=True)
+    s = data.add_parser("phantom", help="write synthetic CT scans in a real format/layout")
+    s.add_argument("--n-scans", type=int, default=20)
+    s.add_argument("--out", required=True)
+    s.add_argument(
+        "--format", default="dicom", choices=["dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"]
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="in-plane matrix size (px)")
+    s.add_argument("--profile", default="default", choices=["default", "shifted"])
+    s.set_defaults(func=cmd_phantom)
+    s = data.add_parser("demo", help="(re)create the DVC-tracked demo dataset from the config's data section")
+    s.add_argument("--config")
+    s.add_argument("--out")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_demo_data)
+
+    cfg = sub.add_parser("config", help="configuration files").add_subparsers(
+        dest="config_verb", required=True
+    )
+    s = cfg.add_parser("default", help="print (or --out write) the full default config")
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_config_default)
+
+    pl = sub.add_parser("pipeline", help="the Kubeflow pipeline").add_subparsers(
+        dest="pipeline_verb", required=True
+    )
+    s = pl.add_parser("run", help="run locally with kfp.local (SubprocessRunner)")
+    s.add_argument("--config", default="pipelines/configs/demo-cpu.yaml")
+    s.add_argument("--run-name")
+    s.set_defaults(func=cmd_pipeline_run)
+    s = pl.add_parser("compile", help="write the pipeline YAML")
+    s.add_argument("--out", default="pipelines/slicefm_pipeline.yaml")
+    s.set_defaults(func=cmd_pipeline_compile)
+    s = pl.add_parser("submit", help="compile and submit to a Kubeflow Pipelines endpoint")
+    s.add_argument("--config", default="pipelines/configs/demo-cpu.yaml")
+    s.add_argument("--host", default=os.environ.get("KFP_HOST"))
+    s.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE"))
+    s.add_argument("--experiment", default=os.environ.get("KFP_EXPERIMENT", "slicefm"))
+    s.add_argument("--token", default=os.environ.get("KFP_TOKEN"))
+    s.set_defaults(func=cmd_pipeline_submit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Where a pipeline step writes: the KFP artifact directory, or the artifact store when one is set.
+
+With `store_uri` empty the step writes into its KFP output artifact (kfp.local keeps it under the
+pipeline root; a cluster uploads it to the KFP object store). With `store_uri` = s3://bucket/prefix the
+step writes to <store_uri>/<run_name>/<stage>/ and the artifact records that URI in its metadata, so
+the next step (and users) read the data from S3 directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+URI_KEY = "uri"
+
+
+def output_location(artifact_path: str, store_uri: str, run_name: str, stage: str) -> str:
+    if store_uri:
+        return f"{store_uri.rstrip('/')}/{run_name}/{stage}"
+    Path(artifact_path).mkdir(parents=True, exist_ok=True)
+    return artifact_path
+
+
+def input_location(artifact_path: str, metadata: dict | None) -> str:
+    return str((metadata or {}).get(URI_KEY) or artifact_path)
