@@ -63,7 +63,8 @@ def channel_names(cfg: PreprocessConfig) -> list[str]:
 def crop_box_for(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, int]:
     """Square body box (y0, y1, x0, x1) in the input frame; may extend past the image (padded with air)."""
     h, w = hu.shape[1:]
-    box = body_bbox(body_mask(hu), margin_px=cfg.crop_margin_px) if cfg.body_crop else (0, h, 0, w)
+    # The box is a union over slices, so every other slice is enough (halves the costliest step).
+    box = body_bbox(body_mask(hu[::2]), margin_px=cfg.crop_margin_px) if cfg.body_crop else (0, h, 0, w)
     return square_box(box, (h, w))
 
 
@@ -80,7 +81,8 @@ def preprocess_volume(
 ) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
     """One canonical HU volume -> (stack, crop box, crop side). Resizing happens in HU, windowing after."""
     box = crop_box_for(hu, cfg)
-    cropped = crop_to_box(hu, box, pad_value=AIR_HU)
+    # Cast only the crop to float32 (int16 volumes from ingest are read memory-mapped).
+    cropped = np.asarray(crop_to_box(hu, box, pad_value=AIR_HU), dtype=np.float32)
     side = cropped.shape[-1]
     size = cfg.size or side
     if cfg.five_cut:
@@ -131,9 +133,8 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
     vol_store = open_store(in_uri)
     local = vol_store.local_path(scan["volume"])
     hu16 = np.load(local, mmap_mode="r") if local is not None else vol_store.read_npy(scan["volume"])
-    hu = np.asarray(hu16, dtype=np.float32)
-    stack, box, side = preprocess_volume(hu, cfg)
-    n = hu.shape[0]
+    stack, box, side = preprocess_volume(hu16, cfg)
+    n = hu16.shape[0]
     z_mm = np.arange(n, dtype=np.float64) * float(scan["spacing_z_mm"])
     boxes: list[list] = [[] for _ in range(n)]
     out_size = cfg.size or side
