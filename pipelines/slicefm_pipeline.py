@@ -1,4 +1,4 @@
-"""The slicefm pipeline: ingest -> preprocess (-> pretrain -> extract -> evaluate -> external as they land).
+"""The slicefm pipeline: ingest -> preprocess -> pretrain (-> extract -> evaluate -> external as they land).
 
 Only wiring lives here; every step is a component from components/ calling the slicefm library.
 """
@@ -7,6 +7,7 @@ from kfp import dsl
 
 from components.ingest import ingest
 from components.preprocess import preprocess
+from components.pretrain import pretrain
 from components.tracking import finish_tracking, start_tracking
 
 PIPELINE_NAME = "slicefm"
@@ -63,3 +64,12 @@ def slicefm_pipeline(
             scans=ing.outputs["scans"],
         )
         pre.set_caching_options(True)
+        train = pretrain(
+            config_yaml=config_yaml,
+            tracking_uri=tracking_uri,
+            parent_run_id=start.output,
+            store_uri=store_uri,
+            run_name=run_name,
+            slices=pre.outputs["slices"],
+        )
+        train.set_caching_options(False)  # training is not cached unless a user asks for it

@@ -70,6 +70,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from slicefm.stages import pretrain_stage
+
+    cfg = _config(args.config)
+    res = pretrain_stage(cfg, args.preprocessed, args.out, resume=not args.no_resume)
+    print(
+        f"pretrained {cfg.pretrain.method} / {cfg.pretrain.encoder.name}: {res.steps} steps, loss "
+        f"{res.loss_first:.4f} -> {res.loss_last:.4f}, {res.slices_per_s:.1f} slices/s -> {res.encoder_uri}"
+    )
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from slicefm.data.phantom_writers import generate_dataset
 
@@ -157,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory or s3:// URI")
     s.add_argument("--config", help="pipeline YAML (preprocess section)")
     s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo-v3, LECL, LeJEPA) -> encoder")
+    s.add_argument("--preprocessed", required=True, help="preprocess output (directory or s3://)")
+    s.add_argument("--out", required=True, help="output directory or s3:// URI (checkpoints + encoder)")
+    s.add_argument("--config", help="pipeline YAML (pretrain section); presets in pipelines/configs/")
+    s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    s.set_defaults(func=cmd_pretrain)
 
     data = sub.add_parser("data", help="phantom CT data").add_subparsers(dest="data_verb", required=True)
     s = data.add_parser("phantom", help="write synthetic CT scans in a real format/layout")

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from slicefm.train.config import PretrainConfig
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +85,7 @@ class PipelineConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
 
 def load_config(path: str | Path, model: type[Strict] = PipelineConfig) -> Strict:

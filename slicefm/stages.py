@@ -15,6 +15,7 @@ from slicefm.config import PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
+from slicefm.train.stage import PretrainResult, run_pretrain
 from slicefm.tracking.store import open_store
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,31 @@ def preprocess_stage(
     return result
 
 
+def pretrain_stage(
+    cfg: PipelineConfig,
+    preprocessed_uri: str,
+    out_uri: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = True,
+) -> PretrainResult:
+    """Self-supervised pretraining; checkpoints (resumable) and encoder.safetensors/json under out_uri."""
+    params = cfg.pretrain.model_dump(mode="json")
+    with _tracked(tracking_uri, parent_run_id, "pretrain", cfg, params):
+        result = run_pretrain(preprocessed_uri, out_uri, cfg.pretrain, resume=resume)
+        _log_metrics(
+            {
+                "steps": result.steps,
+                "loss_first": result.loss_first,
+                "loss_last": result.loss_last,
+                "slices_per_s": result.slices_per_s,
+                **{f"collapse_{k}": v for k, v in result.collapse.items()},
+            }
+        )
+        _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder
+    return result
+
+
 def _log_metrics(metrics: dict) -> None:
     import mlflow
 
@@ -102,4 +128,4 @@ def _log_artifacts(out_uri: str, keys: list[str]) -> None:
                 mlflow.log_artifact(str(path))
 
 
-__all__ = ["ingest_stage", "preprocess_stage"]
+__all__ = ["ingest_stage", "preprocess_stage", "pretrain_stage"]

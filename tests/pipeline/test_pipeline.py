@@ -24,7 +24,8 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     assert {"start-tracking", "finish-tracking", "exit-handler-1"} <= set(tasks)
     inner = spec["root"]["dag"]["tasks"]["exit-handler-1"]
     inner_tasks = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner_tasks) == {"ingest", "preprocess"}
+    assert set(inner_tasks) == {"ingest", "preprocess", "pretrain"}
+    assert inner_tasks["pretrain"]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"] == "preprocess"
     assert (
         inner_tasks["preprocess"]["inputs"]["artifacts"]["scans"]["taskOutputArtifact"]["producerTask"]
         == "ingest"
@@ -44,8 +45,16 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 
 
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
+    pretrain = yaml.safe_load((ROOT / "pipelines/configs/demo-cpu.yaml").read_text())["pretrain"]
+    pretrain["encoder"]["img_size"] = 32
+    pretrain["lejepa"]["local_size"] = 16
+    pretrain["schedule"] = {"max_steps": 4, "warmup_steps": 1}
+    pretrain["loader"] = {"batch_size": 8, "workers": 0}
+    pretrain["logging"] = {"every_steps": 2, "collapse_every": 2, "collapse_batch": 8}
+    pretrain["checkpoint"] = {"every_steps": 2}
     cfg = PipelineConfig.model_validate(
         {
+            "pretrain": pretrain,
             "name": "t",
             "experiment": "pipeline-test",
             "data": {"source": str(tmp_path / "data"), "phantom_scans": 4, "phantom_size": 64},
@@ -64,7 +73,8 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["preprocess.size"] == "32"
     stages = {r.data.tags["slicefm.stage"]: r for r in child_runs(tracking, parent.info.run_id)}
-    assert set(stages) == {"ingest", "preprocess"}
+    assert set(stages) == {"ingest", "preprocess", "pretrain"}
+    assert stages["pretrain"].data.metrics["steps"] == 4
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["ingest"].data.metrics["n_scans"] == 4
     out = Path(stages["preprocess"].data.tags["slicefm.output_uri"])
@@ -73,6 +83,9 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     artifacts = {a.path for a in MlflowClient(tracking).list_artifacts(stages["ingest"].info.run_id)}
     assert {"dataset.json", "quarantine.csv", "config.yaml"} <= artifacts
     assert (tmp_path / "state" / "pseudonym.key").exists()
+    encoder_dir = Path(stages["pretrain"].data.tags["slicefm.output_uri"])
+    meta = yaml.safe_load((encoder_dir / "encoder.json").read_text())
+    assert meta["method"] == "lejepa" and (encoder_dir / "encoder.safetensors").stat().st_size > 0
 
 
 def test_submit_requires_a_host(tmp_path):

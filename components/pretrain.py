@@ -1,0 +1,45 @@
+"""Pretrain component: preprocessed slices -> self-supervised encoder (single node, inside the step)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.settings import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def pretrain(
+    config_yaml: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    store_uri: str,
+    run_name: str,
+    slices: Input[Dataset],
+    encoder: Output[Model],
+) -> float:
+    """MoCo-v3 / LECL / LeJEPA (+ auxiliary supervision) pretraining, resumable from its checkpoints.
+
+    Args:
+        config_yaml: pipeline config (pretrain section is used).
+        tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
+        store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
+        slices: the preprocess output.
+        encoder: output: encoder.safetensors + encoder.json, checkpoints/.
+    Returns:
+        Mean loss over the last steps.
+    """
+    from slicefm.config import PipelineConfig
+    from slicefm.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.stages import pretrain_stage
+
+    cfg = PipelineConfig.model_validate(__import__("yaml").safe_load(config_yaml) or {})
+    out = output_location(encoder.path, store_uri, run_name, "pretrain")
+    res = pretrain_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
+    encoder.metadata.update(
+        {
+            URI_KEY: out,
+            "method": cfg.pretrain.method,
+            "encoder": cfg.pretrain.encoder.name,
+            "steps": res.steps,
+        }
+    )
+    return float(res.loss_last)

@@ -1,0 +1,347 @@
+"""View sampling and augmentation for MoCo-v3 / LECL / LeJEPA, on whole batches in torch.
+
+Geometry (crop boxes, flips, crop centres) is drawn with an explicit `numpy.random.Generator`;
+photometric noise with an explicit `torch.Generator`. Crops are one `grid_sample` per batch, so the
+same boxes can resample images (bilinear) and label masks (nearest) identically; auxiliary targets
+are measured on the crop's output pixel grid.
+Boxes are (x0, y0, x1, y1) in source pixels, continuous coordinates (pixel k spans [k, k + 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
+
+# Crop-centre kinds reported per crop (LeJEPA): abnormality, organ (anatomy), body.
+ABNORMAL, ORGAN, BODY = 0, 1, 2
+
+
+def crop_resize(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    out_size: int,
+    hflip: torch.Tensor | None = None,
+    vflip: torch.Tensor | None = None,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """images [B, C, H, W], boxes [B, 4] -> crops [B, C, S, S] (optionally mirrored per sample)."""
+    b, _, h, w = images.shape
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    frac = (torch.arange(out_size, device=images.device, dtype=torch.float32) + 0.5) / out_size
+    xs = boxes[:, 0:1] + frac * (boxes[:, 2:3] - boxes[:, 0:1])  # [B, S] source x of each output column
+    ys = boxes[:, 1:2] + frac * (boxes[:, 3:4] - boxes[:, 1:2])
+    if hflip is not None:
+        xs = torch.where(hflip.to(images.device)[:, None], xs.flip(1), xs)
+    if vflip is not None:
+        ys = torch.where(vflip.to(images.device)[:, None], ys.flip(1), ys)
+    # grid_sample(align_corners=False): -1 and 1 are the outer edges of the border pixels.
+    gx = (2.0 * xs / w - 1.0)[:, None, :].expand(b, out_size, out_size)
+    gy = (2.0 * ys / h - 1.0)[:, :, None].expand(b, out_size, out_size)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="border", align_corners=False)
+
+
+def crop_labels(
+    labels: torch.Tensor, boxes: torch.Tensor, out_size: int, **flips: torch.Tensor
+) -> torch.Tensor:
+    """Label maps [B, H, W] (integer) -> [B, S, S] long, nearest-neighbour through the same boxes."""
+    out = crop_resize(labels[:, None].float(), boxes, out_size, mode="nearest", **flips)
+    return out[:, 0].round().long()
+
+
+def random_resized_boxes(
+    rng: np.random.Generator,
+    n: int,
+    hw: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """torchvision RandomResizedCrop geometry: area fraction in `scale`, log-uniform aspect ratio."""
+    h, w = hw
+    out = np.empty((n, 4), np.float32)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for i in range(n):
+        for _ in range(10):
+            area = h * w * rng.uniform(*scale)
+            r = math.exp(rng.uniform(*log_r))
+            cw, ch = math.sqrt(area * r), math.sqrt(area / r)
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                out[i] = (x0, y0, x0 + cw, y0 + ch)
+                break
+        else:
+            out[i] = (0, 0, w, h)
+    return out
+
+
+def centred_boxes(centres: np.ndarray, sides: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Square boxes of `sides` centred on `centres` [n, 2] (x, y), shifted to lie inside the image.
+
+    The shift keeps a centred box's content: a region inside both the image and the unshifted box
+    (e.g. a lesion box no larger than the crop) stays inside the shifted box.
+    """
+    h, w = hw
+    sides = np.minimum(np.asarray(sides, np.float32), min(h, w))
+    x0 = np.clip(centres[:, 0] - sides / 2, 0, w - sides)
+    y0 = np.clip(centres[:, 1] - sides / 2, 0, h - sides)
+    return np.stack([x0, y0, x0 + sides, y0 + sides], axis=1).astype(np.float32)
+
+
+def lesion_crop_boxes(lesion_boxes: np.ndarray, hw: tuple[int, int], cfg: LECLConfig) -> np.ndarray:
+    """LECL key-encoder crop: square, centred on the lesion box, side = max(context x its longest side,
+    min_crop_frac x slice side), so the crop always contains the box and some surrounding anatomy."""
+    b = np.asarray(lesion_boxes, np.float32)
+    longest = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    sides = np.maximum(cfg.context * longest, cfg.min_crop_frac * min(hw))
+    centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
+    return centred_boxes(centres, sides, hw)
+
+
+def photometric(
+    x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, clamp: tuple[float, float] | None
+) -> torch.Tensor:
+    """Brightness shift, contrast around the image mean, Gaussian blur (per-sample sigma); batched.
+
+    `gen` lives on the CPU so draws do not depend on the device; values move to x's device.
+    """
+    b, c = x.shape[:2]
+
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(x.device, x.dtype)
+
+    # Range of the input representation: [0, 1] windows, or roughly +-3 for z-scores.
+    span = 1.0 if clamp is None else clamp[1] - clamp[0]
+    shift = uniform(-cfg.brightness, cfg.brightness, b, 1, 1, 1) * span
+    gain = uniform(1 - cfg.contrast, 1 + cfg.contrast, b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * gain + mean + shift
+    blur = torch.rand(b, generator=gen) < cfg.blur_prob
+    sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * torch.rand(b, generator=gen)
+    if blur.any():
+        x = gaussian_blur(x, torch.where(blur, sigma, torch.zeros_like(sigma)))
+    if clamp is not None:
+        x = x.clamp(*clamp)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (sigma 0 = identity), as grouped convolutions."""
+    b, c, h, w = x.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    s = sigma.clamp_min(1e-6)[:, None]
+    k = torch.exp(-0.5 * (t[None] / s) ** 2)
+    k = torch.where(sigma[:, None] > 0, k / k.sum(1, keepdim=True), (t[None] == 0).float())
+    k = k.to(x.device, x.dtype).repeat_interleave(c, dim=0)  # [B*C, K]
+    flat = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, k[:, None, None, :], groups=b * c)
+    flat = F.conv2d(flat, k[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def _flips(rng: np.random.Generator, n: int, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+    return {
+        "hflip": torch.from_numpy(rng.random(n) < cfg.hflip_prob),
+        "vflip": torch.from_numpy(rng.random(n) < cfg.vflip_prob),
+    }
+
+
+def _clamp_for(images: torch.Tensor) -> tuple[float, float] | None:
+    return (0.0, 1.0) if images.min() >= 0 and images.max() <= 1 else None
+
+
+@dataclass
+class MoCoViews:
+    x1: torch.Tensor
+    x2: torch.Tensor
+    key_x1: torch.Tensor | None  # LECL: lesion-centred crops for the momentum encoder
+    key_x2: torch.Tensor | None
+    lesion_mask: torch.Tensor  # [B] bool: rows with a key-slice lesion box
+    key_boxes: np.ndarray  # [B, 4] the momentum encoder's crop boxes (LECL) or the x2 boxes
+
+
+def moco_views(
+    images: torch.Tensor,
+    lesion_boxes: np.ndarray,
+    out_size: int,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    crop_scale: tuple[float, float],
+    aug: AugmentConfig,
+    lecl: LECLConfig | None = None,
+) -> MoCoViews:
+    """Two augmented views per slice. With `lecl`, slices with a lesion box give the query encoder the
+    full slice and the momentum encoder a lesion-centred crop (CLEAR, paper variant)."""
+    b, _, h, w = images.shape
+    clamp = _clamp_for(images)
+    has_lesion = ~np.isnan(lesion_boxes).any(axis=1) if lecl is not None else np.zeros(b, bool)
+    full = np.tile(np.array([0, 0, w, h], np.float32), (b, 1))
+    views, boxes = [], []
+    for _ in range(2):
+        box = random_resized_boxes(rng, b, (h, w), crop_scale)
+        box[has_lesion] = full[has_lesion]
+        boxes.append(box)
+        crop = crop_resize(images, torch.from_numpy(box), out_size, **_flips(rng, b, aug))
+        views.append(photometric(crop, gen, aug, clamp))
+    key_views: list[torch.Tensor | None] = [None, None]
+    key_boxes = boxes[1]
+    if lecl is not None:
+        key_boxes = boxes[1].copy()
+        if has_lesion.any():
+            key_boxes[has_lesion] = lesion_crop_boxes(lesion_boxes[has_lesion], (h, w), lecl)
+        key_views = []
+        for v, box in zip(views, boxes, strict=True):
+            kbox = box.copy()
+            kbox[has_lesion] = key_boxes[has_lesion]
+            crop = crop_resize(images, torch.from_numpy(kbox), out_size, **_flips(rng, b, aug))
+            key = photometric(crop, gen, aug, clamp)
+            # Slices without a lesion keep plain MoCo: the key view is the other encoder's view.
+            mask = torch.from_numpy(has_lesion).to(images.device)[:, None, None, None]
+            key_views.append(torch.where(mask, key, v))
+    return MoCoViews(views[0], views[1], key_views[0], key_views[1], torch.from_numpy(has_lesion), key_boxes)
+
+
+def body_mask(image: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] -> [H, W] bool: pixels brighter than 10% of the slice's range (air is the minimum in
+    every window and in z-scores)."""
+    m = image.mean(0)
+    lo, hi = float(m.min()), float(m.max())
+    return m > lo + 0.1 * (hi - lo) if hi > lo else torch.ones_like(m, dtype=torch.bool)
+
+
+def sample_centre(
+    rng: np.random.Generator,
+    abnormal: torch.Tensor,
+    organ: torch.Tensor,
+    body: torch.Tensor,
+    p_abnormal: float,
+) -> tuple[float, float, int]:
+    """(x, y, kind): an abnormal pixel with probability p when there is one, else an organ pixel, else body."""
+    candidates = []
+    if abnormal.any() and rng.random() < p_abnormal:
+        candidates.append((abnormal, ABNORMAL))
+    candidates += [(organ, ORGAN), (body, BODY)]
+    for mask, kind in candidates:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if len(ys):
+            j = int(rng.integers(len(ys)))
+            return float(xs[j]) + 0.5, float(ys[j]) + 0.5, kind
+    h, w = body.shape
+    return w / 2, h / 2, BODY
+
+
+@dataclass
+class LeJEPAViews:
+    global_views: torch.Tensor  # [G, B, C, S, S]
+    local_views: torch.Tensor | None  # [L, B, C, s, s]
+    rows: np.ndarray  # [G + L, B] row of the item's slab each crop came from
+    slice_index: np.ndarray  # [G + L, B] slice_index of that row
+    centres: np.ndarray  # [G + L, B, 2] (x, y) crop centres chosen before shifting into the image
+    kinds: np.ndarray  # [G + L, B] ABNORMAL / ORGAN / BODY
+    boxes: np.ndarray  # [G + L, B, 4]
+    aux_targets: dict[str, torch.Tensor] | None
+
+
+def lejepa_views(
+    batch: dict[str, torch.Tensor],
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    cfg: LeJEPAConfig,
+    aug: AugmentConfig,
+    global_size: int,
+    n_organs: int | None = None,
+    n_abnormal: int | None = None,
+    token_grid: int | None = None,
+) -> LeJEPAViews:
+    """DALE-CT multi-crop: G global crops from the slab's centre slice, L local crops from random slices
+    of the slab (depth-aware) or all from one slice (2D items have one slice); every crop is centred on
+    an abnormality with probability `abnormal_prob` when its slice has one, else on anatomy.
+
+    With `n_organs` the aux targets of the global crops are returned: organ fractions per crop
+    (organ_cls [G, B, n_organs]) and per token cell (organ_patch [G, B, grid^2, n_organs]), and binary
+    abnormality labels (finding classes 1.. and 'lesion') at both levels.
+    """
+    stack = batch["stack"]
+    b, _, _, h, w = stack.shape
+    n_valid = batch["n"].numpy()
+    centre = batch["centre"].numpy()
+    abnormal = (batch["lesion"] > 0) | (batch["finding"] > 0) | (batch["box_mask"] > 0)
+    organ = batch["organ"] > 0
+    n_views = cfg.n_global + cfg.n_local
+    rows = np.empty((n_views, b), np.int64)
+    rows[: cfg.n_global] = centre[None]
+    local_rows = rng.integers(0, n_valid[None].repeat(cfg.n_local, 0)) if cfg.depth_aware else None
+    rows[cfg.n_global :] = centre[None] if local_rows is None else local_rows
+    centres = np.empty((n_views, b, 2), np.float32)
+    kinds = np.empty((n_views, b), np.int64)
+    bodies: dict[tuple[int, int], torch.Tensor] = {}
+    for v in range(n_views):
+        for i in range(b):
+            r = int(rows[v, i])
+            if (i, r) not in bodies:
+                bodies[(i, r)] = body_mask(stack[i, r])
+            x, y, kind = sample_centre(rng, abnormal[i, r], organ[i, r], bodies[(i, r)], cfg.abnormal_prob)
+            centres[v, i], kinds[v, i] = (x, y), kind
+    side = min(h, w)
+    scales = [cfg.global_scale] * cfg.n_global + [cfg.local_scale] * cfg.n_local
+    sides = np.stack([np.sqrt(rng.uniform(*s, size=b)) * side for s in scales])
+    boxes = np.stack([centred_boxes(centres[v], sides[v], (h, w)) for v in range(n_views)])
+    clamp = _clamp_for(stack)
+    ar = torch.arange(b)
+
+    def crops(vs: range, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        idx = torch.from_numpy(rows[list(vs)]).reshape(-1)
+        src = stack[ar.repeat(len(vs)), idx]
+        box = torch.from_numpy(boxes[list(vs)].reshape(-1, 4))
+        flips = _flips(rng, len(idx), aug)
+        out = photometric(crop_resize(src, box, size, **flips), gen, aug, clamp)
+        return out.view(len(vs), b, *out.shape[1:]), flips, idx
+
+    g_views, g_flips, g_idx = crops(range(cfg.n_global), global_size)
+    l_views = None
+    if cfg.n_local:
+        l_views = crops(range(cfg.n_global, n_views), cfg.local_size)[0]
+    slice_index = batch["slice_index"].numpy()[np.arange(b)[None], rows]
+    targets = None
+    if n_organs is not None:
+        g_boxes = torch.from_numpy(boxes[: cfg.n_global].reshape(-1, 4))
+        labels = {
+            k: crop_labels(batch[k][ar.repeat(cfg.n_global), g_idx], g_boxes, global_size, **g_flips)
+            for k in ("organ", "finding", "lesion")
+        }
+        targets = aux_targets(
+            labels["organ"], labels["finding"], labels["lesion"], n_organs, n_abnormal or 1, token_grid
+        )
+        targets = {k: t.view(cfg.n_global, b, *t.shape[1:]) for k, t in targets.items()}
+    return LeJEPAViews(g_views, l_views, rows, slice_index, centres, kinds, boxes, targets)
+
+
+def aux_targets(
+    organ: torch.Tensor,
+    finding: torch.Tensor,
+    lesion: torch.Tensor,
+    n_organs: int,
+    n_abnormal: int,
+    token_grid: int | None,
+) -> dict[str, torch.Tensor]:
+    """Cropped label maps [N, S, S] -> DALE-CT aux targets.
+
+    organ_cls [N, n_organs]: fraction of the crop's pixels of each organ class (soft labels);
+    abn_cls [N, n_abnormal]: 1 where any pixel has that finding (classes 1..) or, last class, a lesion.
+    With `token_grid` g: the same per cell of a g x g grid (the encoder's patch tokens), [N, g*g, C].
+    """
+    onehot = F.one_hot(organ.clamp(0, n_organs - 1), n_organs).permute(0, 3, 1, 2).float()
+    n_find = n_abnormal - 1
+    find = F.one_hot(finding.clamp(0, n_find), n_find + 1)[..., 1:].permute(0, 3, 1, 2).float()
+    abn = torch.cat([find, (lesion > 0).float()[:, None]], dim=1)
+    out = {"organ_cls": onehot.mean(dim=(2, 3)), "abn_cls": abn.amax(dim=(2, 3))}
+    if token_grid is not None:
+        out["organ_patch"] = F.adaptive_avg_pool2d(onehot, token_grid).flatten(2).transpose(1, 2)
+        out["abn_patch"] = F.adaptive_max_pool2d(abn, token_grid).flatten(2).transpose(1, 2)
+    return out

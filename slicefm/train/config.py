@@ -1,0 +1,164 @@
+"""PretrainConfig: every pretraining hyperparameter, defaults from the papers / official code.
+
+Defaults reproduce CLEAR's MoCo-v3 recipe (official ViT settings: T 0.2, m 0.99 -> 1 cosine, AdamW,
+lr 1e-4 x batch / 256, 10 warm-up epochs of 100). Presets in `pipelines/configs/` override the
+method-specific parts (LECL lambda, LeJEPA crops, auxiliary supervision, ViT-L schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderConfig(_Strict):
+    """Backbone by timm / slicefm registry name; `overrides` go to timm.create_model (e.g. drop_path_rate)."""
+
+    name: str = "vit_conv_base"
+    img_size: int = Field(224, ge=16)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "lars"] = "adamw"
+    # Base lr per 256 samples when lr_scaling == "batch/256" (moco-v3 / CLEAR code), else absolute.
+    lr: float = Field(1e-4, gt=0)
+    lr_scaling: Literal["batch/256", "none"] = "batch/256"
+    min_lr: float = Field(0.0, ge=0)  # end of the cosine (absolute, not scaled)
+    weight_decay: float = Field(0.1, ge=0)  # moco-v3 ViT recipe
+    weight_decay_end: float | None = None  # None = constant weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1)  # LARS
+    trust_coefficient: float = Field(0.001, gt=0)  # LARS eta (moco-v3)
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
+
+
+class ScheduleConfig(_Strict):
+    """Length of training and the linear warm-up (epochs unless the *_steps fields are set)."""
+
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: float = Field(10, ge=0)
+    max_steps: int | None = Field(None, ge=1)  # total optimizer steps (overrides epochs; DALE-CT: 50k)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_epochs
+
+
+class MoCoConfig(_Strict):
+    temperature: float = Field(0.2, gt=0)
+    momentum: float = Field(0.99, ge=0, le=1)  # m0 of the cosine schedule towards 1
+    proj_dim: int = Field(256, ge=1)
+    mlp_dim: int = Field(4096, ge=1)
+    proj_layers: int = Field(3, ge=1)
+    pred_layers: int = Field(2, ge=1)
+    scale_by_2t: bool = True
+    freeze_patch_embed: bool = False  # moco-v3's stop-grad patch projection (patchify ViTs only)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction (BYOL / moco-v3)
+
+
+class LECLConfig(_Strict):
+    """CLEAR's lesion-enhanced contrastive learning on top of MoCo-v3 (method "lecl")."""
+
+    lesion_lambda: float = Field(0.0, ge=0)  # paper grid {0, 1, 3, 5}; 0 was best
+    lesion_term: Literal["paper", "code"] = "paper"
+    # Side of the lesion-centred crop = max(context * longest box side, min_crop_frac * slice side).
+    context: float = Field(2.0, ge=1.0)
+    min_crop_frac: float = Field(0.25, gt=0, le=1)
+    bank_refresh_per_step: int = Field(8, ge=0)  # key slices re-encoded by the momentum encoder per step
+    bank_init_full: bool = True  # encode every key slice once before training
+
+
+class LeJEPAConfig(_Strict):
+    lam: float = Field(0.02, ge=0, le=1)  # DALE-CT code / LeJEPA minimal recipe
+    n_global: int = Field(2, ge=1)
+    n_local: int = Field(8, ge=0)
+    global_size: int | None = Field(None, ge=8)  # None = encoder.img_size
+    local_size: int = Field(144, ge=8)
+    global_scale: tuple[float, float] = (0.3, 1.0)  # crop side^2 / slice area
+    local_scale: tuple[float, float] = (0.05, 0.3)
+    depth_aware: bool = True  # False = pure 2D ablation (all crops from one slice)
+    abnormal_prob: float = Field(0.8, ge=0, le=1)
+    proj_dim: int = Field(128, ge=1)
+    proj_hidden: int = Field(2048, ge=1)
+    proj_layers: int = Field(3, ge=1)
+    num_directions: int = Field(256, ge=1)
+    num_knots: int = Field(17, ge=2)
+
+
+class AuxConfig(_Strict):
+    """DALE-CT auxiliary supervision (LeJEPA only): None, 1S (organs, CLS) or 2S (+ abnormalities, patches)."""
+
+    mode: Literal["1S", "2S"] | None = None
+    alpha: float = Field(0.1, ge=0)
+    organ_pos_weight_cap: float = Field(1000.0, gt=0)
+    abn_pos_weight: float = Field(800.0, gt=0)
+    cls_patch_weights: tuple[float, float] = (0.5, 0.5)
+    freq_sample_scans: int = Field(64, ge=1)  # scans read to estimate organ frequencies
+
+
+class AugmentConfig(_Strict):
+    """BYOL / moco-v3 style photometric and geometric augmentation adapted to CT windows."""
+
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    vflip_prob: float = Field(0.0, ge=0, le=1)  # anterior/posterior flips are anatomically implausible
+    brightness: float = Field(0.1, ge=0)  # additive shift, fraction of the intensity range
+    contrast: float = Field(0.1, ge=0)  # multiplicative, around the per-image mean
+    blur_prob: float = Field(0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 1.5)  # pixels, in the output frame
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(1000, ge=1)
+    keep_history: bool = False  # also keep step-numbered copies
+
+
+class LoggingConfig(_Strict):
+    every_steps: int = Field(50, ge=1)
+    collapse_every: int = Field(200, ge=1)
+    collapse_batch: int = Field(64, ge=2)
+    collapse_min_std: float = Field(1e-5, ge=0)  # mean per-dim std of L2-normalised embeddings (SimSiam)
+    collapse_min_rank: float = Field(2.0, ge=0)  # effective rank (exp of singular-value entropy)
+    collapse_patience: int = Field(3, ge=1)
+    collapse_action: Literal["error", "warn"] = "error"
+
+
+class LoaderConfig(_Strict):
+    batch_size: int = Field(256, ge=2)  # per rank
+    workers: int = Field(4, ge=0)
+    pin_memory: bool = True
+    prefetch_factor: int = Field(2, ge=1)
+    exclude_splits: list[str] = Field(default_factory=lambda: ["test"])  # never pretrain on test scans
+
+
+class PretrainConfig(_Strict):
+    method: Literal["moco", "lecl", "lejepa"] = "moco"
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA only; CPU always fp32
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    moco: MoCoConfig = Field(default_factory=MoCoConfig)
+    lecl: LECLConfig = Field(default_factory=LECLConfig)
+    lejepa: LeJEPAConfig = Field(default_factory=LeJEPAConfig)
+    aux: AuxConfig = Field(default_factory=AuxConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    git_commit: str | None = None  # stamped into encoder.json when the caller knows it
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.aux.mode is not None and self.method != "lejepa":
+            raise ValueError("auxiliary supervision (aux.mode) is a LeJEPA option; set method: lejepa")
+        return self
+
+
+def load_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
+    """Validate a mapping that is either a bare PretrainConfig or a full config with a `pretrain:` section."""
+    if "pretrain" in data and isinstance(data["pretrain"], dict):
+        data = data["pretrain"]
+    return PretrainConfig.model_validate(data)

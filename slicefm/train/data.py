@@ -1,0 +1,261 @@
+"""Pretraining data: the preprocess output as slice / slab datasets and a resumable, rank-split loader.
+
+Items are raw (un-augmented) slices read by byte range / memory map from the shards; views are made
+on whole batches in `slicefm.ssl.views` (torch, on the training device). The batch order is a pure
+function of (seed, epoch, rank), so a resumed run restarts at (epoch, step-in-epoch) exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from slicefm.preprocess.shards import StackReader
+from slicefm.tracking.store import Store
+
+logger = logging.getLogger(__name__)
+
+MASK_KEYS = ("organ", "lesion", "finding")
+_MASK_CACHE_SCANS = 4  # decompressing a scan's npz is the slow part; slabs of one scan arrive together
+
+
+@dataclass
+class PretrainIndex:
+    """What the datasets need from a preprocess output (slices of the training scans, channels, masks)."""
+
+    store: Store
+    slices: pd.DataFrame  # one row per slice, with `boxes` (parsed lesion_boxes) and `key_id` (-1 if none)
+    channels: list[str]
+    dtype: str
+    organ_classes: list[str] | None = None
+    finding_classes: list[str] | None = None
+    scans_with_masks: set[str] = field(default_factory=set)
+    data_version: str | None = None
+
+    @property
+    def n_key_slices(self) -> int:
+        return int((self.slices["key_id"] >= 0).sum())
+
+    @property
+    def image_size(self) -> int:
+        return int(self.store.read_npy_header(self.slices["stack"].iloc[0]).shape[-1])
+
+    @property
+    def n_abnormal(self) -> int:
+        """Binary abnormality classes for aux supervision: finding classes without 'none', plus 'lesion'."""
+        return len(self.abnormal_classes)
+
+    @property
+    def abnormal_classes(self) -> list[str]:
+        return list((self.finding_classes or ["none"])[1:]) + ["lesion"]
+
+
+def load_index(store: Store, exclude_splits: list[str] | tuple[str, ...] = ("test",)) -> PretrainIndex:
+    """Read slices.parquet / scans.parquet / preprocess.json; drop scans of `exclude_splits`."""
+    meta = store.read_json("preprocess.json")
+    if meta.get("layout") != "[slice, channel, H, W]":
+        raise ValueError(
+            f"pretraining needs [slice, channel, H, W] stacks, got layout {meta.get('layout')!r}"
+        )
+    slices = store.read_parquet("slices.parquet")
+    scans = store.read_parquet("scans.parquet")
+    if exclude_splits and "split" in scans.columns:
+        keep = set(scans.loc[~scans["split"].isin(list(exclude_splits)), "scan_id"])
+        slices = slices[slices["scan_id"].isin(keep)]
+    if slices.empty:
+        raise ValueError(f"no training slices in {store.uri('')} (excluded splits: {list(exclude_splits)})")
+    slices = slices.sort_values(["scan_id", "slice_index"]).reset_index(drop=True)
+    slices["boxes"] = [json.loads(b) if isinstance(b, str) else [] for b in slices["lesion_boxes"]]
+    has_box = slices["boxes"].map(len) > 0
+    slices["key_id"] = -1
+    slices.loc[has_box, "key_id"] = np.arange(int(has_box.sum()))
+    organ = store.read_json("masks/organ_classes.json") if store.exists("masks/organ_classes.json") else None
+    finding = (
+        store.read_json("masks/finding_classes.json") if store.exists("masks/finding_classes.json") else None
+    )
+    with_masks = {sid for sid in slices["scan_id"].unique() if store.exists(f"masks/{sid}.npz")}
+    logger.info(
+        "pretraining index: %d slices of %d scans, %d key slices, masks for %d scans",
+        len(slices), slices["scan_id"].nunique(), int(has_box.sum()), len(with_masks),
+    )  # fmt: skip
+    return PretrainIndex(
+        store=store,
+        slices=slices,
+        channels=list(meta["channels"]),
+        dtype=str(meta["dtype"]),
+        organ_classes=organ,
+        finding_classes=finding,
+        scans_with_masks=with_masks,
+        data_version=meta.get("source"),
+    )
+
+
+def to_float(stack: np.ndarray) -> np.ndarray:
+    """uint8 windows -> [0, 1] float32; float16 z-scores are used as they are (float32)."""
+    if stack.dtype == np.uint8:
+        return stack.astype(np.float32) / 255.0
+    return stack.astype(np.float32)
+
+
+class _Reader:
+    """Slice and mask access shared by the datasets (one per worker process after pickling)."""
+
+    def __init__(self, index: PretrainIndex) -> None:
+        self.index = index
+        self.reader = StackReader(index.store)
+        self._masks: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_masks"] = OrderedDict()
+        return state
+
+    def image(self, row: pd.Series) -> np.ndarray:
+        return to_float(self.reader.read_slice(row["stack"], int(row["row"])))
+
+    def masks(self, scan_id: str, rows: np.ndarray, hw: tuple[int, int]) -> dict[str, np.ndarray]:
+        """organ / lesion / finding label maps [len(rows), H, W] uint8 (zeros when the scan has none)."""
+        if scan_id not in self.index.scans_with_masks:
+            return {k: np.zeros((len(rows), *hw), np.uint8) for k in MASK_KEYS}
+        if scan_id not in self._masks:
+            with np.load(io.BytesIO(self.index.store.read_bytes(f"masks/{scan_id}.npz"))) as npz:
+                self._masks[scan_id] = {k: npz[k] for k in MASK_KEYS if k in npz.files}
+            while len(self._masks) > _MASK_CACHE_SCANS:
+                self._masks.popitem(last=False)
+        cached = self._masks[scan_id]
+        return {
+            k: (cached[k][rows] if k in cached else np.zeros((len(rows), *hw), np.uint8)) for k in MASK_KEYS
+        }
+
+
+def first_box(boxes: list) -> np.ndarray:
+    """The first annotated box (x0, y0, x1, y1) as float32, NaNs when the slice has none."""
+    if not boxes:
+        return np.full(4, np.nan, np.float32)
+    return np.asarray(boxes[0][:4], np.float32)
+
+
+class SliceDataset(Dataset):
+    """MoCo / LECL items: one slice -> image [C, H, W], its first lesion box (NaN if none), key-slice id."""
+
+    def __init__(self, index: PretrainIndex) -> None:
+        self.index = index
+        self._io = _Reader(index)
+
+    def __len__(self) -> int:
+        return len(self.index.slices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.index.slices.iloc[int(i)]
+        return {
+            "image": self._io.image(row),
+            "box": first_box(row["boxes"]),
+            "key_id": np.int64(row["key_id"]),
+            "item": np.int64(i),
+        }
+
+
+class SlabDataset(Dataset):
+    """LeJEPA items: one 12 mm slab (depth-aware) or one slice (2D ablation), padded to `max_slices`.
+
+    Returns stack [S, C, H, W], organ / lesion / finding [S, H, W], box_mask [S, H, W] (lesion boxes
+    rasterised, for scans without masks), slice_index [S] (-1 = padding), n (valid slices), centre row.
+    """
+
+    def __init__(self, index: PretrainIndex, depth_aware: bool = True) -> None:
+        self.index = index
+        self.depth_aware = depth_aware
+        self._io = _Reader(index)
+        s = index.slices
+        if depth_aware:
+            groups = s.groupby(["scan_id", "slab_id"], sort=True).indices
+            self.items = [np.sort(v) for v in groups.values()]
+        else:
+            self.items = [np.array([i]) for i in range(len(s))]
+        self.max_slices = max(len(v) for v in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rows = self.index.slices.iloc[self.items[int(i)]]
+        images = np.stack([self._io.image(r) for _, r in rows.iterrows()])
+        n, (h, w) = len(rows), images.shape[-2:]
+        masks = self._io.masks(str(rows["scan_id"].iloc[0]), rows["row"].to_numpy(), (h, w))
+        box_mask = np.zeros((n, h, w), np.uint8)
+        for k, boxes in enumerate(rows["boxes"]):
+            for x0, y0, x1, y1, *_ in boxes:
+                box_mask[k, int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = 1
+        pad = self.max_slices - n
+        out: dict[str, Any] = {
+            "stack": np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+            "box_mask": np.pad(box_mask, ((0, pad), (0, 0), (0, 0))),
+            "slice_index": np.pad(rows["slice_index"].to_numpy(np.int64), (0, pad), constant_values=-1),
+            "n": np.int64(n),
+            "centre": np.int64(n // 2),  # DALE-CT: global crops from the slab's middle slice
+            "item": np.int64(i),
+        }
+        for k in MASK_KEYS:
+            out[k] = np.pad(masks[k], ((0, pad), (0, 0), (0, 0)))
+        return out
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of one rank for one epoch: permutation from (seed, epoch), split by rank, drop_last.
+
+    Every rank gets the same number of batches; `start_batch` skips the batches a resumed run has done.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, rank: int, world: int, seed: int, epoch: int, start_batch: int = 0
+    ) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        if self.batches_per_epoch(n, batch_size, world) < 1:
+            raise ValueError(f"{n} items are fewer than one global batch ({batch_size} x {world} ranks)")
+
+    @staticmethod
+    def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+        return n // (batch_size * world)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.n, self.batch_size, self.world) - self.start_batch
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        n_batches = self.batches_per_epoch(self.n, self.batch_size, self.world)
+        mine = perm[: n_batches * self.batch_size * self.world][self.rank :: self.world]
+        for b in range(self.start_batch, n_batches):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: EpochBatchSampler,
+    workers: int,
+    pin_memory: bool,
+    prefetch_factor: int = 2,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """DataLoader over `sampler`'s batches; workers come from a forkserver (forking a process with live
+    torch / OpenMP thread pools can deadlock), pinned memory only matters with CUDA."""
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(multiprocessing_context="forkserver", prefetch_factor=prefetch_factor)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        generator=generator,
+        **kwargs,
+    )

@@ -1,0 +1,52 @@
+"""A real preprocess output (phantom DICOM -> ingest -> preprocess at 32 px), built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slicefm.config import PreprocessConfig
+from slicefm.data.ingest import ingest
+from slicefm.data.phantom_writers import generate_dataset
+from slicefm.preprocess.stage import run_preprocess
+from slicefm.train.config import PretrainConfig
+
+
+@pytest.fixture(scope="session")
+def preprocessed(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("pretrain_data")
+    generate_dataset(root / "raw", 6, "dicom", seed=3, shape_xy=64)
+    ingest(root / "raw", str(root / "ingest"), key=b"0" * 32, fmt="dicom", cohort="t", workers=1)
+    run_preprocess(str(root / "ingest"), str(root / "pre"), PreprocessConfig(size=32, workers=1))
+    return str(root / "pre")
+
+
+def tiny_config(
+    method: str, name: str = "vit_tiny_test", steps: int = 12, **overrides: Any
+) -> PretrainConfig:
+    """A CPU-sized config: 32 px, small heads, batch 8, no loader workers."""
+    data: dict[str, Any] = {
+        "method": method,
+        "encoder": {"name": name, "img_size": 32},
+        "optimizer": {"lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.0},
+        "schedule": {"max_steps": steps, "warmup_steps": 2},
+        "moco": {"proj_dim": 32, "mlp_dim": 64},
+        "lecl": {"lesion_lambda": 1.0, "bank_refresh_per_step": 2},
+        "lejepa": {"local_size": 16, "n_local": 2, "proj_dim": 32, "proj_hidden": 64, "num_directions": 32},
+        "loader": {"batch_size": 8, "workers": 0},
+        "logging": {"every_steps": 5, "collapse_every": 5, "collapse_batch": 16},
+        "checkpoint": {"every_steps": 5},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return PretrainConfig.model_validate(data)
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "out")

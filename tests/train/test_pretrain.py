@@ -1,0 +1,135 @@
+"""The pretraining stage end to end on CPU: every method learns, exact resume, collapse, export, presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from slicefm.models.encoders import create_encoder
+from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
+from slicefm.train.collapse import CollapseError, CollapseMonitor, collapse_metrics
+from slicefm.train.config import PretrainConfig, load_pretrain_config
+from slicefm.train.export import load_encoder
+from slicefm.train.loop import LARS
+from slicefm.train.stage import run_pretrain
+from tests.train.conftest import tiny_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+PRESETS = [
+    "clear-mambaout-lecl0",
+    "clear-vitb-moco",
+    "dale-vitl-lejepa-0",
+    "dale-vitl-lejepa-1s",
+    "dale-vitl-lejepa-2s",
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "name", "steps", "extra"),
+    [
+        ("moco", "vit_conv_tiny_test", 40, {}),
+        ("lecl", "mambaout_tiny_test", 40, {}),
+        ("lejepa", "vit_tiny_test", 16, {}),
+        ("lejepa", "vit_tiny_test", 30, {"aux": {"mode": "2S"}}),
+    ],
+)
+def test_tiny_run_lowers_its_loss(
+    preprocessed: str, out_dir: str, method: str, name: str, steps: int, extra: dict
+) -> None:
+    cfg = tiny_config(method, name, steps=steps, optimizer={"lr": 3e-3}, **extra)
+    result = run_pretrain(preprocessed, out_dir, cfg, resume=False)
+    assert result.steps == steps
+    assert result.loss_last < result.loss_first, (result.loss_first, result.loss_last)
+    assert result.slices_per_s > 0 and result.collapse["eff_rank"] > 1
+    encoder, meta = load_encoder(out_dir)
+    assert meta["method"] == method and meta["channels"] == ["abdomen", "lung"] and meta["encoder"] == name
+
+
+def test_resume_after_kill_is_bitwise_identical(preprocessed: str, tmp_path: Path) -> None:
+    cfg = tiny_config("lecl", "vit_tiny_test", steps=12, checkpoint={"every_steps": 4})
+    full = run_pretrain(preprocessed, str(tmp_path / "full"), cfg, resume=False)
+    killed = tmp_path / "killed"
+    # "Kill" after step 6: the last checkpoint is at step 4, so steps 5-6 are redone after the restart.
+    partial = run_pretrain(preprocessed, str(killed), cfg, resume=False, stop_after=6)
+    assert partial.steps == 6 and not (killed / "encoder.safetensors").exists()
+    resumed = run_pretrain(preprocessed, str(killed), cfg, resume=True)
+    assert resumed.steps == 12 and resumed.final_loss == full.final_loss
+    a = torch.load(tmp_path / "full" / LATEST_KEY, weights_only=False)
+    b = torch.load(killed / LATEST_KEY, weights_only=False)
+    assert a["losses"] == b["losses"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["extra"]["bank"]["bank"], b["extra"]["bank"]["bank"])
+    # A checkpoint of another run is refused.
+    with pytest.raises(CheckpointError):
+        run_pretrain(preprocessed, str(killed), tiny_config("moco", "vit_tiny_test", steps=12))
+
+
+def test_collapse_detection_fires_on_constant_encoder() -> None:
+    encoder = create_encoder("vit_tiny_test", 32, 2)
+    x = torch.rand(16, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    healthy = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=2)
+    assert healthy.check(encoder, x, 1)["eff_rank"] > 2
+    with torch.no_grad():  # final LayerNorm with zero gain: every slice maps to its bias
+        encoder.trunk.norm.weight.zero_()
+        encoder.trunk.norm.bias.normal_()
+    assert collapse_metrics(encoder(x)) == {"emb_std": pytest.approx(0.0, abs=1e-6), "eff_rank": 0.0}
+    monitor = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=2)
+    monitor.check(encoder, x, 1)
+    with pytest.raises(CollapseError, match="collapse at step 2"):
+        monitor.check(encoder, x, 2)
+    warn = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=1, action="warn")
+    warn.check(encoder, x, 1)
+    assert warn.consecutive == 1
+
+
+def test_export_load_round_trip_gives_identical_embeddings(preprocessed: str, out_dir: str) -> None:
+    cfg = tiny_config("moco", "vit_conv_tiny_test", steps=2)
+    run_pretrain(preprocessed, out_dir, cfg, resume=False)
+    ckpt = torch.load(Path(out_dir) / LATEST_KEY, weights_only=False)
+    trained = create_encoder("vit_conv_tiny_test", 32, 2)
+    trained.load_state_dict(
+        {k[len("base_encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("base_encoder.")}
+    )
+    trained.eval()
+    loaded, meta = load_encoder(out_dir)
+    x = torch.rand(4, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(trained(x), loaded(x))
+    assert meta["img_size"] == 32 and meta["in_chans"] == 2 and meta["embed_dim"] == 64
+    assert meta["format_version"] == 1 and meta["config"]["method"] == "moco"
+
+
+def test_lars_scales_weight_updates_by_trust_ratio() -> None:
+    w = torch.nn.Parameter(torch.full((2, 2), 2.0))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = LARS([{"params": [w, b]}], lr=1.0, weight_decay=0.0, momentum=0.0, trust_coefficient=0.1)
+    w.grad, b.grad = torch.full((2, 2), 8.0), torch.full((2,), 3.0)
+    opt.step()
+    # ||w|| = 4, ||g|| = 16: update = g * 0.1 * 4 / 16 = 0.2; biases are plain SGD.
+    np.testing.assert_allclose(w.detach().numpy(), 1.8)
+    np.testing.assert_allclose(b.detach().numpy(), -2.0)
+
+
+@pytest.mark.parametrize("preset", [*PRESETS, "pretrain-demo-cpu"])
+def test_presets_validate(preset: str) -> None:
+    data = yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text())
+    assert set(data) == {"pretrain"}
+    cfg = load_pretrain_config(data)
+    assert isinstance(cfg, PretrainConfig)
+    if preset == "pretrain-demo-cpu":
+        create_encoder(cfg.encoder.name, cfg.encoder.img_size, 2, **cfg.encoder.overrides)
+    with pytest.raises(ValueError):
+        PretrainConfig.model_validate({**data["pretrain"], "unknown_key": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_build_their_encoders(preset: str) -> None:
+    cfg = load_pretrain_config(yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text()))
+    enc = create_encoder(cfg.encoder.name, cfg.encoder.img_size, 2, **cfg.encoder.overrides)
+    assert enc.embed_dim > 0

@@ -1,0 +1,118 @@
+"""View sampling on the real preprocess output: lesion crops, slab crops, abnormality centring, aux targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, lesion_crop_boxes, moco_views
+from slicefm.tracking.store import open_store
+from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
+from slicefm.train.data import SlabDataset, SliceDataset, load_index
+
+
+def _batch(ds, items):
+    return default_collate([ds[int(i)] for i in items])
+
+
+def test_lesion_crop_contains_the_lesion_box(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed))
+    ds = SliceDataset(index)
+    key_items = np.flatnonzero(index.slices["key_id"].to_numpy() >= 0)
+    assert len(key_items) > 0
+    batch = _batch(ds, key_items[:8])
+    boxes = batch["box"].numpy()
+    crops = lesion_crop_boxes(boxes, (32, 32), LECLConfig())
+    assert (crops[:, 0] <= boxes[:, 0]).all() and (crops[:, 1] <= boxes[:, 1]).all()
+    assert (crops[:, 2] >= boxes[:, 2]).all() and (crops[:, 3] >= boxes[:, 3]).all()
+    assert (crops >= 0).all() and (crops <= 32).all()
+    views = moco_views(
+        batch["image"], boxes, 32, np.random.default_rng(0), torch.Generator().manual_seed(0),
+        (0.08, 1.0), AugmentConfig(), LECLConfig(),
+    )  # fmt: skip
+    assert views.lesion_mask.all()
+    np.testing.assert_allclose(views.key_boxes, crops)
+    assert views.key_x1.shape == (8, 2, 32, 32)
+    # The key encoder sees a zoomed crop, the query encoder the full slice: they differ.
+    assert not torch.allclose(views.key_x1, views.x1)
+
+
+def _abnormal_items(ds: SlabDataset) -> list[int]:
+    out = []
+    for i in range(len(ds)):
+        it = ds[i]
+        c = int(it["centre"])
+        if (it["lesion"][c] > 0).any() or (it["finding"][c] > 0).any() or (it["box_mask"][c] > 0).any():
+            out.append(i)
+    return out
+
+
+def test_lejepa_crops_come_from_the_slab_or_slice(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed))
+    cfg = LeJEPAConfig(local_size=16, n_local=8)
+    for depth_aware in (True, False):
+        ds = SlabDataset(index, depth_aware=depth_aware)
+        batch = _batch(ds, range(0, len(ds), max(1, len(ds) // 6))[:6])
+        v = lejepa_views(
+            batch, np.random.default_rng(1), torch.Generator().manual_seed(1),
+            cfg.model_copy(update={"depth_aware": depth_aware}), AugmentConfig(), 32,
+        )  # fmt: skip
+        assert v.global_views.shape == (2, 6, 2, 32, 32) and v.local_views.shape == (8, 6, 2, 16, 16)
+        assert (v.slice_index >= 0).all()  # never a padding row
+        for b, item in enumerate(batch["item"].tolist()):
+            rows = index.slices.iloc[ds.items[item]]
+            slab_of = dict(zip(rows["slice_index"], rows["slab_id"], strict=True))
+            centre = int(rows["slice_index"].iloc[len(rows) // 2])
+            assert (v.slice_index[:2, b] == centre).all()  # global crops: the slab's middle slice
+            locals_ = v.slice_index[2:, b]
+            assert all(s in slab_of for s in locals_)  # same scan, same slab
+            if not depth_aware:
+                assert (locals_ == centre).all()
+        if depth_aware and ds.max_slices > 1:
+            assert len(np.unique(v.slice_index[2:])) > len(np.unique(v.slice_index[:2]))
+
+
+def test_crops_centre_on_abnormality_with_p08(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed))
+    ds = SlabDataset(index, depth_aware=False)
+    items = _abnormal_items(ds)[:8]
+    assert items, "the phantom set must have slices with abnormalities"
+    batch = _batch(ds, items)
+    cfg = LeJEPAConfig(n_global=2, n_local=0, depth_aware=False)
+    kinds = []
+    for seed in range(25):
+        v = lejepa_views(batch, np.random.default_rng(seed), torch.Generator(), cfg, AugmentConfig(), 32)
+        kinds.append(v.kinds.ravel())
+        ab = v.kinds == ABNORMAL
+        for g, b in zip(*np.nonzero(ab), strict=True):
+            x, y = (v.centres[g, b] - 0.5).astype(int)
+            r = 0
+            hit = batch["lesion"][b, r, y, x] + batch["finding"][b, r, y, x] + batch["box_mask"][b, r, y, x]
+            assert hit > 0  # the chosen centre is an abnormal pixel
+            x0, y0, x1, y1 = v.boxes[g, b]
+            assert x0 <= x + 0.5 <= x1 and y0 <= y + 0.5 <= y1  # and it lies in the crop
+    frac = float(np.mean(np.concatenate(kinds) == ABNORMAL))
+    assert 0.7 < frac < 0.9, frac  # 400 crops: binomial sd 0.02 around 0.8
+
+
+def test_aux_targets_equal_direct_mask_fractions() -> None:
+    rng = np.random.default_rng(0)
+    organ = torch.from_numpy(rng.integers(0, 5, size=(3, 24, 24)))
+    finding = torch.from_numpy(rng.choice([0, 0, 0, 2], size=(3, 24, 24)))
+    lesion = torch.zeros(3, 24, 24, dtype=torch.long)
+    lesion[1, 20, 18] = 1  # inside box 1 only
+    boxes = torch.tensor([[0, 0, 16, 16], [4, 8, 20, 24], [8, 2, 24, 18]], dtype=torch.float32)
+    crops = {k: crop_labels(m, boxes, 16) for k, m in (("o", organ), ("f", finding), ("l", lesion))}
+    t = aux_targets(crops["o"], crops["f"], crops["l"], n_organs=5, n_abnormal=4, token_grid=2)
+    for b, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        region = organ[b, y0:y1, x0:x1].numpy()
+        np.testing.assert_allclose(t["organ_cls"][b].numpy(), np.bincount(region.ravel(), minlength=5) / 256)
+        quad = region[:8, 8:]  # token cell 1 (row 0, column 1)
+        np.testing.assert_allclose(
+            t["organ_patch"][b, 1].numpy(), np.bincount(quad.ravel(), minlength=5) / 64
+        )
+        f = finding[b, y0:y1, x0:x1].numpy()
+        expected = [float((f == c).any()) for c in (1, 2, 3)] + [float((lesion[b, y0:y1, x0:x1] > 0).any())]
+        np.testing.assert_array_equal(t["abn_cls"][b].numpy(), expected)
+    assert t["abn_cls"][:, 1].sum() == 3 and t["abn_cls"][1, 3] == 1 and t["abn_cls"][0, 3] == 0
