@@ -15,8 +15,8 @@ from slicefm.config import PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
-from slicefm.train.stage import PretrainResult, run_pretrain
 from slicefm.tracking.store import open_store
+from slicefm.train.stage import PretrainResult, run_pretrain
 
 log = logging.getLogger(__name__)
 
