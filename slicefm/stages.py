@@ -100,7 +100,19 @@ def pretrain_stage(
             }
         )
         _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder
+        _register(out_uri, f"{cfg.name}-encoder")
     return result
+
+
+def _register(encoder_uri: str, model_name: str) -> None:
+    """New registry version of the encoder, tagged on the stage run (only when tracking is on)."""
+    import mlflow
+
+    from slicefm.tracking.registry import register_encoder
+
+    if mlflow.active_run() is not None:
+        version = register_encoder(encoder_uri, model_name)
+        mlflow.set_tags({"slicefm.registered_model": model_name, "slicefm.model_version": version})
 
 
 def _log_metrics(metrics: dict) -> None:

@@ -25,7 +25,10 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     inner = spec["root"]["dag"]["tasks"]["exit-handler-1"]
     inner_tasks = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner_tasks) == {"ingest", "preprocess", "pretrain"}
-    assert inner_tasks["pretrain"]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"] == "preprocess"
+    assert (
+        inner_tasks["pretrain"]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"]
+        == "preprocess"
+    )
     assert (
         inner_tasks["preprocess"]["inputs"]["artifacts"]["scans"]["taskOutputArtifact"]["producerTask"]
         == "ingest"
@@ -86,6 +89,17 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     encoder_dir = Path(stages["pretrain"].data.tags["slicefm.output_uri"])
     meta = yaml.safe_load((encoder_dir / "encoder.json").read_text())
     assert meta["method"] == "lejepa" and (encoder_dir / "encoder.safetensors").stat().st_size > 0
+    # The encoder is a registered model version that loads and embeds preprocessed slices.
+    assert stages["pretrain"].data.tags["slicefm.registered_model"] == "t-encoder"
+    import mlflow.pyfunc
+    import numpy as np
+
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pyfunc.load_model(
+        f"models:/t-encoder/{stages['pretrain'].data.tags['slicefm.model_version']}"
+    )
+    emb = model.predict(np.random.default_rng(0).random((3, 2, 32, 32), dtype=np.float32))
+    assert emb.shape[0] == 3 and np.isfinite(emb).all()
 
 
 def test_submit_requires_a_host(tmp_path):
