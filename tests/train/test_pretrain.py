@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from slicefm.config import PipelineConfig
 from slicefm.models.encoders import create_encoder
 from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
 from slicefm.train.collapse import CollapseError, CollapseMonitor, collapse_metrics
@@ -115,19 +116,30 @@ def test_lars_scales_weight_updates_by_trust_ratio() -> None:
     np.testing.assert_allclose(b.detach().numpy(), -2.0)
 
 
-@pytest.mark.parametrize("preset", [*PRESETS, "pretrain-demo-cpu"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_validate(preset: str) -> None:
     data = yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text())
     assert set(data) == {"pretrain"}
     cfg = load_pretrain_config(data)
     assert isinstance(cfg, PretrainConfig)
-    if preset == "pretrain-demo-cpu":
-        create_encoder(cfg.encoder.name, cfg.encoder.img_size, 2, **cfg.encoder.overrides)
+    # A preset is also a whole pipeline config (other sections default), usable as CONFIG=... make run-pipeline.
+    assert PipelineConfig.model_validate(data).pretrain == cfg
     with pytest.raises(ValueError):
         PretrainConfig.model_validate({**data["pretrain"], "unknown_key": 1})
 
 
-@pytest.mark.slow
+def test_demo_pipeline_config_pretrains_a_tiny_encoder() -> None:
+    data = yaml.safe_load((CONFIGS / "demo-cpu.yaml").read_text())
+    cfg = PipelineConfig.model_validate(data)
+    assert (
+        cfg.pretrain.encoder.img_size == cfg.preprocess.size
+    )  # the encoder sees the preprocessed slices as is
+    enc = create_encoder(
+        cfg.pretrain.encoder.name, cfg.pretrain.encoder.img_size, 2, **cfg.pretrain.encoder.overrides
+    )
+    assert enc.embed_dim > 0
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build_their_encoders(preset: str) -> None:
     cfg = load_pretrain_config(yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text()))
