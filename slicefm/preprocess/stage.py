@@ -156,7 +156,6 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
             "lesion_boxes": [json.dumps(b) for b in boxes],
         }
     )
-    rows = validate(rows, SlicesSchema, f"slices of {scan_id}")
     # Stack first, index second: the index's presence marks the scan finished for re-runs.
     mask_key = f"masks/{scan_id}.npz"
     if vol_store.exists(mask_key):
