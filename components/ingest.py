@@ -31,12 +31,12 @@ def ingest(
     """
     import os
 
-    from slicefm.config import PipelineConfig
+    from slicefm.config import config_from_yaml
     from slicefm.data.pseudonym import load_key
     from slicefm.kfp_io import URI_KEY, output_location
     from slicefm.stages import ingest_stage
 
-    cfg = PipelineConfig.model_validate(__import__("yaml").safe_load(config_yaml) or {})
+    cfg = config_from_yaml(config_yaml)
     out = output_location(scans.path, store_uri, run_name, "ingest")
     key = load_key(None, dict(os.environ))
     res = ingest_stage(cfg, data_source, out, key, tracking_uri, parent_run_id, data_version or None)

@@ -27,11 +27,11 @@ def preprocess(
     Returns:
         Number of slices written.
     """
-    from slicefm.config import PipelineConfig
+    from slicefm.config import config_from_yaml
     from slicefm.kfp_io import URI_KEY, input_location, output_location
     from slicefm.stages import preprocess_stage
 
-    cfg = PipelineConfig.model_validate(__import__("yaml").safe_load(config_yaml) or {})
+    cfg = config_from_yaml(config_yaml)
     out = output_location(slices.path, store_uri, run_name, "preprocess")
     res = preprocess_stage(cfg, input_location(scans.path, scans.metadata), out, tracking_uri, parent_run_id)
     slices.metadata.update(

@@ -27,11 +27,11 @@ def pretrain(
     Returns:
         Mean loss over the last steps.
     """
-    from slicefm.config import PipelineConfig
+    from slicefm.config import config_from_yaml
     from slicefm.kfp_io import URI_KEY, input_location, output_location
     from slicefm.stages import pretrain_stage
 
-    cfg = PipelineConfig.model_validate(__import__("yaml").safe_load(config_yaml) or {})
+    cfg = config_from_yaml(config_yaml)
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
     res = pretrain_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
     encoder.metadata.update(

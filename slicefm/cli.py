@@ -13,12 +13,6 @@ from slicefm.config import PipelineConfig, dump_config, load_config
 log = logging.getLogger("slicefm")
 
 
-def project_dir() -> Path:
-    """The directory holding .slicefm/ state: $SLICEFM_HOME's parent, else the current directory."""
-    home = os.environ.get("SLICEFM_HOME")
-    return Path(home).resolve().parent if home else Path.cwd()
-
-
 def state_dir() -> Path:
     return Path(os.environ.get("SLICEFM_HOME") or (Path.cwd() / ".slicefm")).resolve()
 

@@ -88,6 +88,11 @@ class PipelineConfig(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
 
+def config_from_yaml(text: str) -> PipelineConfig:
+    """A pipeline config from YAML text (what pipeline steps receive as a parameter)."""
+    return PipelineConfig.model_validate(yaml.safe_load(text) or {})
+
+
 def load_config(path: str | Path, model: type[Strict] = PipelineConfig) -> Strict:
     """Load and validate a YAML config (unknown keys are errors naming the key)."""
     data = yaml.safe_load(Path(path).read_text()) or {}

@@ -89,6 +89,7 @@ class _Loaded:
     index: int
     ok: bool
     reason: str = ""
+    scan_id: str = ""
     source: str = ""
     patient_ref: str = ""
     shape: tuple[int, int, int] = (0, 0, 0)
@@ -122,6 +123,7 @@ def _load_and_store(
     return _Loaded(
         index,
         True,
+        scan_id=scan_id,
         source=cand.source,
         patient_ref=str(patient_ref),
         shape=vol.shape,
@@ -161,7 +163,7 @@ def ingest(
             quarantine.append(entry)
             log.warning("quarantined %s: %s", *entry)
             continue
-        scan_id = pseudonym.scan_pseudonym(key, cohort, cand.ref)
+        scan_id = res.scan_id
         row = {
             "scan_id": scan_id,
             "patient_id": pseudonym.patient_pseudonym(key, cohort, res.patient_ref),

@@ -22,7 +22,7 @@ from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
 from slicefm.parallel import process_pool
 from slicefm.preprocess.boxes import map_box_to_output
-from slicefm.preprocess.crop import body_bbox, body_mask, crop_to_box, square_box
+from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
 from slicefm.preprocess.shards import shard_of, stack_key
 from slicefm.preprocess.slabs import slab_ids
@@ -31,8 +31,6 @@ from slicefm.preprocess.windows import WINDOWS, HUWindow, ZScoreNorm, apply_wind
 from slicefm.tracking.store import Store, open_store
 
 log = logging.getLogger(__name__)
-
-AIR_HU = -1024.0
 
 
 @dataclass
@@ -119,7 +117,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
+def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None]:
     """Process one scan (worker process). Returns its slice rows and crop info."""
     scan, lesions, in_uri, out_uri, cfg_json, skip_done = args
     cfg = PreprocessConfig.model_validate_json(cfg_json)
@@ -129,7 +127,7 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
     key = stack_key(scan_id, shard)
     index_key = f"index/{scan_id}.parquet"
     if skip_done and out.exists(key) and out.exists(index_key):
-        return scan_id, None, {}
+        return scan_id, None
     vol_store = open_store(in_uri)
     local = vol_store.local_path(scan["volume"])
     hu16 = np.load(local, mmap_mode="r") if local is not None else vol_store.read_npy(scan["volume"])
@@ -164,7 +162,7 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
         out.write_bytes(mask_key, _npz_bytes(resize_masks(masks, box, cfg.size)))
     out.write_npy(key, stack)
     out.write_parquet(index_key, rows)
-    crop = {
+    crop_info = {
         "scan_id": scan_id,
         "crop_y0": box[0],
         "crop_y1": box[1],
@@ -172,8 +170,8 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None, dict]:
         "crop_x1": box[3],
         "crop_side": side,
     }
-    out.write_json(f"index/{scan_id}.crop.json", crop)
-    return scan_id, rows, crop
+    out.write_json(f"index/{scan_id}.crop.json", crop_info)
+    return scan_id, rows
 
 
 def run_preprocess(
@@ -197,7 +195,7 @@ def run_preprocess(
             )
     else:
         results = [_scan_task(t) for t in tqdm(tasks, desc="preprocess", unit="scan")]
-    skipped = sum(1 for _, rows, _ in results if rows is None)
+    skipped = sum(1 for _, rows in results if rows is None)
     slices = _collect(out, [r[0] for r in results])
     out.write_parquet("slices.parquet", slices)
     out.write_parquet("scans.parquet", scans)
