@@ -1,4 +1,4 @@
-"""Shared fixtures: a real moto S3 server on loopback and AWS variables pointing at it."""
+"""Shared fixtures: a real moto S3 server on loopback, AWS variables pointing at it, a real preprocess output."""
 
 from __future__ import annotations
 
@@ -71,3 +71,18 @@ def s3_env(s3_server: str, s3_admin, monkeypatch: pytest.MonkeyPatch) -> Iterato
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3_admin.create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def preprocessed(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Phantom DICOM -> ingest -> preprocess at 32 px (6 scans, 2 windows), built once per session."""
+    from slicefm.config import PreprocessConfig
+    from slicefm.data.ingest import ingest
+    from slicefm.data.phantom_writers import generate_dataset
+    from slicefm.preprocess.stage import run_preprocess
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    generate_dataset(root / "raw", 6, "dicom", seed=3, shape_xy=64)
+    ingest(root / "raw", str(root / "ingest"), key=b"0" * 32, fmt="dicom", cohort="t", workers=1)
+    run_preprocess(str(root / "ingest"), str(root / "pre"), PreprocessConfig(size=32, workers=1))
+    return str(root / "pre")

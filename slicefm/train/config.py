@@ -137,6 +137,9 @@ class PretrainConfig(_Strict):
     method: Literal["moco", "lecl", "lejepa"] = "moco"
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA only; CPU always fp32
+    # "stacked": every preprocessed channel (HU window) is one input channel of one image.
+    # "per_window": CLEAR, each window is its own single-channel image (a scan is embedded once per window).
+    input_channels: Literal["stacked", "per_window"] = "stacked"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -40,6 +40,13 @@ class PretrainIndex:
     finding_classes: list[str] | None = None
     scans_with_masks: set[str] = field(default_factory=set)
     data_version: str | None = None
+    # CLEAR embeds every HU window separately (one single-channel image per window): with per_window each
+    # slice row is repeated once per channel (`channel` column) and the encoder sees 1-channel images.
+    per_window: bool = False
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.per_window else len(self.channels)
 
     @property
     def n_key_slices(self) -> int:
@@ -59,8 +66,13 @@ class PretrainIndex:
         return list((self.finding_classes or ["none"])[1:]) + ["lesion"]
 
 
-def load_index(store: Store, exclude_splits: list[str] | tuple[str, ...] = ("test",)) -> PretrainIndex:
-    """Read slices.parquet / scans.parquet / preprocess.json; drop scans of `exclude_splits`."""
+def load_index(
+    store: Store, exclude_splits: list[str] | tuple[str, ...] = ("test",), per_window: bool = False
+) -> PretrainIndex:
+    """Read slices.parquet / scans.parquet / preprocess.json; drop scans of `exclude_splits`.
+
+    `per_window`: one item per (slice, channel), in that order, so samplers, slabs and key slices
+    work unchanged on single-window images."""
     meta = store.read_json("preprocess.json")
     if meta.get("layout") != "[slice, channel, H, W]":
         raise ValueError(
@@ -74,6 +86,12 @@ def load_index(store: Store, exclude_splits: list[str] | tuple[str, ...] = ("tes
     if slices.empty:
         raise ValueError(f"no training slices in {store.uri('')} (excluded splits: {list(exclude_splits)})")
     slices = slices.sort_values(["scan_id", "slice_index"]).reset_index(drop=True)
+    n_channels = len(meta["channels"])
+    if per_window:
+        slices = slices.loc[slices.index.repeat(n_channels)].reset_index(drop=True)
+        slices["channel"] = np.tile(np.arange(n_channels), len(slices) // n_channels)
+    else:
+        slices["channel"] = -1
     slices["boxes"] = [json.loads(b) if isinstance(b, str) else [] for b in slices["lesion_boxes"]]
     has_box = slices["boxes"].map(len) > 0
     slices["key_id"] = -1
@@ -96,6 +114,7 @@ def load_index(store: Store, exclude_splits: list[str] | tuple[str, ...] = ("tes
         finding_classes=finding,
         scans_with_masks=with_masks,
         data_version=meta.get("source"),
+        per_window=per_window,
     )
 
 
@@ -120,7 +139,10 @@ class _Reader:
         return state
 
     def image(self, row: pd.Series) -> np.ndarray:
-        return to_float(self.reader.read_slice(row["stack"], int(row["row"])))
+        """[C, H, W] float32; [1, H, W] of the row's channel in per-window mode."""
+        image = self.reader.read_slice(row["stack"], int(row["row"]))
+        channel = int(row.get("channel", -1))
+        return to_float(image[channel : channel + 1] if channel >= 0 else image)
 
     def masks(self, scan_id: str, rows: np.ndarray, hw: tuple[int, int]) -> dict[str, np.ndarray]:
         """organ / lesion / finding label maps [len(rows), H, W] uint8 (zeros when the scan has none)."""
@@ -177,7 +199,7 @@ class SlabDataset(Dataset):
         self._io = _Reader(index)
         s = index.slices
         if depth_aware:
-            groups = s.groupby(["scan_id", "slab_id"], sort=True).indices
+            groups = s.groupby(["scan_id", "slab_id", "channel"], sort=True).indices
             self.items = [np.sort(v) for v in groups.values()]
         else:
             self.items = [np.array([i]) for i in range(len(s))]

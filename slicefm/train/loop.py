@@ -181,7 +181,7 @@ class MoCoMethod:
         mc, lecl = cfg.moco, cfg.lecl
         is_lecl = cfg.method == "lecl"
         self.model = MoCoV3(
-            _encoder_factory(cfg, len(index.channels)),
+            _encoder_factory(cfg, index.in_chans),
             proj_dim=mc.proj_dim, mlp_dim=mc.mlp_dim, proj_layers=mc.proj_layers, pred_layers=mc.pred_layers,
             temperature=mc.temperature, lesion_lambda=lecl.lesion_lambda if is_lecl else 0.0,
             lesion_term=lecl.lesion_term, momentum=mc.momentum, scale_by_2t=mc.scale_by_2t,
@@ -273,7 +273,7 @@ class LeJEPAMethod:
     def __init__(self, cfg: PretrainConfig, index: PretrainIndex, device: torch.device) -> None:
         self.cfg, self.index, self.device = cfg, index, device
         lc, ac = cfg.lejepa, cfg.aux
-        encoder = _encoder_factory(cfg, len(index.channels))()
+        encoder = _encoder_factory(cfg, index.in_chans)()
         self.global_size = lc.global_size or cfg.encoder.img_size
         self.n_organs = self.n_abnormal = self.token_grid = None
         aux = aux_loss = None
@@ -295,7 +295,7 @@ class LeJEPAMethod:
             if two:
                 with torch.no_grad():
                     _, patches = encoder.forward_tokens(
-                        torch.zeros(2, len(index.channels), *[self.global_size] * 2)
+                        torch.zeros(2, index.in_chans, *[self.global_size] * 2)
                     )
                 if patches is None:
                     raise ValueError(f"2S needs patch tokens; {cfg.encoder.name} has none")

@@ -69,7 +69,9 @@ def run_pretrain(
     """
     ctx = DistContext.current()
     out = open_store(out_uri)
-    index = load_index(open_store(preprocessed_uri), cfg.loader.exclude_splits)
+    index = load_index(
+        open_store(preprocessed_uri), cfg.loader.exclude_splits, per_window=cfg.input_channels == "per_window"
+    )
     seed_everything(cfg.seed)
     method = build_method(cfg, index, ctx.device)
     if ctx.rank == 0:
@@ -93,6 +95,7 @@ def run_pretrain(
         meta = {
             "method": cfg.method,
             "channels": index.channels,
+            "input_channels": cfg.input_channels,
             "input_dtype": index.dtype,
             "config": cfg.model_dump(mode="json"),
             "data_version": index.data_version,

@@ -1,4 +1,4 @@
-"""A real preprocess output (phantom DICOM -> ingest -> preprocess at 32 px), built once per session."""
+"""Tiny pretraining configs (the shared `preprocessed` fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ from typing import Any
 
 import pytest
 
-from slicefm.config import PreprocessConfig
-from slicefm.data.ingest import ingest
-from slicefm.data.phantom_writers import generate_dataset
-from slicefm.preprocess.stage import run_preprocess
 from slicefm.train.config import PretrainConfig
-
-
-@pytest.fixture(scope="session")
-def preprocessed(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("pretrain_data")
-    generate_dataset(root / "raw", 6, "dicom", seed=3, shape_xy=64)
-    ingest(root / "raw", str(root / "ingest"), key=b"0" * 32, fmt="dicom", cohort="t", workers=1)
-    run_preprocess(str(root / "ingest"), str(root / "pre"), PreprocessConfig(size=32, workers=1))
-    return str(root / "pre")
 
 
 def tiny_config(
