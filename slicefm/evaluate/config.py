@@ -63,11 +63,51 @@ class ProbeConfig(_Strict):
         return lrs
 
 
+class TaskConfig(_Strict):
+    """One prediction task: which label columns, which windows form the bag, which heads to fit."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # scans.parquet columns without the "label_" prefix; a trailing "*" matches a prefix ("location_*").
+    labels: list[str] = Field(min_length=1)
+    # Windows concatenated into one bag along the slice axis (CLEAR Task 1: abdomen + lung); None = all.
+    windows: list[str] | None = None
+    protocols: list[Literal["abmil", "probe"]] = Field(default_factory=lambda: ["abmil"], min_length=1)
+    # bce: multi-label; ce: mutually exclusive classes (one binary column becomes two classes, CLEAR Task 3).
+    loss: Literal["bce", "ce"] = "bce"
+
+
+def _default_tasks() -> list[TaskConfig]:
+    return [TaskConfig(name="lesion_location", labels=["location_*"], windows=None, protocols=["abmil"])]
+
+
 class EvaluateConfig(_Strict):
-    """The evaluate stage: splits, the ABMIL head, the linear probes, latent continuity."""
+    """The evaluate stage: tasks, splits, the ABMIL head, the linear probes, latent continuity, plots."""
 
     seed: int = 0
+    tasks: list[TaskConfig] = Field(default_factory=_default_tasks, min_length=1)
     splits: SplitConfig = Field(default_factory=SplitConfig)
     abmil: AbmilConfig = Field(default_factory=AbmilConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     continuity_metric: Literal["cosine", "l2"] = "cosine"  # published DALE-CT number used cosine
+    attention_plots: int = Field(6, ge=0)  # attention-over-z PNGs per task (test bags of the first fold)
+    headline_metric: Literal["auroc", "auprc", "f1", "balanced_accuracy"] = "auroc"
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique: {names}")
+        return tasks
+
+
+class ExternalConfig(_Strict):
+    """External cohort B: "frozen" (cohort A's heads unchanged) vs "retrained" (new heads on B's train splits).
+
+    `tasks` name evaluate tasks; B's label columns are the same names unless `class_map` maps a B class to
+    one or several A classes (several = max of their scores, DALE-CT's RAD-ChestCT calcification)."""
+
+    enabled: bool = False
+    tasks: list[str] = Field(default_factory=lambda: ["lesion_location"])
+    protocol: Literal["abmil", "probe"] = "abmil"
+    class_map: dict[str, str | list[str]] = Field(default_factory=dict)

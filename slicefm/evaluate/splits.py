@@ -40,17 +40,24 @@ class Splits:
     seed: int
     folds: list[Fold] = field(default_factory=list)
 
-    def to_json(self, path: str | Path) -> None:
+    def dumps(self) -> str:
         data = {"version": SPLITS_VERSION, "mode": self.mode, "seed": self.seed}
         data["folds"] = [asdict(f) for f in self.folds]
-        Path(path).write_text(json.dumps(data, indent=1))
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def loads(cls, text: str | bytes, where: str = "splits") -> Splits:
+        data = json.loads(text)
+        if data.get("version") != SPLITS_VERSION:
+            raise ValueError(f"{where}: splits version {data.get('version')} != {SPLITS_VERSION}")
+        return cls(data["mode"], int(data["seed"]), [Fold(**f) for f in data["folds"]])
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(self.dumps())
 
     @classmethod
     def from_json(cls, path: str | Path) -> Splits:
-        data = json.loads(Path(path).read_text())
-        if data.get("version") != SPLITS_VERSION:
-            raise ValueError(f"{path}: splits version {data.get('version')} != {SPLITS_VERSION}")
-        return cls(data["mode"], int(data["seed"]), [Fold(**f) for f in data["folds"]])
+        return cls.loads(Path(path).read_text(), str(path))
 
 
 def patient_label_matrix(labels: np.ndarray, patients: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from torch import nn
 from slicefm.evaluate.config import AbmilConfig, ProbeConfig
 from slicefm.evaluate.metrics import macro, score_table
 from slicefm.mil.abmil import ABMIL
-from slicefm.mil.bags import collate_bags, subsample_indices
+from slicefm.mil.bags import collate_bags, pack_bags, subsample_indices
 from slicefm.mil.pooling import LinearProbe
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,47 @@ def class_pos_weight(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
 
 
+# Validation inputs are built once per head and reused every epoch when they fit in this many bytes.
+VAL_CACHE_BYTES = 2 << 30
+
+EvalBatch = tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]  # bag positions, model inputs
+
+
+def _packs(model: nn.Module) -> bool:
+    """Heads with a packed forward (ABMIL) take concatenated bags; the others (probes) a padded batch."""
+    return hasattr(model, "forward_packed")
+
+
+def eval_batches(bags: Sequence[np.ndarray], batch_size: int, packed: bool) -> list[EvalBatch]:
+    """Inference inputs for `bags`, batched by similar length (sorted) so padded batches stay small."""
+    order = np.argsort([b.shape[0] for b in bags], kind="stable")
+    make = pack_bags if packed else collate_bags
+    return [
+        (idx, make([bags[i] for i in idx]))
+        for idx in (order[start : start + batch_size] for start in range(0, len(bags), batch_size))
+    ]
+
+
 @torch.no_grad()
+def _predict(
+    model: nn.Module, batches: Sequence[EvalBatch], lengths: Sequence[int]
+) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    model.eval()
+    packed = _packs(model)
+    logits: list[np.ndarray | None] = [None] * len(lengths)
+    attn: list[np.ndarray | None] = [None] * len(lengths)
+    has_attn = False
+    for idx, inputs in batches:
+        out, a = model.forward_packed(*inputs) if packed else model(*inputs)  # type: ignore[operator]
+        out = out.numpy()
+        for j, i in enumerate(idx):
+            logits[i] = out[j]
+            if a is not None:
+                has_attn = True
+                attn[i] = a[j, : lengths[i]].numpy().copy()
+    return np.stack(logits), (attn if has_attn else None)  # type: ignore[return-value,arg-type]
+
+
 def predict_logits(
     model: nn.Module, bags: Sequence[np.ndarray], batch_size: int = 256
 ) -> tuple[np.ndarray, list[np.ndarray] | None]:
@@ -131,28 +171,22 @@ def predict_logits(
 
     Bags are batched by similar length (sorted) to keep padding small; order is restored on return.
     """
-    model.eval()
-    order = np.argsort([b.shape[0] for b in bags], kind="stable")
-    logits: list[np.ndarray | None] = [None] * len(bags)
-    attn: list[np.ndarray | None] = [None] * len(bags)
-    has_attn = False
-    for start in range(0, len(bags), batch_size):
-        idx = order[start : start + batch_size]
-        x, mask = collate_bags([bags[i] for i in idx])
-        out, a = model(x, mask)
-        for j, i in enumerate(idx):
-            logits[i] = out[j].numpy()
-            if a is not None:
-                has_attn = True
-                attn[i] = a[j, : bags[i].shape[0]].numpy().copy()
-    return np.stack(logits), (attn if has_attn else None)  # type: ignore[return-value,arg-type]
+    batches = eval_batches(bags, batch_size, _packs(model))
+    return _predict(model, batches, [int(b.shape[0]) for b in bags])
 
 
 def _validation_score(
-    model: nn.Module, bags: Sequence[np.ndarray], labels: np.ndarray, kind: str, monitor: str, batch: int
+    model: nn.Module,
+    bags: Sequence[np.ndarray],
+    labels: np.ndarray,
+    kind: str,
+    monitor: str,
+    batch: int,
+    cached: Sequence[EvalBatch] | None = None,
 ) -> tuple[float, dict]:
-    """Higher is better: -loss, macro AUROC or macro AUPRC on the validation bags."""
-    logits, _ = predict_logits(model, bags, batch)
+    """Higher is better: -loss, macro AUROC or macro AUPRC on the validation bags (`cached`: their inputs)."""
+    batches = cached if cached is not None else eval_batches(bags, batch, _packs(model))
+    logits, _ = _predict(model, batches, [int(b.shape[0]) for b in bags])
     if not np.isfinite(logits).all():  # a diverged run (e.g. LR 0.3 with max pooling) loses the selection
         return -math.inf, {"val_loss": math.inf, "val_auroc": None, "val_auprc": None}
     loss = float(masked_loss(torch.from_numpy(logits), torch.from_numpy(labels), kind))
@@ -199,36 +233,44 @@ def train_abmil(
     pos_weight = class_pos_weight(train_labels) if (cfg.loss == "bce" and cfg.pos_weight) else None
     y_all = torch.from_numpy(np.asarray(train_labels, dtype=np.float32))
     keys = key_slices if key_slices is not None else [()] * len(train_bags)
-    lengths = np.asarray([min(b.shape[0], cfg.max_instances or b.shape[0]) for b in train_bags])
+    n_all = np.asarray([b.shape[0] for b in train_bags])
+    lengths = np.minimum(n_all, cfg.max_instances or n_all.max())
+    # The validation bags are the same every epoch: pack them once (float32) instead of once per epoch.
+    val_bytes = sum(b.shape[0] for b in val_bags) * int(train_bags[0].shape[1]) * 4
+    val_cache = eval_batches(val_bags, cfg.eval_batch_size, True) if val_bytes <= VAL_CACHE_BYTES else None
+
+    def bag_rows(i: int) -> np.ndarray:
+        # subsample_indices draws from rng only for bags over the cap; below it, skip the identity copy.
+        if lengths[i] == n_all[i]:
+            return train_bags[i]
+        return train_bags[i][subsample_indices(int(n_all[i]), cfg.max_instances, rng, keys[i])]
+
     # fork_rng: seed torch (init, dropout) for this head only, leaving the caller's global RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_head(spec)
+        assert isinstance(model, ABMIL)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         best, best_epoch, best_state, stale, history = -math.inf, -1, None, 0, []
         for epoch in range(cfg.epochs):
             model.train()
             total = 0.0
             for idx in bucketed_batches(lengths, cfg.batch_size, rng):
-                sub = [
-                    train_bags[i][subsample_indices(train_bags[i].shape[0], cfg.max_instances, rng, keys[i])]
-                    for i in idx
-                ]
+                sub = [bag_rows(i) for i in idx]
                 opt.zero_grad(set_to_none=True)
                 n_terms = masked_loss_sum(torch.zeros(len(idx), spec.n_classes), y_all[idx], cfg.loss)[1]
                 batch_loss = 0.0
                 # Gradients of the chunks add up to the gradient of the whole batch's mean loss (no batch
                 # statistics anywhere in ABMIL: LayerNorm is per bag).
-                for chunk in instance_chunks(np.asarray([b.shape[0] for b in sub]), cfg.chunk_instances):
-                    x, mask = collate_bags([sub[j] for j in chunk])
-                    logits, _ = model(x, mask)
+                for chunk in instance_chunks(lengths[idx], cfg.chunk_instances):
+                    logits, _ = model.forward_packed(*pack_bags([sub[j] for j in chunk]))
                     loss_sum, _ = masked_loss_sum(logits, y_all[idx[chunk]], cfg.loss, pos_weight)
                     (loss_sum / max(n_terms, 1.0)).backward()
                     batch_loss += float(loss_sum.detach())
                 opt.step()
                 total += batch_loss / max(n_terms, 1.0) * len(idx)
             score, info = _validation_score(
-                model, val_bags, val_labels, cfg.loss, cfg.monitor, cfg.eval_batch_size
+                model, val_bags, val_labels, cfg.loss, cfg.monitor, cfg.eval_batch_size, val_cache
             )
             history.append({"epoch": epoch, "train_loss": total / len(train_bags), **info})
             if score > best:

@@ -1,0 +1,412 @@
+"""The evaluate stage: for every task, embedding set and protocol, cross-validated heads on the same
+patient-level folds, metrics, thresholds, predictions, attention plots, continuity and one report.
+
+Output layout (a directory or s3://):
+    splits/<task>.json                              patient ids per fold (re-usable)
+    <task>/<model>/<protocol>/metrics.csv           per fold, split (val/test) and class
+    <task>/<model>/<protocol>/summary.json          mean / sd over folds (test sets), per class and macro
+    <task>/<model>/<protocol>/predictions.parquet   val + test probabilities per fold
+    <task>/<model>/<protocol>/heads/fold-K.*        head weights (safetensors) + spec, thresholds, classes
+    <task>/<model>/abmil/attention/*.png|npy        attention over z, first fold's test scans
+    <task>/<model>/<protocol>/roc_pr/*.png          ROC + PR per class (test predictions pooled over folds)
+    report.md, report.html, results.json            tables laid out like the papers' (mean ± sd)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from slicefm.data.schemas import LABEL_PREFIX
+from slicefm.embed.reader import Bag, EmbeddingSet
+from slicefm.evaluate.config import EvaluateConfig, TaskConfig
+from slicefm.evaluate.continuity import mean_continuity
+from slicefm.evaluate.metrics import METRICS, ClassScores, Summary
+from slicefm.evaluate.plots import plot_attention, plot_roc_pr
+from slicefm.evaluate.protocols import CVResult, run_abmil_cv, run_linear_probe
+from slicefm.evaluate.report import render_report
+from slicefm.evaluate.splits import Splits, make_splits
+from slicefm.evaluate.train_head import HeadSpec, TrainedHead
+from slicefm.tracking.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """The targets of one task on one cohort: rows = scans with at least one known label."""
+
+    name: str
+    class_names: list[str]
+    labels: np.ndarray  # [n, C] of 1 / 0 / -1
+    scan_ids: list[str]
+    patients: list[str]
+    loss: str
+
+
+def resolve_label_columns(columns: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """label_* columns matching the task's patterns ("location_*" or exact names), in table order."""
+    available = [c[len(LABEL_PREFIX) :] for c in columns if c.startswith(LABEL_PREFIX)]
+    chosen: list[str] = []
+    for pat in patterns:
+        hits = [c for c in available if fnmatch.fnmatchcase(c, pat)]
+        if not hits:
+            raise ValueError(f"label {pat!r} matches no column of scans.parquet (available: {available})")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def task_data(scans: pd.DataFrame, task: TaskConfig) -> TaskData:
+    cols = resolve_label_columns(list(scans.columns), task.labels)
+    y = scans[[LABEL_PREFIX + c for c in cols]].to_numpy(np.int64)
+    names = cols
+    if task.loss == "ce" and len(cols) == 1:
+        # One binary column (stage I-II = 0 / III-IV = 1) -> two exclusive classes for cross-entropy.
+        v = y[:, 0]
+        y = np.stack([np.where(v < 0, -1, 1 - v), np.where(v < 0, -1, v)], axis=1)
+        names = [f"{cols[0]}_0", f"{cols[0]}_1"]
+    known = (y >= 0).any(axis=1)
+    if known.sum() < 2:
+        raise ValueError(f"task {task.name}: fewer than 2 scans with a known label among {cols}")
+    return TaskData(
+        task.name, names, y[known].astype(np.float32), scans.loc[known, "scan_id"].tolist(),
+        scans.loc[known, "patient_id"].tolist(), task.loss,
+    )  # fmt: skip
+
+
+@dataclass
+class RunResult:
+    """One (task, model, protocol) cross-validation."""
+
+    task: str
+    model: str
+    protocol: str
+    result: CVResult
+    uri: str
+    labels: np.ndarray | None = None  # [n_bags, C] targets the folds index into
+
+
+@dataclass
+class EvaluateResult:
+    out_uri: str
+    report_markdown: str
+    headline_task: str
+    headline: dict[str, dict[str, Summary]]  # "model · protocol" -> metric -> Summary (macro, headline task)
+    runs: list[RunResult] = field(default_factory=list)
+    continuity: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def headline_table(self, metric: str = "auroc") -> str:
+        from slicefm.evaluate.report import format_cell, to_markdown
+
+        rows = [["model · protocol", f"macro {metric.upper()} (mean ± sd over folds)"]]
+        rows += [[name, format_cell(s[metric])] for name, s in self.headline.items()]
+        return f"task {self.headline_task}\n" + to_markdown(rows)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def load_embedding_sets(uris: Sequence[str]) -> dict[str, EmbeddingSet]:
+    """Embedding sets keyed by a unique, path-safe label ("pretrained", "random", ...)."""
+    sets: dict[str, EmbeddingSet] = {}
+    for uri in uris:
+        es = EmbeddingSet(uri)
+        name, k = _safe(es.label), 2
+        while name in sets:
+            name, k = f"{_safe(es.label)}-{k}", k + 1
+        sets[name] = es
+    return sets
+
+
+def _common_scans(sets: Mapping[str, EmbeddingSet]) -> pd.DataFrame:
+    """The first set's scans table, restricted to scans every set has embeddings for (same cohort, same folds)."""
+    first = next(iter(sets.values()))
+    scans = first.scans
+    have = set.intersection(*(set(es.index.index.get_level_values(0)) for es in sets.values()))
+    missing = sorted(set(scans["scan_id"]) - have)
+    if missing:
+        log.warning("%d scans lack embeddings in some set and are left out: %s", len(missing), missing[:5])
+    return scans[scans["scan_id"].isin(have)].reset_index(drop=True)
+
+
+def run_evaluate(
+    embedding_uris: Sequence[str], out_uri: str, cfg: EvaluateConfig, splits_uri: str | None = None
+) -> EvaluateResult:
+    """Evaluate every task on every embedding set with identical folds; write tables, plots and the report.
+
+    `splits_uri`: an earlier evaluate output whose splits/<task>.json are reused (exact re-runs).
+    """
+    out = open_store(out_uri)
+    sets = load_embedding_sets(embedding_uris)
+    scans = _common_scans(sets)
+    runs: list[RunResult] = []
+    report_rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = {}
+    class_names: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for task in cfg.tasks:
+        data = task_data(scans, task)
+        splits = _task_splits(data, cfg, out, task.name, splits_uri)
+        class_names[task.name] = data.class_names
+        notes.append(
+            f"{task.name}: {len(data.scan_ids)} scans of {len(set(data.patients))} patients, "
+            f"{splits.mode} {len(splits.folds)}-fold CV (patient-level, stratified), classes {data.class_names}"
+        )
+        for model, es in sets.items():
+            windows = es.resolve_windows(task.windows)
+            bags = es.bags(data.scan_ids, windows)
+            for protocol in task.protocols:
+                res = _cross_validate(bags, data, cfg, protocol, splits)
+                uri = _write_run(out, task.name, model, protocol, res, data, bags, es, windows, cfg)
+                runs.append(RunResult(task.name, model, protocol, res, uri, data.labels))
+                report_rows.setdefault(task.name, {})[f"{model} · {protocol}"] = res.summary
+                log.info("%s / %s / %s: %s", task.name, model, protocol, _macro_line(res.summary))
+    continuity = _continuity(sets, scans["scan_id"].tolist(), cfg.continuity_metric)
+    out.write_json("continuity.json", {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()})
+    md, page = _report(report_rows, class_names, notes, continuity, cfg, sets)
+    out.write_bytes("report.md", md.encode())
+    out.write_bytes("report.html", page.encode())
+    head_task = cfg.tasks[0].name
+    headline = {name: summary["macro"] for name, summary in report_rows[head_task].items()}
+    out.write_json(
+        "results.json",
+        {
+            "headline_task": head_task,
+            "macro": {
+                task: {row: {m: _summary_dict(s[m]) for m in METRICS} for row, s in rows.items()}
+                for task, rows in (
+                    (t, {r: v["macro"] for r, v in rr.items()}) for t, rr in report_rows.items()
+                )
+            },
+            "continuity": {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()},
+            "models": {name: es.meta["encoder"] for name, es in sets.items()},
+        },
+    )
+    return EvaluateResult(out.uri(""), md, head_task, headline, runs, continuity)
+
+
+def _summary_dict(s: Summary) -> dict:
+    return {"mean": s.mean, "sd": s.sd, "n": s.n, "note": s.note}
+
+
+def _macro_line(summary: Mapping[str, Mapping[str, Summary]]) -> str:
+    return ", ".join(
+        f"{m} {s.mean:.3f}±{s.sd:.3f}" if s.mean is not None else f"{m} {s.note}"
+        for m, s in summary["macro"].items()
+    )
+
+
+def _task_splits(
+    data: TaskData, cfg: EvaluateConfig, out: Store, task: str, splits_uri: str | None
+) -> Splits:
+    key = f"splits/{task}.json"
+    if splits_uri:
+        src = open_store(splits_uri)
+        splits = Splits.loads(src.read_bytes(key), src.uri(key))
+    else:
+        splits = make_splits(data.labels, data.patients, cfg.splits, cfg.seed)
+    for k, fold in enumerate(splits.folds):
+        parts = [set(fold.train), set(fold.val), set(fold.test)]
+        if parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]:
+            raise ValueError(f"splits of task {task}, fold {k}: a patient is in two partitions")
+    out.write_bytes(key, splits.dumps().encode())
+    return splits
+
+
+def _cross_validate(
+    bags: list[Bag], data: TaskData, cfg: EvaluateConfig, protocol: str, splits: Splits
+) -> CVResult:
+    x = [b.x for b in bags]
+    if protocol == "abmil":
+        run_cfg = cfg.model_copy(update={"abmil": cfg.abmil.model_copy(update={"loss": data.loss})})
+        keys = [b.key_instances for b in bags]
+        return run_abmil_cv(x, data.labels, data.patients, data.class_names, run_cfg, cfg.seed, keys, splits)
+    run_cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"loss": data.loss})})
+    return run_linear_probe(x, data.labels, data.patients, data.class_names, run_cfg, cfg.seed, splits)
+
+
+def _metrics_rows(fold: int, split: str, table: Mapping[str, ClassScores]) -> list[dict]:
+    return [
+        {"fold": fold, "split": split, "class": c, "n_pos": s.n_pos, "n_neg": s.n_neg,
+         **{m: s.get(m) for m in METRICS}, "threshold": s.threshold, "note": s.note or ""}
+        for c, s in table.items()
+    ]  # fmt: skip
+
+
+def _write_run(
+    out: Store,
+    task: str,
+    model: str,
+    protocol: str,
+    res: CVResult,
+    data: TaskData,
+    bags: list[Bag],
+    es: EmbeddingSet,
+    windows: list[str],
+    cfg: EvaluateConfig,
+) -> str:
+    run = out.child(f"{task}/{model}/{protocol}")
+    rows, preds = [], []
+    for f in res.folds:
+        rows += _metrics_rows(f.fold, "val", f.val_metrics) + _metrics_rows(f.fold, "test", f.test_metrics)
+        for split, idx, scores in (("val", f.val_index, f.val_scores), ("test", f.test_index, f.test_scores)):
+            for i, s in zip(idx, scores, strict=True):
+                preds.append(
+                    {"fold": f.fold, "split": split, "scan_id": data.scan_ids[i],
+                     **{f"p_{c}": float(v) for c, v in zip(data.class_names, s, strict=True)},
+                     **{f"y_{c}": int(v) for c, v in zip(data.class_names, data.labels[i], strict=True)}}
+                )  # fmt: skip
+        run.write_bytes(f"heads/fold-{f.fold}.safetensors", st_save(dict(f.head.state_dict)))
+        run.write_json(
+            f"heads/fold-{f.fold}.json",
+            {"spec": f.head.spec.to_dict(), "class_names": data.class_names,
+             "thresholds": f.thresholds.tolist(), "best_step": f.head.best_step,
+             "best_score": f.head.best_score, "selected": f.selected, "grid": f.grid,
+             "embeddings": es.meta["encoder"], "windows": windows, "task": task}
+        )  # fmt: skip
+    run.write_bytes("metrics.csv", pd.DataFrame(rows).to_csv(index=False).encode())
+    run.write_parquet("predictions.parquet", pd.DataFrame(preds))
+    run.write_json(
+        "summary.json", {c: {m: _summary_dict(s) for m, s in per.items()} for c, per in res.summary.items()}
+    )
+    _plots(run, res, data, bags, windows, cfg, protocol)
+    return run.uri("")
+
+
+def pooled_test_scores(res: CVResult, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test probabilities averaged over the folds that scored each bag, and which bags were scored."""
+    total = np.zeros((n, len(res.class_names)))
+    count = np.zeros(n)
+    for f in res.folds:
+        total[f.test_index] += f.test_scores
+        count[f.test_index] += 1
+    seen = count > 0
+    total[seen] /= count[seen, None]
+    return total, seen
+
+
+def _plots(
+    run: Store,
+    res: CVResult,
+    data: TaskData,
+    bags: list[Bag],
+    windows: list[str],
+    cfg: EvaluateConfig,
+    protocol: str,
+) -> None:
+    import tempfile
+
+    scores, seen = pooled_test_scores(res, len(bags))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plot_roc_pr(data.labels[seen], scores[seen], data.class_names, Path(tmp) / "roc_pr")
+        if protocol == "abmil" and res.folds:
+            fold = res.folds[0]
+            for i in sorted(fold.attention)[: cfg.attention_plots]:
+                b, a = bags[i], fold.attention[i]
+                keys = sorted({float(z) for z in b.z_mm[b.is_key]})
+                p = plot_attention(
+                    a, b.z_mm, Path(tmp) / "attention" / f"{b.scan_id}.png", b.window_index, windows, keys,
+                    f"{data.name} · {b.scan_id} · fold {fold.fold}",
+                )  # fmt: skip
+                paths.append(p)
+                np.save(Path(tmp) / "attention" / f"{b.scan_id}.npy", a.astype(np.float32))
+                paths.append(Path(tmp) / "attention" / f"{b.scan_id}.npy")
+        for p in paths:
+            run.upload_file(p, str(Path(p).relative_to(tmp)))
+
+
+def _continuity(
+    sets: Mapping[str, EmbeddingSet], scan_ids: list[str], metric: str
+) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, es in sets.items():
+        for w in es.windows:
+            mean, sd, n = mean_continuity([es.matrix(s, w).astype(np.float32) for s in scan_ids], metric)
+            if n:
+                out[f"{name} ({w})"] = (mean, sd)
+    return out
+
+
+def _report(
+    rows: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Summary]]]],
+    class_names: Mapping[str, list[str]],
+    notes: list[str],
+    continuity: Mapping[str, tuple[float, float]],
+    cfg: EvaluateConfig,
+    sets: Mapping[str, EmbeddingSet],
+) -> tuple[str, str]:
+    models = [f"{n}: {es.meta['encoder']['source']} ({es.meta['encoder']['name']}, windows {es.windows})"
+              for n, es in sets.items()]  # fmt: skip
+    mds, pages = [], []
+    for i, (task, task_rows) in enumerate(rows.items()):
+        md, page = render_report(
+            task_rows, class_names[task], title=f"slicefm evaluation · {task}",
+            notes=[notes[i], *models] if i == 0 else [notes[i]],
+            continuity=continuity if i == len(rows) - 1 else None, continuity_metric=cfg.continuity_metric,
+        )  # fmt: skip
+        mds.append(md)
+        pages.append(page[page.index("<body>") + 6 : page.index("</body>")])
+    full = _page("slicefm evaluation", "\n<hr>\n".join(pages))
+    return "\n\n".join(mds), full
+
+
+def _page(title: str, body: str) -> str:
+    import html
+
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
+        "padding:2px 6px}</style></head><body>" + body + "</body></html>"
+    )
+
+
+# --- heads saved by an evaluate run (used by the external stage) -------------------------------------
+
+
+@dataclass
+class SavedFold:
+    fold: int
+    head: TrainedHead
+    thresholds: np.ndarray
+
+
+@dataclass
+class SavedHeads:
+    """The fold heads of one (task, model, protocol) run, as run_external expects of a CVResult."""
+
+    class_names: list[str]
+    folds: list[SavedFold]
+    windows: list[str]
+
+
+def load_heads(eval_uri: str, task: str, model: str, protocol: str) -> SavedHeads:
+    run = open_store(eval_uri).child(f"{task}/{model}/{protocol}")
+    specs = sorted(k for k in run.list("heads/") if k.endswith(".json"))
+    if not specs:
+        raise FileNotFoundError(
+            f"no heads under {run.uri('heads/')} (task {task}, model {model}, {protocol})"
+        )
+    folds, names, windows = [], None, None
+    for key in sorted(specs, key=lambda k: int(re.findall(r"fold-(\d+)", k)[0])):
+        meta = json.loads(run.read_bytes(key))
+        state = st_load(run.read_bytes(key.replace(".json", ".safetensors")))
+        spec = HeadSpec(**meta["spec"])
+        head = TrainedHead(
+            spec, {k: v.clone() for k, v in state.items()}, meta["best_step"], meta["best_score"]
+        )
+        folds.append(SavedFold(len(folds), head, np.asarray(meta["thresholds"], dtype=np.float64)))
+        names, windows = meta["class_names"], meta["windows"]
+    return SavedHeads(list(names or []), folds, list(windows or []))
+
+
+__all__ = ["run_evaluate", "task_data", "load_heads", "EvaluateResult", "TaskData"]

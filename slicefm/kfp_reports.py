@@ -1,0 +1,69 @@
+"""Fill Kubeflow UI artifacts (Metrics, ClassificationMetrics, HTML, Markdown) from an evaluation result.
+
+Plain functions over duck-typed KFP artifacts (anything with log_metric / log_roc_curve / path), so the
+same code is tested without a cluster and runs unchanged inside a component.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slicefm.evaluate.metrics import Summary
+from slicefm.evaluate.report import kfp_confusion_matrix, kfp_roc
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def log_headline_metrics(
+    metrics: Any, headline: dict[str, dict[str, Summary]], prefix: str
+) -> dict[str, float]:
+    """One scalar per row and metric ("<prefix>_<model>_<protocol>_<metric>" mean and _sd); n/a rows omitted."""
+    logged = {}
+    for row, per_metric in headline.items():
+        for metric, s in per_metric.items():
+            if s.mean is None:
+                continue
+            base = f"{prefix}_{_safe(row)}_{metric}"
+            logged[base] = float(s.mean)
+            logged[f"{base}_sd"] = float(s.sd or 0.0)
+    for name, value in logged.items():
+        metrics.log_metric(name, value)
+    return logged
+
+
+def log_roc(classification: Any, labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
+            class_names: list[str]) -> str | None:  # fmt: skip
+    """ROC curve + confusion matrix of the class with the most positives (KFP shows one curve per artifact)."""
+    known_pos = [
+        int((labels[:, c] == 1).sum()) if (labels[:, c] == 0).any() else -1 for c in range(labels.shape[1])
+    ]
+    c = int(np.argmax(known_pos))
+    if known_pos[c] <= 0:
+        return None
+    roc = kfp_roc(labels[:, c], scores[:, c])
+    classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    cm = kfp_confusion_matrix(labels[:, c], scores[:, c], float(thresholds[c]), ["absent", class_names[c]])
+    classification.log_confusion_matrix(cm["categories"], cm["matrix"])
+    classification.metadata["class"] = class_names[c]
+    return class_names[c]
+
+
+def log_run_roc(classification: Any, run: Any) -> str | None:
+    """log_roc over one evaluate RunResult: test predictions pooled over folds, fold thresholds averaged."""
+    from slicefm.evaluate.stage import pooled_test_scores
+
+    scores, seen = pooled_test_scores(run.result, run.labels.shape[0])
+    thresholds = np.mean([f.thresholds for f in run.result.folds], axis=0)
+    return log_roc(classification, run.labels[seen], scores[seen], thresholds, run.result.class_names)
+
+
+def write_text(artifact: Any, text: str) -> None:
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

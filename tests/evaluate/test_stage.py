@@ -1,0 +1,196 @@
+"""The evaluate and external stages on embedding sets written in the extract output format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from kfp.dsl import ClassificationMetrics, Metrics
+
+from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
+from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
+from slicefm.evaluate.external_stage import run_external_stage
+from slicefm.evaluate.splits import Splits
+from slicefm.evaluate.stage import load_heads, resolve_label_columns, run_evaluate
+from slicefm.kfp_reports import log_headline_metrics, log_run_roc
+
+D = 16
+CLASSES = ["liver", "lung", "bone"]
+WINDOWS = ["abdomen", "lung"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_set(root: Path, label: str, n_scans: int, seed: int, strength: float, shift: float = 0.0) -> str:
+    """An extract output: per scan and window [n, D] float16; a positive class puts its direction on one
+    slice of the abdomen window (strength 0 = pure noise). Patients own 1-2 scans; stage = liver."""
+    rng = np.random.default_rng(seed)
+    scans, slices, index = [], [], []
+    for i in range(n_scans):
+        sid, pid = f"S{i:016x}", f"P{i // 2 if i % 3 else i + 1000:016x}"
+        n = int(rng.integers(10, 20))
+        y = (rng.random(len(CLASSES)) < 0.4).astype(int)
+        key = np.zeros(n, bool)
+        for w in WINDOWS:
+            x = rng.normal(size=(n, D)) + shift
+            if w == "abdomen":
+                for c in np.flatnonzero(y):
+                    k = int(rng.integers(n))
+                    x[k, c] += strength
+                    key[k] = True
+            path = root / embedding_key(w, sid)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, x.astype(np.float16))
+            index.append({"scan_id": sid, "window": w, "key": embedding_key(w, sid), "n_slices": n, "dim": D,
+                          "patches_key": "", "root": ""})  # fmt: skip
+        scans.append({"scan_id": sid, "patient_id": pid, **{f"label_location_{c}": int(v) for c, v in zip(CLASSES, y, strict=True)},
+                      "label_stage": int(y[0]), "label_other": -1})  # fmt: skip
+        slices += [
+            {"scan_id": sid, "row": r, "z_mm": 2.5 * r, "is_key_slice": bool(key[r])} for r in range(n)
+        ]
+    pd.DataFrame(scans).to_parquet(root / "scans.parquet")
+    pd.DataFrame(slices).to_parquet(root / "slices.parquet")
+    pd.DataFrame(index).to_parquet(root / "embeddings.parquet")
+    info = {"label": label, "source": label, "name": "synthetic", "input_channels": "per_window", "in_chans": 1,
+            "embed_dim": D, "img_size": 32}  # fmt: skip
+    (root / "extract.json").write_text(
+        json.dumps({"format_version": EXTRACT_FORMAT_VERSION, "encoder": info, "windows": WINDOWS})
+    )
+    return str(root)
+
+
+def small_config(**updates) -> EvaluateConfig:
+    data = {
+        "tasks": [
+            {"name": "location", "labels": ["location_*"], "protocols": ["abmil", "probe"]},
+            {"name": "stage", "labels": ["stage"], "windows": ["abdomen"], "loss": "ce"},
+        ],
+        "splits": {"n_folds": 3},
+        "abmil": {"lr": 3e-3, "batch_size": 8, "epochs": 30, "patience": 10},
+        "probe": {"poolings": ["mean", "max"], "lrs": [0.1], "steps": 120, "eval_every": 40},
+        "attention_plots": 2,
+    }
+    data.update(updates)
+    return EvaluateConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    signal = write_set(root / "signal", "pretrained", 60, seed=1, strength=10.0)
+    noise = write_set(root / "noise", "random", 60, seed=1, strength=0.0)
+    res = run_evaluate([signal, noise], str(root / "out"), small_config())
+    return root, res
+
+
+def test_signal_beats_noise_on_identical_folds(evaluated):
+    root, res = evaluated
+    auroc = {row: s["auroc"].mean for row, s in res.headline.items()}
+    assert auroc["pretrained · abmil"] > 0.8 and auroc["pretrained · probe"] > 0.8, auroc
+    assert auroc["random · abmil"] < 0.7 and auroc["random · probe"] < 0.7, auroc
+    out = root / "out"
+    splits = Splits.from_json(out / "splits" / "location.json")
+    for fold in splits.folds:  # folds never share a patient
+        assert not (set(fold.train) & set(fold.test)) and not (set(fold.val) & set(fold.test))
+        assert not set(fold.train) & set(fold.val)
+    preds = {
+        m: pd.read_parquet(out / "location" / m / "abmil" / "predictions.parquet")
+        for m in ("pretrained", "random")
+    }
+    key = ["fold", "split", "scan_id"]
+    pd.testing.assert_frame_equal(preds["pretrained"][key], preds["random"][key])  # same folds, same scans
+
+
+def test_outputs_report_plots_and_heads(evaluated):
+    root, res = evaluated
+    out = root / "out"
+    md = (out / "report.md").read_text()
+    assert "| model / setting | location_liver | location_lung | location_bone | macro |" in md
+    assert "pretrained · probe" in md and "Latent continuity (cosine" in md
+    assert "<table>" in (out / "report.html").read_text()
+    metrics = pd.read_csv(out / "location" / "pretrained" / "abmil" / "metrics.csv")
+    assert set(metrics["split"]) == {"val", "test"} and set(metrics["fold"]) == {0, 1, 2}
+    assert list(metrics.columns[:5]) == ["fold", "split", "class", "n_pos", "n_neg"]
+    pngs = sorted(p.name for p in (out / "location" / "pretrained" / "abmil" / "attention").glob("*.png"))
+    assert len(pngs) == 2
+    attn = np.load(next((out / "location" / "pretrained" / "abmil" / "attention").glob("*.npy")))
+    assert attn.sum() == pytest.approx(1.0, abs=1e-5)
+    assert (
+        out / "location" / "pretrained" / "abmil" / "roc_pr" / "roc_pr_location_liver.png"
+    ).stat().st_size > 0
+    heads = load_heads(str(out), "location", "pretrained", "probe")
+    assert len(heads.folds) == 3 and heads.class_names == [f"location_{c}" for c in CLASSES]
+    assert heads.windows == WINDOWS
+    assert heads.folds[0].head.spec.kind == "probe"
+    # The staging task: one binary column became two exclusive classes trained with cross-entropy.
+    stage = load_heads(str(out), "stage", "pretrained", "abmil")
+    assert stage.class_names == ["stage_0", "stage_1"] and stage.folds[0].head.spec.loss == "ce"
+    results = json.loads((out / "results.json").read_text())
+    assert results["headline_task"] == "location"
+    assert set(results["macro"]["stage"]) == {"pretrained · abmil", "random · abmil"}
+
+
+def test_fixed_seed_reproduces_metrics_exactly(evaluated, tmp_path):
+    root, _ = evaluated
+    cfg = small_config(tasks=[{"name": "location", "labels": ["location_*"]}])
+    a = run_evaluate([str(root / "signal")], str(tmp_path / "a"), cfg)
+    b = run_evaluate([str(root / "signal")], str(tmp_path / "b"), cfg, splits_uri=str(root / "out"))
+    ma = (tmp_path / "a" / "location" / "pretrained" / "abmil" / "metrics.csv").read_bytes()
+    mb = (tmp_path / "b" / "location" / "pretrained" / "abmil" / "metrics.csv").read_bytes()
+    assert ma == mb
+    assert a.headline == b.headline
+
+
+def test_kfp_ui_artifacts(evaluated, tmp_path):
+    _, res = evaluated
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "m"))
+    logged = log_headline_metrics(metrics, res.headline, "macro")
+    assert metrics.metadata["macro_pretrained_abmil_auroc"] == pytest.approx(
+        res.headline["pretrained · abmil"]["auroc"].mean
+    )
+    assert "macro_random_probe_auprc_sd" in logged
+    roc = ClassificationMetrics(name="roc", uri=str(tmp_path / "r"))
+    name = log_run_roc(roc, res.runs[0])
+    assert name in [f"location_{c}" for c in CLASSES]
+    assert {"confidenceMetrics", "confusionMatrix"} <= set(roc.metadata)
+    curve = roc.metadata["confidenceMetrics"]
+    assert curve[0]["falsePositiveRate"] == 0.0 and curve[-1]["recall"] == 1.0
+
+
+def test_external_frozen_vs_retrained(evaluated, tmp_path):
+    root, _ = evaluated
+    cohort_b = write_set(tmp_path / "b", "pretrained", 36, seed=7, strength=6.0, shift=0.3)
+    ext = ExternalConfig(enabled=True, tasks=["location"], protocol="abmil")
+    res = run_external_stage(str(root / "out"), [cohort_b], str(tmp_path / "ext"), small_config(), ext)
+    assert set(res.headline) == {"pretrained · frozen", "pretrained · retrained"}
+    assert res.headline["pretrained · frozen"]["auroc"].mean > 0.8  # same signal, shifted scanner
+    md = (tmp_path / "ext" / "report.md").read_text()
+    assert "pretrained · frozen" in md and "pretrained · retrained" in md
+    frozen = pd.read_csv(tmp_path / "ext" / "location" / "pretrained" / "frozen" / "metrics.csv")
+    assert set(frozen["class"]) == {f"location_{c}" for c in CLASSES}
+    # Unknown task names are refused before any work.
+    with pytest.raises(ValueError, match="not evaluate tasks"):
+        run_external_stage(str(root / "out"), [cohort_b], str(tmp_path / "x"), small_config(),
+                           ExternalConfig(tasks=["nope"]))  # fmt: skip
+
+
+def test_label_patterns_and_bad_tables():
+    cols = ["scan_id", "label_location_liver", "label_location_lung", "label_stage"]
+    assert resolve_label_columns(cols, ["location_*"]) == ["location_liver", "location_lung"]
+    assert resolve_label_columns(cols, ["stage", "location_lung"]) == ["stage", "location_lung"]
+    with pytest.raises(ValueError, match="matches no column.*available"):
+        resolve_label_columns(cols, ["finding_*"])
+    with pytest.raises(ValueError, match="unique"):
+        EvaluateConfig.model_validate(
+            {"tasks": [{"name": "a", "labels": ["x"]}, {"name": "a", "labels": ["y"]}]}
+        )
