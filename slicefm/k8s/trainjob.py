@@ -1,0 +1,567 @@
+"""Multi-node pretraining as a Kubeflow Trainer TrainJob: build the manifest, submit it, wait, explain failures.
+
+Pinned to Kubeflow Trainer v2.1.0 (`trainer.kubeflow.org/v1alpha1`). Pod settings go through
+`spec.podTemplateOverrides`, the field of that release (v2.0 had podSpecOverrides, v2.2+ runtimePatches).
+The job runs on the ClusterTrainingRuntime `torch-distributed`, whose one replicated job and trainer
+container are both named `node`. The runtime's Torch plugin sets PET_NNODES, PET_NPROC_PER_NODE,
+PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads itself, so the command is a plain
+`torchrun -m slicefm.train.launch ...`. The TrainJob's JobSet carries the TrainJob's name and JobSet labels
+every pod `jobset.sigs.k8s.io/jobset-name=<name>`: that is how the pods of a failed job are found.
+The manifest's schema: k8s/schemas/trainer-v2.1.0-trainjob.schema.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+
+TRAINER_RELEASE = "v2.1.0"
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+API_VERSION = f"{GROUP}/{VERSION}"
+NODE = "node"  # replicated job and trainer container of the torch-distributed runtime
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+CONFIG_ENV = "SLICEFM_CONFIG_YAML"
+CONFIG_DIR = "/tmp/slicefm"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+SHM_VOLUME = "dshm"
+# JobSet pod hostnames are <job>-node-<i>-<j> and must stay DNS labels (63); leave room for the suffix.
+MAX_NAME = 40
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+# Container waiting reasons that never resolve by themselves.
+STUCK_REASONS = {
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+}
+# Writes the config from the environment to a file (launch.py takes a path), then hands over to torchrun.
+# No $(...) in it: Kubernetes would try to expand that as a variable reference.
+LAUNCH_SCRIPT = (
+    f'mkdir -p {CONFIG_DIR} && printf "%s\\n" "${CONFIG_ENV}" > {CONFIG_PATH} '
+    '&& exec torchrun -m slicefm.train.launch "$@"'
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Toleration(Strict):
+    """A pod toleration; accepts the Kubernetes spelling (tolerationSeconds) as well."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("a toleration with operator Exists takes no value")
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class TrainJobConfig(Strict):
+    """Where and how the TrainJob runs; every field maps to one launch_trainjob pipeline parameter."""
+
+    namespace: str = "slicefm"
+    image: str = "slicefm-gpu:0.1.0"  # the project image, GPU build (docker/Dockerfile.gpu)
+    runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.1.0
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=0)  # 0: CPU nodes, one process each (gloo)
+    accelerator: str = "nvidia.com/gpu"  # extended resource name of the device plugin
+    cpu_per_node: str = "8"  # request ("" = none); no CPU limit, so data loading is never throttled
+    memory_per_node: str = "64Gi"  # request and limit ("" = none)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    shm_size: str = "16Gi"  # /dev/shm (DataLoader workers and NCCL share memory through it)
+    service_account: str = "slicefm-trainer"  # "" = the namespace default
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    s3_secret: str = "slicefm-s3"  # AWS_* for the artifact store ("" = workload identity instead)
+    mlflow_secret: str = "slicefm-mlflow"  # optional MLFLOW_TRACKING_USERNAME/PASSWORD ("" = none)
+    tracking_uri: str = ""  # MLFLOW_TRACKING_URI for the training pods ("" = unset)
+    timeout_s: float = Field(48 * 3600, gt=0)
+    poll_s: float = Field(30, gt=0)
+    cleanup: bool = True  # delete the TrainJob (and its pods) when done, failed or not
+    log_lines: int = Field(50, ge=0)  # last log lines of each failed pod in the error
+
+
+def trainjob_name(run_name: str, stage: str = "pretrain") -> str:
+    """A valid, stable TrainJob name for a pipeline run (so a retried step finds its own job)."""
+    raw = f"{run_name}-{stage}"
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"j-{name}".rstrip("-")
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_NAME - 9].rstrip('-')}-{digest}"
+    return name
+
+
+def _secret_env(var: str, secret: str, optional: bool) -> dict[str, Any]:
+    ref = {"name": secret, "key": var, "optional": optional}
+    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _env(cfg: TrainJobConfig, config_yaml: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": config_yaml}]
+    if cfg.s3_secret:
+        env += [_secret_env(v, cfg.s3_secret, False) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        env += [_secret_env(v, cfg.s3_secret, True) for v in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")]
+    if cfg.tracking_uri:
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking_uri})
+    if cfg.mlflow_secret:
+        env += [
+            _secret_env(v, cfg.mlflow_secret, True)
+            for v in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+        ]
+    return env
+
+
+def _resources(cfg: TrainJobConfig) -> dict[str, dict[str, str]]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if cfg.cpu_per_node:
+        requests["cpu"] = cfg.cpu_per_node
+    if cfg.memory_per_node:
+        requests["memory"] = limits["memory"] = cfg.memory_per_node
+    if cfg.gpus_per_node:
+        requests[cfg.accelerator] = limits[cfg.accelerator] = str(cfg.gpus_per_node)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _pod_override(cfg: TrainJobConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if cfg.service_account:
+        spec["serviceAccountName"] = cfg.service_account
+    if cfg.node_selector:
+        spec["nodeSelector"] = dict(cfg.node_selector)
+    if cfg.tolerations:
+        spec["tolerations"] = [t.manifest() for t in cfg.tolerations]
+    spec["volumes"] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}]
+    # Env of the `node` container may only be set through spec.trainer; volume mounts are allowed here.
+    spec["containers"] = [{"name": NODE, "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}]
+    if cfg.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in cfg.image_pull_secrets]
+    return {"targetJobs": [{"name": NODE}], "spec": spec}
+
+
+def build_trainjob(
+    cfg: TrainJobConfig, name: str, preprocessed_uri: str, out_uri: str, config_yaml: str
+) -> dict[str, Any]:
+    """The TrainJob manifest: torchrun of slicefm.train.launch on cfg.num_nodes pods of the runtime."""
+    if not NAME_RE.match(name) or len(name) > MAX_NAME:
+        raise ValueError(f"TrainJob name {name!r}: lower-case DNS label of at most {MAX_NAME} chars expected")
+    for label, uri in (("preprocessed", preprocessed_uri), ("out", out_uri)):
+        if not uri.startswith("s3://"):
+            raise ValueError(f"{label} location {uri!r}: every node must reach it, use s3://bucket/prefix")
+    trainer: dict[str, Any] = {
+        "image": cfg.image,
+        "command": ["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
+        "args": ["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
+        "env": _env(cfg, config_yaml),
+        "numNodes": cfg.num_nodes,
+        "numProcPerNode": cfg.gpus_per_node or 1,
+        "resourcesPerNode": _resources(cfg),
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainJob",
+        "metadata": {
+            "name": name,
+            "namespace": cfg.namespace,
+            "labels": {"app.kubernetes.io/part-of": "slicefm", "app.kubernetes.io/component": "pretrain"},
+        },
+        "spec": {
+            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": cfg.runtime},
+            "trainer": trainer,
+            "podTemplateOverrides": [_pod_override(cfg)],
+        },
+    }
+
+
+# --- status and failure diagnosis ------------------------------------------------------------------
+
+
+def terminal_condition(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The Failed or Complete condition whose status is "True" (Failed wins), else None."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    for kind in ("Failed", "Complete"):
+        for cond in conditions:
+            if cond.get("type") == kind and cond.get("status") == "True":
+                return cond
+    return None
+
+
+def _progress(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    jobs = ", ".join(
+        f"{j.get('name')}: {j.get('active', 0)} active, {j.get('ready', 0)} ready, {j.get('failed', 0)} failed"
+        for j in status.get("jobsStatus") or []
+    )
+    conds = [c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"]
+    return f"conditions {conds or '-'}; jobs {jobs or '-'}"
+
+
+@dataclass(frozen=True)
+class PodReport:
+    """What went wrong in one pod of the job (or, when nothing did, its phase)."""
+
+    name: str
+    phase: str
+    reason: str = ""
+    exit_code: int | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        head = f"pod {self.name} ({self.phase})"
+        if self.reason:
+            head += f": {self.reason}"
+        if self.exit_code is not None:
+            head += f", exit code {self.exit_code}"
+        return "\n".join([head, *(f"    | {line}" for line in self.log_tail)])
+
+
+def _container_problem(cs: Any) -> tuple[str, int | None, bool] | None:
+    """(reason, exit code, logs of the previous run?) of a failed container status, else None."""
+    state, last = cs.state, cs.last_state
+    last_term = last.terminated if last is not None else None
+    if state is not None and state.terminated is not None and state.terminated.exit_code != 0:
+        term = state.terminated
+        return f"container {cs.name} {term.reason or 'Error'}", term.exit_code, False
+    if state is not None and state.waiting is not None and state.waiting.reason in STUCK_REASONS:
+        msg = f"container {cs.name} {state.waiting.reason}"
+        if state.waiting.message:
+            msg += f" ({state.waiting.message})"
+        return msg, last_term.exit_code if last_term else None, last_term is not None
+    if last_term is not None and last_term.exit_code != 0:
+        return f"container {cs.name} restarted after {last_term.reason or 'Error'}", last_term.exit_code, True
+    return None
+
+
+def _pod_report(core: Any, pod: Any, namespace: str, log_lines: int) -> tuple[PodReport, bool]:
+    status = pod.status
+    phase = (status.phase if status else None) or "Unknown"
+    statuses = [*(status.init_container_statuses or []), *(status.container_statuses or [])] if status else []
+    for cs in statuses:
+        problem = _container_problem(cs)
+        if problem is not None:
+            reason, code, previous = problem
+            logs = _log_tail(core, pod.metadata.name, namespace, cs.name, log_lines, previous)
+            return PodReport(pod.metadata.name, phase, reason, code, logs), True
+    if phase == "Failed":
+        reason = ": ".join(x for x in (status.reason, status.message) if x) or "pod failed"
+        logs = _log_tail(core, pod.metadata.name, namespace, NODE, log_lines, False)
+        return PodReport(pod.metadata.name, phase, reason, None, logs), True
+    for cond in (status.conditions or []) if status else []:
+        if cond.type == "PodScheduled" and cond.status == "False":
+            reason = ": ".join(x for x in (cond.reason, cond.message) if x)
+            return PodReport(pod.metadata.name, phase, reason), False
+    return PodReport(pod.metadata.name, phase), False
+
+
+def _log_tail(core: Any, pod: str, namespace: str, container: str, n: int, previous: bool) -> list[str]:
+    if n <= 0:
+        return []
+    try:
+        text = core.read_namespaced_pod_log(
+            pod, namespace, container=container, tail_lines=n, previous=previous or None
+        )
+    except Exception as exc:  # logs are a courtesy: never hide the failure behind a log error
+        return [f"<logs unavailable: {_short(exc)}>"]
+    return str(text).splitlines()[-n:]
+
+
+def _short(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None)
+    return f"HTTP {status} {reason}" if status else f"{type(exc).__name__}: {exc}"
+
+
+def diagnose_pods(core: Any, namespace: str, name: str, log_lines: int = 50) -> list[PodReport]:
+    """Reports of the job's pods that failed or are stuck; every pod's phase when none did."""
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_NAME_LABEL}={name}").items
+    reports = [_pod_report(core, pod, namespace, log_lines) for pod in pods]
+    bad = [r for r, failed in reports if failed]
+    return bad or [r for r, _ in reports]
+
+
+class TrainJobFailed(RuntimeError):
+    """The TrainJob ended in Failed (or vanished); the message names the failed pods, reasons and logs."""
+
+    def __init__(self, namespace: str, name: str, summary: str, pods: list[PodReport], note: str = ""):
+        self.namespace, self.name, self.summary, self.pods = namespace, name, summary, pods
+        lines = [f"TrainJob {namespace}/{name} {summary}"]
+        lines += [f"  {p.describe()}" for p in pods]
+        if not pods:
+            lines.append(f"  no pods found with label {JOBSET_NAME_LABEL}={name}")
+        if note:
+            lines.append(f"  {note}")
+        super().__init__("\n".join(lines))
+
+
+class TrainJobTimeout(TrainJobFailed):
+    """The TrainJob reached no terminal condition in time (pods may be Pending: see the message)."""
+
+
+def _failure(
+    exc_type: type[TrainJobFailed], core: Any, namespace: str, name: str, summary: str, log_lines: int
+) -> TrainJobFailed:
+    try:
+        return exc_type(namespace, name, summary, diagnose_pods(core, namespace, name, log_lines))
+    except Exception as exc:  # e.g. no RBAC on pods: still report the job's own reason
+        return exc_type(namespace, name, summary, [], note=f"could not list pods: {_short(exc)}")
+
+
+# --- submit / wait / cleanup ----------------------------------------------------------------------
+
+
+def _api_exception() -> type[Exception]:
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException
+
+
+def _create(api: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    name = manifest["metadata"]["name"]
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        log.info("created TrainJob %s/%s (Kubeflow Trainer %s)", namespace, name, TRAINER_RELEASE)
+    except _api_exception() as exc:
+        if exc.status != 409:
+            raise
+        # Same name = same pipeline run (a retried step): follow the job that is already there.
+        log.warning("TrainJob %s/%s already exists: waiting for it instead", namespace, name)
+
+
+def delete_trainjob(api: Any, namespace: str, name: str) -> bool:
+    """Delete the TrainJob (its JobSet and pods go with it); False when it was already gone."""
+    try:
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Background"}
+        )
+    except _api_exception() as exc:
+        if exc.status == 404:
+            return False
+        raise
+    log.info("deleted TrainJob %s/%s", namespace, name)
+    return True
+
+
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The TrainJob, or None after a transient error (the poll loop retries until its deadline)."""
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except _api_exception() as exc:
+        if exc.status not in RETRYABLE_STATUS:
+            raise
+        log.warning("polling TrainJob %s/%s: %s (retrying)", namespace, name, _short(exc))
+    except HTTPError as exc:
+        log.warning("polling TrainJob %s/%s: %s (retrying)", namespace, name, _short(exc))
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the launcher (the pipeline run was cancelled): the TrainJob is deleted."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into Terminated so `finally` blocks run (Python's default would just exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for(
+    api: Any,
+    core: Any,
+    namespace: str,
+    name: str,
+    timeout_s: float,
+    poll_s: float,
+    log_lines: int,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    deadline = clock() + timeout_s
+    last = ""
+    while True:
+        try:
+            obj = _get(api, namespace, name)
+        except _api_exception() as exc:
+            if exc.status != 404:
+                raise
+            summary = "disappeared while running (deleted by someone else?)"
+            raise _failure(TrainJobFailed, core, namespace, name, summary, log_lines) from exc
+        if obj is not None:
+            cond = terminal_condition(obj)
+            if cond is not None and cond["type"] == "Complete":
+                log.info("TrainJob %s/%s complete", namespace, name)
+                return obj
+            if cond is not None:
+                detail = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+                summary = f"failed: {detail}" if detail else "failed"
+                raise _failure(TrainJobFailed, core, namespace, name, summary, log_lines)
+            progress = _progress(obj)
+            if progress != last:
+                log.info("TrainJob %s/%s: %s", namespace, name, progress)
+                last = progress
+        remaining = deadline - clock()
+        if remaining <= 0:
+            summary = f"did not finish within {timeout_s:g} s (last seen: {last or 'nothing'})"
+            raise _failure(TrainJobTimeout, core, namespace, name, summary, log_lines)
+        sleep(min(poll_s, remaining))
+
+
+def submit_and_wait(
+    api: Any,
+    manifest: dict[str, Any],
+    *,
+    core: Any = None,
+    timeout_s: float = 48 * 3600,
+    poll_s: float = 30,
+    cleanup: bool = True,
+    log_lines: int = 50,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Create the TrainJob, poll until Complete (returned) or Failed / timeout (TrainJobFailed).
+
+    `api` is a kubernetes.client.CustomObjectsApi; `core` a CoreV1Api (default: on the same ApiClient),
+    used only to explain a failure. With `cleanup`, the TrainJob is deleted however the wait ends; on
+    SIGTERM (a cancelled pipeline run) it is deleted in any case, so no GPU keeps training for nobody.
+    """
+    from kubernetes import client
+
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    core = core if core is not None else client.CoreV1Api(api.api_client)
+    with _sigterm_raises():
+        _create(api, namespace, manifest)
+        cancelled = False
+        try:
+            return _wait_for(api, core, namespace, name, timeout_s, poll_s, log_lines, sleep, clock)
+        except Terminated:
+            cancelled = True
+            raise
+        finally:
+            if cleanup or cancelled:
+                try:
+                    delete_trainjob(api, namespace, name)
+                except Exception as exc:  # never replace the real outcome with a cleanup error
+                    log.warning("could not delete TrainJob %s/%s: %s", namespace, name, _short(exc))
+
+
+def kube_api_client() -> Any:
+    """An ApiClient: the pod's service account inside a cluster, else the local kubeconfig ($KUBECONFIG)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        # The client reads $KUBECONFIG once, at import: read it now so a later setting counts.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
+
+
+def run_trainjob(
+    cfg: TrainJobConfig,
+    *,
+    name: str,
+    preprocessed_uri: str,
+    out_uri: str,
+    config_yaml: str,
+    api_client: Any = None,
+) -> dict[str, Any]:
+    """Build, submit and wait for one pretraining TrainJob; returns the finished TrainJob object."""
+    from kubernetes import client
+
+    manifest = build_trainjob(cfg, name, preprocessed_uri, out_uri, config_yaml)
+    api_client = api_client if api_client is not None else kube_api_client()
+    return submit_and_wait(
+        client.CustomObjectsApi(api_client),
+        manifest,
+        core=client.CoreV1Api(api_client),
+        timeout_s=cfg.timeout_s,
+        poll_s=cfg.poll_s,
+        cleanup=cfg.cleanup,
+        log_lines=cfg.log_lines,
+    )
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the config YAML in the env) as readable literal blocks."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def to_yaml(manifest: dict[str, Any]) -> str:
+    return yaml.dump(manifest, Dumper=_BlockDumper, sort_keys=False, width=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m slicefm.k8s.trainjob render|submit ...`: print the manifest, or run the job from a laptop."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["render", "submit"])
+    parser.add_argument("--name", required=True, help="TrainJob name (lower-case DNS label)")
+    parser.add_argument("--preprocessed", required=True, help="preprocess output, s3://...")
+    parser.add_argument("--out", required=True, help="pretraining output, s3://...")
+    parser.add_argument("--config", required=True, type=Path, help="pipeline or pretrain config YAML")
+    parser.add_argument("--settings", type=Path, help="YAML of TrainJobConfig fields (cluster settings)")
+    args = parser.parse_args(argv)
+    settings = yaml.safe_load(args.settings.read_text()) if args.settings else {}
+    cfg = TrainJobConfig.model_validate(settings or {})
+    config_yaml = args.config.read_text()
+    if args.action == "render":
+        manifest = build_trainjob(cfg, args.name, args.preprocessed, args.out, config_yaml)
+        sys.stdout.write(to_yaml(manifest))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_trainjob(
+        cfg, name=args.name, preprocessed_uri=args.preprocessed, out_uri=args.out, config_yaml=config_yaml
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,397 @@
+"""The TrainJob launcher: manifests valid against the Trainer v2.1.0 schema; submit / wait / failure /
+timeout / cleanup through the real kubernetes client against a fake API server on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import kubernetes.client as kc
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from slicefm.k8s.trainjob import (
+    CONFIG_DIR,
+    CONFIG_ENV,
+    JOBSET_NAME_LABEL,
+    MAX_NAME,
+    NAME_RE,
+    Terminated,
+    TrainJobConfig,
+    TrainJobFailed,
+    TrainJobTimeout,
+    build_trainjob,
+    run_trainjob,
+    submit_and_wait,
+    trainjob_name,
+)
+from tests.k8s.fake_apiserver import FakeKube, condition, container_status, jobs_status, pod
+from tests.k8s.schema_check import model_errors, trainjob_errors
+
+PRE = "s3://bucket/runs/run-1/preprocess"
+OUT = "s3://bucket/runs/run-1/pretrain"
+CONFIG = "pretrain:\n  method: moco\n  steps: 10\n"
+NAME = "run-1-pretrain"
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+RUNNING = {
+    "conditions": [condition("Created", reason="JobsCreationSucceeded")],
+    "jobsStatus": jobs_status(2, 2),
+}
+COMPLETE = {
+    "conditions": [
+        condition("Created"),
+        condition("Complete", reason="AllJobsCompleted", message="jobset completed"),
+    ],
+    "jobsStatus": jobs_status(succeeded=1),
+}
+FAILED = {
+    "conditions": [
+        condition("Created"),
+        condition("Failed", reason="FailedJobs", message="jobset failed: job node-0 has failed"),
+    ],
+    "jobsStatus": jobs_status(failed=1),
+}
+
+
+def _cfg(**kw) -> TrainJobConfig:
+    base = {"num_nodes": 2, "gpus_per_node": 8, "poll_s": 0.01, "timeout_s": 10, "log_lines": 3}
+    return TrainJobConfig.model_validate({**base, **kw})
+
+
+def _manifest(cfg: TrainJobConfig | None = None, name: str = NAME) -> dict:
+    return build_trainjob(cfg or _cfg(), name, PRE, OUT, CONFIG)
+
+
+def _apis(fake: FakeKube) -> tuple[kc.CustomObjectsApi, kc.CoreV1Api]:
+    conf = kc.Configuration(host=fake.url)
+    api_client = kc.ApiClient(conf)
+    return kc.CustomObjectsApi(api_client), kc.CoreV1Api(api_client)
+
+
+def _wait(fake: FakeKube, **kw):
+    api, core = _apis(fake)
+    opts = {"timeout_s": 10, "poll_s": 0.01, "cleanup": True, "log_lines": 3, **kw}
+    return submit_and_wait(api, _manifest(), core=core, **opts)
+
+
+# --- manifest ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {
+            "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+            "tolerations": [GPU_TAINT],
+        },
+        {"gpus_per_node": 0, "num_nodes": 3, "cpu_per_node": "", "memory_per_node": "", "mlflow_secret": ""},
+        {
+            "accelerator": "amd.com/gpu",
+            "image_pull_secrets": ["regcred"],
+            "service_account": "",
+            "s3_secret": "",
+        },
+        {
+            "tolerations": [
+                {
+                    "key": "sku",
+                    "operator": "Equal",
+                    "value": "gpu",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 30,
+                }
+            ],
+            "tracking_uri": "http://mlflow.slicefm:5000",
+        },
+    ],
+)
+def test_built_manifest_validates_against_the_trainer_schema(settings):
+    cfg = _cfg(**settings)
+    job = _manifest(cfg)
+    assert trainjob_errors(job) == []
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == cfg.num_nodes
+    assert trainer["numProcPerNode"] == (cfg.gpus_per_node or 1)
+    assert "torchrun -m slicefm.train.launch" in trainer["command"][2]
+    assert trainer["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
+    assert {"name": CONFIG_ENV, "value": CONFIG} in trainer["env"]
+    resources = trainer["resourcesPerNode"]
+    if cfg.gpus_per_node:
+        assert resources["limits"][cfg.accelerator] == str(cfg.gpus_per_node)
+    else:
+        assert not any("gpu" in k for part in resources.values() for k in part)
+    pod_spec = job["spec"]["podTemplateOverrides"][0]["spec"]
+    assert pod_spec["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.shm_size}
+    assert pod_spec.get("nodeSelector", {}) == cfg.node_selector
+    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
+def test_bad_launcher_input_is_rejected_early():
+    with pytest.raises(ValueError, match="DNS label"):
+        _manifest(name="Run_1")
+    with pytest.raises(ValueError, match="DNS label"):
+        _manifest(name="a" * (MAX_NAME + 1))
+    with pytest.raises(ValueError, match="s3://"):
+        build_trainjob(_cfg(), NAME, "/local/preprocess", OUT, CONFIG)
+    with pytest.raises(ValueError, match="num_node"):
+        TrainJobConfig.model_validate({"num_node": 2})
+    with pytest.raises(ValueError, match="Exists"):
+        _cfg(tolerations=[{**GPU_TAINT, "value": "x"}])
+    with pytest.raises(ValueError):
+        _cfg(num_nodes=0)
+
+
+@pytest.mark.parametrize(
+    "run_name", ["slicefm-20260101-120000", "CLEAR ViT-B/16 (run 7)", "2026-run", "x" * 200, "---"]
+)
+def test_trainjob_names_are_valid_and_stable(run_name):
+    name = trainjob_name(run_name)
+    assert NAME_RE.match(name) and len(name) <= MAX_NAME, name
+    assert trainjob_name(run_name) == name
+    assert trainjob_errors(_manifest(name=name)) == []
+    assert trainjob_name("x" * 200) != trainjob_name("x" * 199)
+
+
+def test_launch_script_writes_the_config_and_hands_over_to_torchrun(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/bin/sh\necho "torchrun $*"\ncat "$5$6$7$8$9" 2>/dev/null || true\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    trainer = _manifest()["spec"]["trainer"]
+    script = trainer["command"][2].replace(CONFIG_DIR, str(tmp_path / "cfg"))
+    args = [a.replace(CONFIG_DIR, str(tmp_path / "cfg")) for a in trainer["args"]]
+    tricky = 'pretrain:\n  note: "$HOME `id` $(id)"\n'
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", CONFIG_ENV: tricky}
+    out = subprocess.run(
+        [*trainer["command"][:2], script, *trainer["command"][3:], *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith(f"torchrun -m slicefm.train.launch --preprocessed {PRE} --out {OUT} --config ")
+    assert (tmp_path / "cfg" / "config.yaml").read_text() == tricky + "\n"
+
+
+# --- submit / wait / cleanup --------------------------------------------------------------------------
+
+
+def test_completed_job_is_returned_and_deleted():
+    with FakeKube([None, RUNNING, RUNNING, COMPLETE]) as fake:
+        obj = _wait(fake)
+    assert fake.created == [_manifest()]
+    assert trainjob_errors(fake.created[0]) == []
+    assert trainjob_errors({k: v for k, v in obj.items()}) == [], "the fake's objects follow the schema too"
+    assert obj["status"]["conditions"][-1]["type"] == "Complete"
+    assert fake.count("GET", r"/trainjobs/run-1-pretrain$") == 4
+    assert fake.deleted == [NAME]
+
+
+def test_cleanup_can_be_switched_off():
+    with FakeKube([COMPLETE]) as fake:
+        _wait(fake, cleanup=False)
+    assert fake.deleted == [] and fake.count("DELETE", "trainjobs") == 0
+
+
+def test_failed_job_names_failed_pods_reasons_and_last_log_lines():
+    logs = (
+        "\n".join(f"step {i} loss 1.{i}" for i in range(1, 8))
+        + "\ntorch.OutOfMemoryError: CUDA out of memory"
+    )
+    pods = [
+        pod(f"{NAME}-node-0-0-abcde", NAME, "Failed", [container_status(terminated=("OOMKilled", 137))]),
+        pod(f"{NAME}-node-0-1-fghij", NAME, "Running", [container_status(running=True)]),
+        pod("other-node-0-0-zzzzz", "other", "Failed", [container_status(terminated=("Error", 1))]),
+    ]
+    for p in pods:
+        assert model_errors(p, "V1Pod") == [], "the fake pods are real Pod objects"
+    with FakeKube([RUNNING, FAILED], pods=pods, logs={f"{NAME}-node-0-0-abcde/node": logs}) as fake:
+        with pytest.raises(TrainJobFailed) as info:
+            _wait(fake)
+    err = info.value
+    msg = str(err)
+    assert f"TrainJob slicefm/{NAME} failed: FailedJobs: jobset failed" in msg
+    assert f"{NAME}-node-0-0-abcde (Failed): container node OOMKilled, exit code 137" in msg
+    assert "| step 6 loss 1.6" in msg and "| torch.OutOfMemoryError: CUDA out of memory" in msg
+    assert "step 5 loss" not in msg, "only the last log_lines lines"
+    assert "fghij" not in msg and "other-node" not in msg
+    assert [p.name for p in err.pods] == [f"{NAME}-node-0-0-abcde"]
+    ((_, _, query),) = [r for r in fake.requests if r[1].endswith("/log")]
+    assert query["container"] == ["node"] and query["tailLines"] == ["3"] and "previous" not in query
+    ((_, _, query),) = [r for r in fake.requests if r[1].endswith("/pods")]
+    assert query["labelSelector"] == [f"{JOBSET_NAME_LABEL}={NAME}"]
+    assert fake.deleted == [NAME], "cleanup after the diagnosis"
+
+
+def test_crash_looping_pod_shows_the_previous_run_logs():
+    status = container_status(
+        waiting=("CrashLoopBackOff", "back-off 5m0s"), last_terminated=("Error", 1), restarts=4
+    )
+    pods = [pod(f"{NAME}-node-0-0-aaaaa", NAME, "Running", [status])]
+    logs = {
+        f"{NAME}-node-0-0-aaaaa/node/previous": "Traceback (most recent call last):\nKeyError: 'pretrain'"
+    }
+    with FakeKube([FAILED], pods=pods, logs=logs) as fake:
+        with pytest.raises(TrainJobFailed) as info:
+            _wait(fake)
+    msg = str(info.value)
+    assert "container node CrashLoopBackOff (back-off 5m0s), exit code 1" in msg
+    assert "| KeyError: 'pretrain'" in msg
+    ((_, _, query),) = [r for r in fake.requests if r[1].endswith("/log")]
+    assert query["previous"][0].lower() == "true"
+
+
+def test_timeout_explains_pending_pods_and_deletes_the_job():
+    unschedulable = condition(
+        "PodScheduled", "False", "Unschedulable", "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    )
+    unschedulable.pop("lastTransitionTime")
+    pods = [pod(f"{NAME}-node-0-{i}-p", NAME, "Pending", conditions=[unschedulable]) for i in range(2)]
+    pending = {"conditions": [condition("Created")], "jobsStatus": jobs_status(active=1)}
+    start = time.monotonic()
+    with FakeKube([pending], pods=pods) as fake:
+        with pytest.raises(TrainJobTimeout) as info:
+            _wait(fake, timeout_s=0.3, poll_s=0.05)
+    assert time.monotonic() - start < 5
+    msg = str(info.value)
+    assert "did not finish within 0.3 s" in msg
+    assert "(Pending): Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu." in msg
+    assert isinstance(info.value, TrainJobFailed)
+    assert fake.deleted == [NAME]
+    assert fake.count("GET", "/log$") == 0, "no logs to read from pods that never started"
+
+
+def test_sigterm_deletes_the_job_even_without_cleanup():
+    """A cancelled pipeline run SIGTERMs the step: the TrainJob must not keep the GPUs busy."""
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    with FakeKube([RUNNING]) as fake, pytest.raises(Terminated):
+        timer.start()
+        _wait(fake, cleanup=False, timeout_s=30, poll_s=0.02)
+    timer.join()
+    assert fake.deleted == [NAME]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_transient_api_errors_are_retried():
+    with FakeKube([RUNNING, COMPLETE], errors=[503, 500]) as fake:
+        obj = _wait(fake)
+    assert obj["status"]["conditions"][-1]["type"] == "Complete"
+    assert fake.count("GET", r"/trainjobs/") == 4
+
+
+def test_an_existing_job_of_the_same_run_is_followed_not_duplicated():
+    existing = {**_manifest(), "metadata": {**_manifest()["metadata"], "uid": "uid-0"}}
+    with FakeKube([COMPLETE], preexisting=existing) as fake:
+        _wait(fake)
+    assert fake.created == [] and fake.count("POST", "trainjobs") == 1
+    assert fake.deleted == [NAME]
+
+
+def test_forbidden_create_raises_and_deletes_nothing():
+    with FakeKube([COMPLETE], forbid_create=True) as fake:
+        with pytest.raises(ApiException) as info:
+            _wait(fake)
+    assert info.value.status == 403
+    assert fake.count("DELETE", "") == 0
+
+
+def test_failure_is_still_explained_without_access_to_pods():
+    with FakeKube([FAILED], forbid_pods=True) as fake:
+        with pytest.raises(TrainJobFailed) as info:
+            _wait(fake)
+    msg = str(info.value)
+    assert "failed: FailedJobs" in msg and "could not list pods: HTTP 403" in msg
+
+
+def test_failed_job_without_pods_says_so():
+    with (
+        FakeKube([FAILED]) as fake,
+        pytest.raises(TrainJobFailed, match=f"no pods found with label {JOBSET_NAME_LABEL}={NAME}"),
+    ):
+        _wait(fake)
+
+
+def test_a_vanished_job_is_a_failure():
+    with FakeKube([RUNNING], vanish_after=1) as fake, pytest.raises(TrainJobFailed, match="disappeared"):
+        _wait(fake)
+
+
+# --- kubeconfig, run_trainjob and the KFP component ---------------------------------------------------
+
+
+@pytest.fixture
+def kubeconfig(tmp_path, monkeypatch):
+    """Point the kubeconfig at a fake API server; out of cluster (no service-account environment)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kc.Configuration, "_default", None)  # load_kube_config sets a global default
+
+    def write(url: str) -> Path:
+        path = tmp_path / "kubeconfig"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": url}}],
+                    "users": [{"name": "me", "user": {"token": "t0ken"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+                    "current-context": "fake",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        return path
+
+    return write
+
+
+def test_run_trainjob_uses_the_kubeconfig_out_of_cluster(kubeconfig):
+    with FakeKube([RUNNING, COMPLETE]) as fake:
+        kubeconfig(fake.url)
+        obj = run_trainjob(_cfg(), name=NAME, preprocessed_uri=PRE, out_uri=OUT, config_yaml=CONFIG)
+    assert obj["metadata"]["name"] == NAME and fake.deleted == [NAME]
+
+
+def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_path):
+    from kfp import dsl
+
+    from components.launch_trainjob import launch_trainjob
+    from slicefm.config import PipelineConfig, dump_config
+
+    config_yaml = dump_config(PipelineConfig())
+    slices = dsl.Dataset(name="slices", uri=str(tmp_path / "slices"), metadata={"uri": PRE})
+    encoder = dsl.Model(name="encoder", uri=str(tmp_path / "encoder"), metadata={})
+    with FakeKube([COMPLETE]) as fake:
+        kubeconfig(fake.url)
+        name = launch_trainjob.python_func(
+            config_yaml=config_yaml,
+            store_uri="s3://bucket/runs/",
+            run_name="run-1",
+            slices=slices,
+            encoder=encoder,
+            num_nodes=4,
+            gpus_per_node=8,
+            node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+            tolerations=[GPU_TAINT],
+            poll_s=1,
+        )
+    assert name == NAME
+    (job,) = fake.created
+    assert trainjob_errors(job) == []
+    assert job["spec"]["trainer"]["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
+    assert job["spec"]["trainer"]["numNodes"] == 4
+    assert job["spec"]["podTemplateOverrides"][0]["spec"]["tolerations"] == [GPU_TAINT]
+    assert encoder.metadata["uri"] == OUT and encoder.metadata["trainjob"] == NAME
+    assert encoder.metadata["method"] == PipelineConfig().pretrain.method
+    with pytest.raises(ValueError, match="store_uri"):
+        launch_trainjob.python_func(
+            config_yaml=config_yaml, store_uri="", run_name="r", slices=slices, encoder=encoder
+        )
