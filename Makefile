@@ -53,3 +53,51 @@ data: setup  ## (re)generate the demo phantom dataset in data/ (what data.dvc tr
 
 clean-local:  ## remove local runs, MLflow db and kfp outputs (keeps .venv and data/)
 	rm -rf .slicefm
+
+# -- container images ----------------------------------------------------------------------------------
+# `make images IMAGE_REGISTRY=registry.example.org/team` builds $(IMAGE_REGISTRY)/slicefm:$(TAG) (CPU) and
+# .../slicefm-gpu:$(TAG) (CUDA). TAG defaults to the git short commit (+ "-dirty" with uncommitted tracked
+# changes, so an image never claims a commit it does not match). Point the pipeline at the pushed image
+# with SLICEFM_IMAGE=<registry>/slicefm:<tag> when compiling/submitting.
+DOCKER ?= docker
+IMAGE_REGISTRY ?=
+GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)$(shell git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)
+# From pyproject.toml (not the environment, where VERSION often means something else).
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_PREFIX = $(if $(IMAGE_REGISTRY),$(IMAGE_REGISTRY)/)
+IMAGE_CPU = $(IMAGE_PREFIX)slicefm:$(TAG)
+IMAGE_GPU = $(IMAGE_PREFIX)slicefm-gpu:$(TAG)
+IMAGE_BUILD_ARGS = --build-arg VERSION=$(VERSION) --build-arg GIT_COMMIT=$(GIT_COMMIT)
+
+.PHONY: images push-images data-push data-pull
+
+images:  ## build the CPU and GPU images <IMAGE_REGISTRY>/slicefm[-gpu]:<TAG>
+	$(DOCKER) build -f docker/Dockerfile $(IMAGE_BUILD_ARGS) --build-arg IMAGE=$(IMAGE_CPU) -t $(IMAGE_CPU) .
+	$(DOCKER) build -f docker/Dockerfile.gpu $(IMAGE_BUILD_ARGS) --build-arg IMAGE=$(IMAGE_GPU) -t $(IMAGE_GPU) .
+
+# Checked when the Makefile is read, so nothing is built before the missing registry is reported.
+ifneq ($(filter push-images,$(MAKECMDGOALS)),)
+ifeq ($(IMAGE_REGISTRY),)
+$(error push-images needs IMAGE_REGISTRY, e.g. make push-images IMAGE_REGISTRY=registry.example.org/team)
+endif
+endif
+
+push-images: images  ## build and push both images to IMAGE_REGISTRY
+	$(DOCKER) push $(IMAGE_CPU)
+	$(DOCKER) push $(IMAGE_GPU)
+	@echo "pipeline image: SLICEFM_IMAGE=$(IMAGE_CPU)"
+
+# -- data (DVC) ----------------------------------------------------------------------------------------
+# The remote is DVC_REMOTE when set, else the default remote in .dvc/config (`dvc remote add -d NAME
+# s3://bucket/prefix`; `dvc remote modify NAME endpointurl URL` for non-AWS S3). Credentials come from the
+# AWS_* variables or `dvc remote modify --local`, never from files in git.
+DVC := $(VENV)/bin/dvc
+DVC_REMOTE ?=
+DVC_REMOTE_ARG = $(if $(DVC_REMOTE),--remote $(DVC_REMOTE))
+
+data-push: setup  ## upload data/ (the revision in data.dvc) to the DVC remote (DVC_REMOTE or the default)
+	$(DVC) push $(DVC_REMOTE_ARG) data.dvc
+
+data-pull: setup  ## download data/ as recorded in data.dvc from the DVC remote (DVC_REMOTE or the default)
+	$(DVC) pull $(DVC_REMOTE_ARG) data.dvc

@@ -1,0 +1,109 @@
+"""Model specs, manifests and lineage without a server (the live registry is in test_registry.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slicefm.cli import build_parser, main
+from slicefm.tracking.models import (
+    MANIFEST_NAME,
+    ModelIntegrityError,
+    ModelSpec,
+    clean_lineage,
+    edge_lineage,
+    lineage_tags,
+    parse_spec,
+    verify_manifest,
+    write_manifest,
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("enc", ModelSpec("enc")),
+        ("demo-encoder@champion", ModelSpec("demo-encoder", alias="champion")),
+        ("demo-encoder:3", ModelSpec("demo-encoder", version="3")),
+        ("demo-encoder:007", ModelSpec("demo-encoder", version="7")),
+    ],
+)
+def test_parse_spec(spec: str, expected: ModelSpec) -> None:
+    assert parse_spec(spec) == expected
+    assert str(expected) in (spec, "demo-encoder:7")
+
+
+@pytest.mark.parametrize("bad", ["", "enc:", "enc:latest", "enc:0", "@champion", "enc@", "a/b", "x'y"])
+def test_parse_spec_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="model spec"):
+        parse_spec(bad)
+
+
+def _payload(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    (root / "sub" / "config.json").write_text('{"a": 1}\n')
+    return root
+
+
+def test_manifest_roundtrip(tmp_path: Path) -> None:
+    root = _payload(tmp_path / "m")
+    sha = write_manifest(root)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert [f["path"] for f in manifest["files"]] == ["sub/config.json", "weights.bin"]
+    assert manifest["files"][1]["size"] == 2000
+    assert verify_manifest(root, sha) == ["sub/config.json", "weights.bin"]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda r: (r / "weights.bin").write_bytes(b"\x00\x02" * 1000), r"weights\.bin: sha256 mismatch"),
+        (lambda r: (r / "weights.bin").write_bytes(b"\x00"), r"weights\.bin: size 1 bytes, expected 2000"),
+        (lambda r: (r / "sub" / "config.json").unlink(), r"sub/config\.json: missing"),
+        (lambda r: (r / "extra.py").write_text("import os"), r"extra\.py: not listed in MANIFEST\.json"),
+        (lambda r: (r / MANIFEST_NAME).unlink(), r"MANIFEST\.json missing"),
+    ],
+)
+def test_manifest_detects_tampering(tmp_path: Path, tamper, message: str) -> None:
+    root = _payload(tmp_path / "m")
+    write_manifest(root)
+    tamper(root)
+    with pytest.raises(ModelIntegrityError, match=rf"enc:1: .*{message}"):
+        verify_manifest(root, label="enc:1")
+
+
+def test_manifest_hash_must_match_registry_record(tmp_path: Path) -> None:
+    root = _payload(tmp_path / "m")
+    write_manifest(root)
+    with pytest.raises(ModelIntegrityError, match="differs from the one recorded in the registry"):
+        verify_manifest(root, expected_sha256="0" * 64)
+
+
+def test_lineage_cleaning_and_tags() -> None:
+    lineage = clean_lineage({"git_commit": "abc", "image": None, "data_version": "", "config_hash": 12})
+    assert lineage == {"git_commit": "abc", "config_hash": "12"}
+    assert lineage_tags(lineage) == {"slicefm.git_commit": "abc", "slicefm.config_hash": "12"}
+    with pytest.raises(ValueError, match="lineage key"):
+        clean_lineage({"Bad Key": "x"})
+
+
+def test_edge_lineage_reads_only_the_given_environment() -> None:
+    env = {"SLICEFM_IMAGE": "reg/slicefm:abc", "SLICEFM_GIT_COMMIT": "0123"}
+    assert edge_lineage(env) == {"image": "reg/slicefm:abc", "git_commit": "0123"}
+    assert edge_lineage({}) == {}
+
+
+def test_cli_has_models_verbs() -> None:
+    args = build_parser().parse_args(["models", "pull", "enc@champion", "--dest", "/tmp/x", "--force"])
+    assert (args.spec, args.dest, args.force) == ("enc@champion", "/tmp/x", True)
+    assert build_parser().parse_args(["models", "list", "--json"]).json
+
+
+@pytest.mark.parametrize("verb", [["list"], ["pull", "enc@champion", "--dest", "unused"]])
+def test_cli_fails_fast_when_the_tracking_server_is_down(verb: list[str], closed_port: int, caplog) -> None:
+    uri = f"http://127.0.0.1:{closed_port}"
+    assert main(["models", *verb, "--tracking-uri", uri]) == 1
+    assert f"{uri} unreachable" in caplog.text
