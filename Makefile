@@ -49,7 +49,7 @@ submit: setup  ## compile + submit to KFP_HOST
 	$(PY) -m slicefm.cli pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}
 
 data: setup  ## (re)generate the demo phantom dataset in data/ (what data.dvc tracks)
-	$(PY) -m slicefm.cli data demo --out data
+	$(PY) -m slicefm.cli data demo --config pipelines/configs/demo-cpu.yaml --force
 
 clean-local:  ## remove local runs, MLflow db and kfp outputs (keeps .venv and data/)
 	rm -rf .slicefm

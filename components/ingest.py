@@ -16,6 +16,7 @@ def ingest(
     run_name: str,
     data_version: str,
     scans: Output[Dataset],
+    cohort: str = "a",
 ) -> int:
     """Read a DICOM/NIfTI/cohort dataset, quarantine bad scans, pseudonymise IDs, write volumes + manifests.
 
@@ -25,6 +26,7 @@ def ingest(
         tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact.
         run_name: pipeline run name (store prefix); data_version: DVC revision / md5 (lineage).
+        cohort: "a" = the development cohort (config `data`), "b" = the external one (`external.data`).
         scans: output: scans.parquet, lesions.parquet, quarantine.csv, dataset.json, volumes/.
     Returns:
         Number of usable scans.
@@ -37,8 +39,11 @@ def ingest(
     from slicefm.stages import ingest_stage
 
     cfg = config_from_yaml(config_yaml)
-    out = output_location(scans.path, store_uri, run_name, "ingest")
+    stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
+    out = output_location(scans.path, store_uri, run_name, stage)
     key = load_key(None, dict(os.environ))
-    res = ingest_stage(cfg, data_source, out, key, tracking_uri, parent_run_id, data_version or None)
+    res = ingest_stage(
+        cfg, data_source, out, key, tracking_uri, parent_run_id, data_version or None, cohort=cohort
+    )
     scans.metadata.update({URI_KEY: res.out_uri, "n_scans": res.n_scans, "n_quarantined": res.n_quarantined})
     return res.n_scans

@@ -15,6 +15,7 @@ def preprocess(
     run_name: str,
     scans: Input[Dataset],
     slices: Output[Dataset],
+    cohort: str = "a",
 ) -> int:
     """HU windows / z-score, body crop, resize, optional 5-cut tiles, 12 mm slabs; skips finished scans.
 
@@ -23,6 +24,7 @@ def preprocess(
         tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         scans: the ingest output.
+        cohort: "a" (development) or "b" (external); names the store folder and the MLflow run.
         slices: output: shards/, slices.parquet, scans.parquet, lesions.parquet, preprocess.json.
     Returns:
         Number of slices written.
@@ -32,8 +34,11 @@ def preprocess(
     from slicefm.stages import preprocess_stage
 
     cfg = config_from_yaml(config_yaml)
-    out = output_location(slices.path, store_uri, run_name, "preprocess")
-    res = preprocess_stage(cfg, input_location(scans.path, scans.metadata), out, tracking_uri, parent_run_id)
+    stage = "preprocess" if cohort == "a" else f"preprocess-{cohort}"
+    out = output_location(slices.path, store_uri, run_name, stage)
+    res = preprocess_stage(
+        cfg, input_location(scans.path, scans.metadata), out, tracking_uri, parent_run_id, stage=stage
+    )
     slices.metadata.update(
         {URI_KEY: res.out_uri, "n_slices": res.n_slices, "channels": ",".join(res.channels)}
     )

@@ -15,6 +15,8 @@ def pretrain(
     run_name: str,
     slices: Input[Dataset],
     encoder: Output[Model],
+    accelerator: str = "",
+    gpus: int = 0,
 ) -> float:
     """MoCo-v3 / LECL / LeJEPA (+ auxiliary supervision) pretraining, resumable from its checkpoints.
 
@@ -24,6 +26,8 @@ def pretrain(
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         slices: the preprocess output.
         encoder: output: encoder.safetensors + encoder.json, checkpoints/.
+        accelerator, gpus: this step's GPU request (recorded in the metadata; passing them as inputs is what
+            makes the pipeline's GPU parameters reach the task inside its condition).
     Returns:
         Mean loss over the last steps.
     """
@@ -40,6 +44,8 @@ def pretrain(
             "method": cfg.pretrain.method,
             "encoder": cfg.pretrain.encoder.name,
             "steps": res.steps,
+            "accelerator": accelerator,
+            "gpus": gpus,
         }
     )
     return float(res.loss_last)

@@ -44,7 +44,13 @@ def compile_pipeline(out: Path) -> Path:
 
 
 def _arguments(
-    cfg: PipelineConfig, source: str, tracking_uri: str, store_uri: str, run_name: str, version: str
+    cfg: PipelineConfig,
+    source: str,
+    tracking_uri: str,
+    store_uri: str,
+    run_name: str,
+    version: str,
+    external_source: str = "",
 ) -> dict:
     return {
         "config_yaml": dump_config(cfg),
@@ -54,7 +60,17 @@ def _arguments(
         "run_name": run_name,
         "experiment": cfg.experiment,
         "data_version": version,
+        "external_source": external_source,
+        "run_external": bool(cfg.external.enabled and external_source),
+        "extract_shards": cfg.extract.n_shards,
     }
+
+
+def _local_source(data) -> Path:  # noqa: ANN001
+    """A dataset directory under the checkout (relative sources) or as given; phantom-generated when absent."""
+    from slicefm.pipeline_data import ensure_demo_data
+
+    return ensure_demo_data(data, ROOT / data.source if not Path(data.source).is_absolute() else None)
 
 
 def run_local(config_path: Path, run_name: str | None = None) -> int:
@@ -63,16 +79,14 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
 
     from pipelines.slicefm_pipeline import slicefm_pipeline
     from slicefm.data.pseudonym import KEY_ENV, load_key
-    from slicefm.pipeline_data import ensure_demo_data
     from slicefm.tracking.mlflow_runs import resolve_tracking_uri
     from slicefm.tracking.pipeline_runs import describe_run
 
     cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    source = ensure_demo_data(
-        cfg.data, ROOT / cfg.data.source if not Path(cfg.data.source).is_absolute() else None
-    )
+    source = _local_source(cfg.data)
+    external = str(_local_source(cfg.external.data).resolve()) if cfg.external.enabled else ""
     # Components read the key from the environment, as they would from a Kubernetes Secret.
     os.environ[KEY_ENV] = load_key(state / "pseudonym.key").decode()
     tracking_uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), ROOT)
@@ -85,7 +99,9 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
         f"running pipeline {cfg.name!r} locally (kfp.local) as {run_name}; data {source}; MLflow {tracking_uri}"
     )
     slicefm_pipeline(
-        **_arguments(cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source))
+        **_arguments(
+            cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external
+        )
     )
     print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
     return 0
@@ -114,6 +130,7 @@ def submit(
             os.environ.get("SLICEFM_STORE", ""),
             run_name,
             data_version(ROOT / cfg.data.source),
+            os.environ.get("SLICEFM_EXTERNAL_SOURCE", cfg.external.data.source if cfg.external.enabled else ""),
         )
         run = client.create_run_from_pipeline_package(
             str(package), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace

@@ -1,16 +1,105 @@
-"""The slicefm pipeline: ingest -> preprocess -> pretrain (-> extract -> evaluate -> external as they land).
+"""The slicefm pipeline: ingest -> preprocess -> pretrain -> extract (fan-out over shards) -> evaluate,
+and the external cohort: ingest -> preprocess -> extract with the same encoder -> external (frozen vs retrained).
 
 Only wiring lives here; every step is a component from components/ calling the slicefm library.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
+from components.evaluate import evaluate, external
+from components.extract import extract, merge_embeddings, shard_indices
 from components.ingest import ingest
+from components.launch_trainjob import launch_trainjob
 from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.tracking import finish_tracking, start_tracking
 
 PIPELINE_NAME = "slicefm"
+
+# Kubernetes Secrets (k8s/base/secrets.yaml) turned into environment variables of the steps.
+S3_SECRET = {
+    k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+}
+MLFLOW_SECRET = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+PSEUDONYM_SECRET = {"SLICEFM_PSEUDONYM_KEY": "SLICEFM_PSEUDONYM_KEY"}
+# (cpu request, memory request, memory limit, timeout s) per kind of step.
+RESOURCES = {
+    "light": ("1", "2Gi", "4Gi", 3600),
+    "data": ("4", "16Gi", "32Gi", 12 * 3600),
+    "gpu": ("8", "64Gi", "128Gi", 48 * 3600),
+    "eval": ("4", "16Gi", "32Gi", 12 * 3600),
+}
+
+
+def _on_cluster(task, kind: str, retries: int = 0, secrets: bool = True):  # noqa: ANN001, ANN202
+    """Requests, limits, timeout, retries with backoff and credentials from Secrets (ignored by kfp.local)."""
+    cpu, mem, mem_limit, timeout = RESOURCES[kind]
+    task.set_cpu_request(cpu).set_memory_request(mem).set_memory_limit(mem_limit)
+    kubernetes.set_timeout(task, timeout)
+    if retries:
+        task.set_retry(
+            num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s"
+        )
+    if secrets:
+        kubernetes.use_secret_as_env(task, "slicefm-s3", S3_SECRET, optional=True)
+        kubernetes.use_secret_as_env(task, "slicefm-mlflow", MLFLOW_SECRET, optional=True)
+    return task
+
+
+def _on_gpu_pool(task, accelerator: str, gpus, node_selector, tolerations):  # noqa: ANN001, ANN202
+    """GPU request on the GPU node pool (selector + tolerations), /dev/shm in memory for loader workers."""
+    task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    return task
+
+
+def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shards) -> tuple:  # noqa: ANN001
+    """Pretrained and random-weight embeddings of one cohort, each fanned out over shards and merged."""
+    shards = _on_cluster(shard_indices(n_shards=n_shards), "light", secrets=False)
+    shards.set_caching_options(True)
+    with dsl.ParallelFor(shards.output, name=f"extract-{cohort}-shards") as shard:
+        parts = {}
+        for which, random_baseline in (("pretrained", False), ("random", True)):
+            task = extract(
+                **common, cohort=cohort, shard_index=shard, n_shards=n_shards, random_baseline=random_baseline,
+                slices=slices, encoder=encoder, accelerator=gpu["pool"]["accelerator"], gpus=gpu["extract_gpus"],
+            )  # fmt: skip
+            task.set_caching_options(True)  # deterministic given the encoder and the slices
+            _on_gpu_pool(_on_cluster(task, "gpu", retries=2), gpus=gpu["extract_gpus"], **gpu["pool"])
+            parts[which] = task
+    merged = {}
+    for which, task in parts.items():
+        m = merge_embeddings(
+            store_uri=common["store_uri"], run_name=common["run_name"], name=f"extract-{cohort}-{which}",
+            parts=dsl.Collected(task.outputs["embeddings"]),
+        )  # fmt: skip
+        _on_cluster(m, "light", retries=2).set_caching_options(True)
+        merged[which] = m.outputs["embeddings"]
+    return merged["pretrained"], merged["random"]
+
+
+def _evaluate_encoder(
+    common: dict, gpu: dict, pre, encoder, external_source, data_version, run_external
+) -> None:  # noqa: ANN001
+    """extract (pretrained + random twin) -> evaluate on cohort A; the external cohort B under a condition."""
+    emb_a, rand_a = _embed_cohort(common, gpu, "a", pre.outputs["slices"], encoder, gpu["shards"])
+    ev = _on_cluster(evaluate(embeddings=emb_a, baseline=rand_a, **common), "eval", retries=1)
+    ev.set_caching_options(False)
+    with dsl.If(run_external == True, name="external-cohort"):  # noqa: E712  (a KFP condition)
+        ing_b = ingest(data_source=external_source, data_version=data_version, cohort="b", **common)
+        ing_b.set_display_name("ingest-external")
+        kubernetes.use_secret_as_env(
+            _on_cluster(ing_b, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
+        )
+        ing_b.set_caching_options(True)
+        pre_b = preprocess(scans=ing_b.outputs["scans"], cohort="b", **common)
+        pre_b.set_display_name("preprocess-external")
+        _on_cluster(pre_b, "data", retries=2).set_caching_options(True)
+        emb_b, rand_b = _embed_cohort(common, gpu, "b", pre_b.outputs["slices"], encoder, gpu["shards"])
+        ext = external(source_results=ev.outputs["results"], embeddings=emb_b, baseline=rand_b, **common)
+        _on_cluster(ext, "eval", retries=1).set_caching_options(False)
 
 
 @dsl.pipeline(
@@ -24,6 +113,17 @@ def slicefm_pipeline(
     run_name: str = "slicefm-run",
     experiment: str = "slicefm",
     data_version: str = "",
+    external_source: str = "",
+    run_external: bool = True,
+    extract_shards: int = 1,
+    pretrain_nodes: int = 1,
+    gpu_accelerator: str = "nvidia.com/gpu",
+    pretrain_gpus: int = 1,
+    extract_gpus: int = 1,
+    gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},  # noqa: B006 (a KFP default, never mutated)
+    gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
+    trainer_namespace: str = "slicefm",
+    trainer_image: str = "",
 ) -> None:
     """Run every slicefm stage.
 
@@ -35,41 +135,69 @@ def slicefm_pipeline(
         run_name: run name (MLflow parent run name and store prefix).
         experiment: MLflow experiment.
         data_version: DVC md5 / git revision of the dataset (lineage tag).
+        external_source: root of the external cohort (B) visible to the steps.
+        run_external: also run the external-cohort branch (frozen vs retrained heads on cohort B).
+        extract_shards: extraction tasks per encoder and cohort (ParallelFor fan-out).
+        pretrain_nodes: 1 = pretrain inside the step on one GPU node; > 1 = a Kubeflow Trainer TrainJob
+            over that many nodes (needs store_uri = s3://...).
+        gpu_accelerator: accelerator resource requested by GPU steps (nvidia.com/gpu, amd.com/gpu).
+        pretrain_gpus: GPUs of the pretraining step (per node for a TrainJob); extract_gpus: per extract task.
+        gpu_node_selector: node labels of the GPU node pool (e.g. {"cloud.google.com/gke-accelerator":
+            "nvidia-h100-80gb"}); gpu_tolerations: tolerations for the pool's taints.
+        trainer_namespace: namespace of the TrainJob; trainer_image: its image ("" = slicefm-gpu).
     """
-    start = start_tracking(
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        run_name=run_name,
-        config_yaml=config_yaml,
-        data_version=data_version,
-    )
-    finish = finish_tracking(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name)
-    with dsl.ExitHandler(finish):
-        ing = ingest(
-            config_yaml=config_yaml,
-            data_source=data_source,
-            tracking_uri=tracking_uri,
-            parent_run_id=start.output,
-            store_uri=store_uri,
-            run_name=run_name,
+    start = _on_cluster(
+        start_tracking(
+            tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, config_yaml=config_yaml,
             data_version=data_version,
+        ),
+        "light", retries=3,
+    )  # fmt: skip
+    finish = _on_cluster(
+        finish_tracking(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name),
+        "light",
+        retries=3,
+    )
+    pool = {
+        "accelerator": gpu_accelerator,
+        "node_selector": gpu_node_selector,
+        "tolerations": gpu_tolerations,
+    }
+    gpu = {"extract_gpus": extract_gpus, "pool": pool, "shards": extract_shards}
+    with dsl.ExitHandler(finish):
+        common = {
+            "config_yaml": config_yaml,
+            "tracking_uri": tracking_uri,
+            "parent_run_id": start.output,
+            "store_uri": store_uri,
+            "run_name": run_name,
+        }
+        ing = ingest(data_source=data_source, data_version=data_version, **common)
+        kubernetes.use_secret_as_env(
+            _on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
         )
         ing.set_caching_options(True)
-        pre = preprocess(
-            config_yaml=config_yaml,
-            tracking_uri=tracking_uri,
-            parent_run_id=start.output,
-            store_uri=store_uri,
-            run_name=run_name,
-            scans=ing.outputs["scans"],
-        )
+        pre = _on_cluster(preprocess(scans=ing.outputs["scans"], **common), "data", retries=2)
         pre.set_caching_options(True)
-        train = pretrain(
-            config_yaml=config_yaml,
-            tracking_uri=tracking_uri,
-            parent_run_id=start.output,
-            store_uri=store_uri,
-            run_name=run_name,
-            slices=pre.outputs["slices"],
-        )
-        train.set_caching_options(False)  # training is not cached unless a user asks for it
+        with dsl.If(pretrain_nodes <= 1, name="pretrain-single-node"):
+            train = pretrain(
+                slices=pre.outputs["slices"], accelerator=gpu_accelerator, gpus=pretrain_gpus, **common
+            )
+            _on_gpu_pool(_on_cluster(train, "gpu", retries=1), gpus=pretrain_gpus, **pool)
+            train.set_caching_options(False)  # training is not cached unless a user asks for it
+            _evaluate_encoder(
+                common, gpu, pre, train.outputs["encoder"], external_source, data_version, run_external
+            )
+        with dsl.Else(name="pretrain-trainjob"):
+            job = launch_trainjob(
+                config_yaml=config_yaml, store_uri=store_uri, run_name=run_name, slices=pre.outputs["slices"],
+                tracking_uri=tracking_uri, image=trainer_image, namespace=trainer_namespace,
+                num_nodes=pretrain_nodes, gpus_per_node=pretrain_gpus, accelerator=gpu_accelerator,
+                node_selector=gpu_node_selector, tolerations=gpu_tolerations,
+            )  # fmt: skip
+            _on_cluster(job, "light", retries=1).set_caching_options(False)
+            kubernetes.set_timeout(job, 72 * 3600)
+            # The same downstream graph in both branches: kfp.local cannot resolve dsl.OneOf.
+            _evaluate_encoder(
+                common, gpu, pre, job.outputs["encoder"], external_source, data_version, run_external
+            )

@@ -76,6 +76,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from slicefm.stages import extract_stage
+
+    cfg = _config(args.config)
+    if args.encoder_spec:
+        cfg.extract.encoder = args.encoder_spec
+    if args.weights:
+        cfg.extract.weights = args.weights
+    res = extract_stage(
+        cfg, args.preprocessed, args.out, args.encoder, shard_index=args.shard, n_shards=args.n_shards,
+        random_baseline=args.random_baseline,
+    )  # fmt: skip
+    print(
+        f"extracted {res.label} embeddings ({res.embed_dim}-d, windows {res.windows}) of {res.n_scans} scans "
+        f"({res.n_skipped} already done), {res.n_slices} slices at {res.slices_per_s:.0f} slices/s -> {res.out_uri}"
+    )
+    return 0
+
+
+def cmd_merge_extracts(args: argparse.Namespace) -> int:
+    from slicefm.embed.extract import merge_extracts
+
+    print(f"merged {len(args.parts)} extraction parts -> {merge_extracts(args.parts, args.out)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from slicefm.stages import evaluate_stage
+
+    cfg = _config(args.config)
+    res = evaluate_stage(cfg, args.embeddings, args.out, splits_uri=args.splits)
+    print(res.headline_table(cfg.evaluate.headline_metric))
+    print(f"report: {res.out_uri.rstrip('/')}/report.md (and report.html, results.json, plots)")
+    return 0
+
+
+def cmd_external(args: argparse.Namespace) -> int:
+    from slicefm.stages import external_stage
+
+    cfg = _config(args.config)
+    res = external_stage(cfg, args.source_eval, args.embeddings, args.out)
+    print(res.headline_table(cfg.evaluate.headline_metric))
+    print(f"report: {res.out_uri.rstrip('/')}/report.md")
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from slicefm.data.phantom_writers import generate_dataset
 
@@ -92,8 +138,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from slicefm.pipeline_data import ensure_demo_data
 
     cfg = _config(args.config)
-    path = ensure_demo_data(cfg.data, Path(args.out) if args.out else None, force=args.force)
-    print(f"demo dataset at {path}")
+    if args.out:
+        print(f"demo dataset at {ensure_demo_data(cfg.data, Path(args.out), force=args.force)}")
+        return 0
+    # Both cohorts at their configured sources (what data.dvc tracks under data/).
+    for data in [cfg.data] + ([cfg.external.data] if cfg.external.enabled else []):
+        print(f"demo dataset at {ensure_demo_data(data, Path(data.source), force=args.force)}")
     return 0
 
 
@@ -171,6 +221,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     s.set_defaults(func=cmd_pretrain)
 
+    s = sub.add_parser("extract", help="frozen encoder -> per-slice embeddings (per window / 5-cut tile)")
+    s.add_argument("--preprocessed", required=True, help="preprocess output (directory or s3://)")
+    s.add_argument("--out", required=True, help="output directory or s3:// URI")
+    s.add_argument(
+        "--encoder", help="pretrain output holding encoder.safetensors/json (for encoder: pretrained)"
+    )
+    s.add_argument(
+        "--encoder-spec",
+        help="override extract.encoder: pretrained | random:<timm> | timm:<timm> | models:/<name>@<alias> | URI",
+    )
+    s.add_argument("--weights", help="state dict (path or s3://) for --encoder-spec timm:<name>")
+    s.add_argument(
+        "--random-baseline", action="store_true", help="the encoder's architecture, random weights"
+    )
+    s.add_argument("--shard", type=int, default=0, help="this task's shard (0-based)")
+    s.add_argument("--n-shards", type=int, default=1)
+    s.add_argument("--config", help="pipeline YAML (extract section)")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("merge-extracts", help="join sharded extraction outputs into one index")
+    s.add_argument("parts", nargs="+")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_merge_extracts)
+
+    s = sub.add_parser("evaluate", help="cross-validated ABMIL / linear probes on embeddings -> report")
+    s.add_argument("--embeddings", nargs="+", required=True, help="extract outputs (compared side by side)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--splits", help="an earlier evaluate output whose splits/<task>.json are reused")
+    s.add_argument("--config", help="pipeline YAML (evaluate section)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("external", help="cohort A's heads on cohort B (frozen) vs retrained on B")
+    s.add_argument("--source-eval", required=True, help="evaluate output of cohort A (its heads)")
+    s.add_argument("--embeddings", nargs="+", required=True, help="extract outputs of cohort B")
+    s.add_argument("--out", required=True)
+    s.add_argument("--config", help="pipeline YAML (evaluate + external sections)")
+    s.set_defaults(func=cmd_external)
+
     data = sub.add_parser("data", help="phantom CT data").add_subparsers(dest="data_verb", required=True)
     s = data.add_parser("phantom", help="write synthetic CT scans in a real format/layout")
     s.add_argument("--n-scans", type=int, default=20)
@@ -212,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default=os.environ.get("KFP_EXPERIMENT", "slicefm"))
     s.add_argument("--token", default=os.environ.get("KFP_TOKEN"))
     s.set_defaults(func=cmd_pipeline_submit)
+
+    from slicefm.tracking.models_cli import add_models_parser
+
+    add_models_parser(sub)
     return p
 
 

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from slicefm.embed.config import ExtractConfig
+from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.train.config import PretrainConfig
 
 
@@ -76,6 +78,16 @@ class PreprocessConfig(Strict):
     workers: int = Field(2, ge=1)
 
 
+def _external_data() -> DataConfig:
+    return DataConfig(source="data/external", phantom_profile="shifted", phantom_seed=1, phantom_scans=40)
+
+
+class ExternalSection(ExternalConfig):
+    """The external cohort (B) and how cohort A's heads are carried over to it."""
+
+    data: DataConfig = Field(default_factory=_external_data)
+
+
 class PipelineConfig(Strict):
     """The whole run: one YAML, one section per stage."""
 
@@ -86,6 +98,9 @@ class PipelineConfig(Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    external: ExternalSection = Field(default_factory=ExternalSection)
 
 
 def config_from_yaml(text: str) -> PipelineConfig:

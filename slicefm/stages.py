@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slicefm.config import PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
@@ -17,6 +18,11 @@ from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
 from slicefm.tracking.store import open_store
 from slicefm.train.stage import PretrainResult, run_pretrain
+
+if TYPE_CHECKING:
+    from slicefm.embed.extract import ExtractResult
+    from slicefm.evaluate.external_stage import ExternalStageResult
+    from slicefm.evaluate.stage import EvaluateResult
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +50,19 @@ def ingest_stage(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     data_version: str | None = None,
+    cohort: str = "a",
 ) -> IngestResult:
+    """Ingest cohort "a" (config `data`) or the external cohort "b" (config `external.data`)."""
+    stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
+    data = cfg.data if cohort == "a" else cfg.external.data
     params = {
-        "source_format": cfg.data.format,
+        "source_format": data.format,
         "workers": cfg.ingest.workers,
         "data_version": data_version or "",
     }
-    with _tracked(tracking_uri, parent_run_id, "ingest", cfg, params):
+    with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = ingest(
-            Path(source), out_uri, key, cfg.data.format, cfg.data.cohort, cfg.ingest.workers, data_version
+            Path(source), out_uri, key, data.format, data.cohort, cfg.ingest.workers, data_version
         )
         open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
         _log_metrics(
@@ -68,9 +78,10 @@ def preprocess_stage(
     out_uri: str,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
+    stage: str = "preprocess",
 ) -> PreprocessResult:
     params = cfg.preprocess.model_dump(mode="json")
-    with _tracked(tracking_uri, parent_run_id, "preprocess", cfg, params):
+    with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = run_preprocess(scans_uri, out_uri, cfg.preprocess)
         open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
         _log_metrics({"n_scans": result.n_scans, "n_slices": result.n_slices, "n_skipped": result.n_skipped})
@@ -104,6 +115,141 @@ def pretrain_stage(
     return result
 
 
+def extract_stage(
+    cfg: PipelineConfig,
+    preprocessed_uri: str,
+    out_uri: str,
+    encoder_uri: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    shard_index: int = 0,
+    n_shards: int = 1,
+    random_baseline: bool = False,
+    cohort: str = "a",
+) -> ExtractResult:
+    """Embed every slice with the configured encoder (or, with `random_baseline`, its random-weight twin)."""
+    from slicefm.embed.extract import run_extract
+    from slicefm.embed.sources import random_twin, resolve_encoder
+
+    pre = open_store(preprocessed_uri)
+    meta = pre.read_json("preprocess.json")
+    size = int(pre.read_npy_header(_first_stack(pre)).shape[-1])
+    encoder, info = resolve_encoder(cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed)
+    if random_baseline:
+        encoder, info = random_twin(info, cfg.seed)
+    stage = ("extract-random" if random_baseline else "extract") + ("" if cohort == "a" else f"-{cohort}")
+    params = {
+        **cfg.extract.model_dump(mode="json"),
+        "label": info.label,
+        "shard": f"{shard_index}/{n_shards}",
+    }
+    with _tracked(
+        tracking_uri, parent_run_id, stage if n_shards == 1 else f"{stage}-{shard_index}", cfg, params
+    ):
+        result = run_extract(preprocessed_uri, out_uri, encoder, info, cfg.extract, shard_index, n_shards)
+        _log_metrics(
+            {"n_scans": result.n_scans, "n_slices": result.n_slices, "slices_per_s": result.slices_per_s}
+        )
+        _log_artifacts(out_uri, ["extract.json"])
+    return result
+
+
+def _first_stack(pre) -> str:  # noqa: ANN001
+    return str(pre.read_parquet("slices.parquet", columns=["stack"])["stack"].iloc[0])
+
+
+def evaluate_stage(
+    cfg: PipelineConfig,
+    embedding_uris: list[str],
+    out_uri: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    splits_uri: str | None = None,
+) -> EvaluateResult:
+    """Cross-validated heads for every task on every embedding set (same folds), report and plots."""
+    from slicefm.evaluate.stage import run_evaluate
+
+    params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
+    with _tracked(tracking_uri, parent_run_id, "evaluate", cfg, params):
+        result = run_evaluate(embedding_uris, out_uri, cfg.evaluate, splits_uri)
+        _log_metrics(_headline_metrics(result.headline, "macro"))
+        _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
+        _log_tree(out_uri, ".png", "plots")
+        _register_champion_heads(cfg, result)
+    return result
+
+
+def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
+    """The best row of the headline task (by macro headline metric) -> `<name>-<task>-head`, alias champion."""
+    import mlflow
+
+    from slicefm.tracking.registry import register_head
+
+    if mlflow.active_run() is None:
+        return
+    metric = cfg.evaluate.headline_metric
+    scored = [
+        (r, result.headline[f"{r.model} · {r.protocol}"][metric].mean)
+        for r in result.runs
+        if r.task == result.headline_task
+    ]
+    scored = [(r, m) for r, m in scored if m is not None]
+    if not scored:
+        return
+    best, value = max(scored, key=lambda rm: rm[1])
+    name = f"{cfg.name}-{best.task}-head"
+    lineage = {"task": best.task, "embeddings": best.model, "protocol": best.protocol, f"macro_{metric}": value}
+    version = register_head(f"{best.uri.rstrip('/')}/heads", name, lineage=lineage, aliases=("champion",))
+    mlflow.set_tags({"slicefm.registered_head": name, "slicefm.head_version": version})
+
+
+def external_stage(
+    cfg: PipelineConfig,
+    source_eval_uri: str,
+    embedding_uris: list[str],
+    out_uri: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> ExternalStageResult:
+    """Cohort A's heads on cohort B (frozen) vs heads retrained on B, on B's test sets."""
+    from slicefm.evaluate.external_stage import run_external_stage
+
+    params = {"tasks": ",".join(cfg.external.tasks), "protocol": cfg.external.protocol}
+    with _tracked(tracking_uri, parent_run_id, "external", cfg, params):
+        result = run_external_stage(source_eval_uri, embedding_uris, out_uri, cfg.evaluate, cfg.external)
+        _log_metrics(_headline_metrics(result.headline, "external"))
+        _log_artifacts(out_uri, ["report.md", "report.html", "results.json"])
+    return result
+
+
+def _headline_metrics(headline: dict, prefix: str) -> dict[str, float]:
+    """MLflow metric names may not hold "·": "<prefix>_<model>_<protocol>_<metric>"."""
+    out = {}
+    for row, per_metric in headline.items():
+        safe = "_".join(p.strip().replace(" ", "_") for p in row.split("·"))
+        for metric, s in per_metric.items():
+            if s.mean is not None:
+                out[f"{prefix}_{safe}_{metric}"] = float(s.mean)
+    return out
+
+
+def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -> None:
+    """Files under out_uri ending in `suffix` (plots) as MLflow artifacts, keeping their folders."""
+    import tempfile
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    store = open_store(out_uri)
+    keys = [k for k in store.list("") if k.endswith(suffix)][:limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            path = Path(tmp) / key
+            store.download_file(key, path)
+            mlflow.log_artifact(str(path), artifact_path=f"{artifact_path}/{Path(key).parent}")
+
+
 def _register(encoder_uri: str, model_name: str) -> None:
     """New registry version of the encoder, tagged on the stage run (only when tracking is on)."""
     import mlflow
@@ -111,7 +257,10 @@ def _register(encoder_uri: str, model_name: str) -> None:
     from slicefm.tracking.registry import register_encoder
 
     if mlflow.active_run() is not None:
-        version = register_encoder(encoder_uri, model_name)
+        from slicefm.tracking.models import edge_lineage
+
+        # stages.py is the edge shared by the CLI and the components: the image tag and commit are read here.
+        version = register_encoder(encoder_uri, model_name, lineage=edge_lineage())
         mlflow.set_tags({"slicefm.registered_model": model_name, "slicefm.model_version": version})
 
 
@@ -140,4 +289,11 @@ def _log_artifacts(out_uri: str, keys: list[str]) -> None:
                 mlflow.log_artifact(str(path))
 
 
-__all__ = ["ingest_stage", "preprocess_stage", "pretrain_stage"]
+__all__ = [
+    "ingest_stage",
+    "preprocess_stage",
+    "pretrain_stage",
+    "extract_stage",
+    "evaluate_stage",
+    "external_stage",
+]

@@ -878,14 +878,15 @@ def _lesion_hu(rng: np.random.Generator, lesion_type: str, contrast_phase: bool)
     if lesion_type == "bone":  # lytic or sclerotic metastasis in cancellous bone
         return 250.0, float(rng.uniform(-200.0, -100.0) if rng.random() < 0.6 else rng.uniform(150.0, 350.0))
     reference = {"liver": 95.0 if contrast_phase else 60.0, "kidney": 150.0 if contrast_phase else 32.0}
-    contrast = rng.uniform(-60.0, -20.0) if rng.random() < 0.5 else rng.uniform(20.0, 120.0)
+    # DeepLesion's lesions are the ones radiologists measured: conspicuous against their host tissue.
+    contrast = rng.uniform(-120.0, -50.0) if rng.random() < 0.5 else rng.uniform(50.0, 150.0)
     return reference.get(lesion_type, _SOFT_TISSUE_HU), float(contrast)
 
 
 def _lesion_diameter_mm(rng: np.random.Generator, lesion_type: str, stage: int) -> float:
     if lesion_type == "lung":  # stage III-IV carries the larger primary tumours
         return float(rng.uniform(20.0, 40.0) if stage else rng.uniform(8.0, 28.0))
-    return float(rng.uniform(5.0, 40.0))
+    return float(rng.uniform(12.0, 40.0))  # RECIST-measurable: DeepLesion's long axes are mostly >= 10 mm
 
 
 def _place_lesion(b: _Builder, lesion_type: str, diameter_mm: float) -> PhantomLesion | None:

@@ -13,15 +13,19 @@ def start_parent_run(
     tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str
 ) -> str:
     """Open the parent run with lineage tags and the flattened config as params; returns its id."""
+    import os
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # The first step of every run: an unreachable MLflow fails here, before any training starts.
+    mlflow_runs.check_tracking_server(tracking_uri)
     config = yaml.safe_load(config_yaml) or {}
     tags = mlflow_runs.lineage_tags(
-        git_commit=mlflow_runs.git_commit(Path.cwd()),
+        git_commit=os.environ.get("SLICEFM_GIT_COMMIT") or mlflow_runs.git_commit(Path.cwd()),
         config_hash=mlflow_runs.config_hash(config),
         data_version=data_version or None,
-        image=None,
+        image=os.environ.get("SLICEFM_IMAGE"),
     )
     tags["slicefm.role"] = "pipeline"
     run_id = mlflow_runs.start_pipeline_run(tracking_uri, experiment, run_name, tags)
@@ -69,18 +73,51 @@ def finish_parent_run(tracking_uri: str, experiment: str, run_name: str) -> str:
     return status
 
 
+def headline_report(stage: str, uri: str, metric: str = "auroc") -> str:
+    """The headline table of an evaluate / external output (results.json), as markdown."""
+    from slicefm.tracking.store import open_store
+
+    store = open_store(uri)
+    if not store.exists("results.json"):
+        return f"\n{stage}: no results.json under {uri}"
+    res = store.read_json("results.json")
+    task = res["headline_task"]
+    head = f"\n{stage} · task {task} · macro {metric.upper()} (mean ± sd over folds)"
+    rows = [
+        "| model · setting | " + " | ".join(m.upper() for m in ("auroc", "auprc", "f1")) + " |",
+        "|---|---|---|---|",
+    ]
+    for row, per in res["macro"][task].items():
+        cells = [
+            f"{per[m]['mean']:.3f} ± {per[m]['sd']:.3f}"
+            if per[m]["mean"] is not None
+            else (per[m]["note"] or "n/a")
+            for m in ("auroc", "auprc", "f1")
+        ]
+        rows.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join([head, *rows, f"full report: {store.uri('report.md')}"])
+
+
 def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Path | None = None) -> str:
     """Human summary of a finished pipeline run: stage outputs, headline metrics, where to look."""
     parent = find_parent_run(tracking_uri, experiment, run_name)
     if parent is None:
         return f"no MLflow pipeline run {run_name!r} in experiment {experiment!r} at {tracking_uri}"
     lines = [f"\npipeline run {run_name}: {parent.info.status} (MLflow run {parent.info.run_id})"]
+    reports = []
     for run in sorted(child_runs(tracking_uri, parent.info.run_id), key=lambda r: r.info.start_time):
         stage = run.data.tags.get("slicefm.stage", run.info.run_name)
-        metrics = ", ".join(f"{k}={v:g}" for k, v in sorted(run.data.metrics.items()))
-        lines.append(f"  {stage:<11} {run.info.status:<9} {metrics}")
+        items = sorted(run.data.metrics.items())
+        if stage in ("evaluate", "external"):  # dozens of metrics: the table below shows the headline
+            items = [(k, v) for k, v in items if k.endswith("_auroc")]
+        metrics = ", ".join(f"{k}={v:g}" for k, v in items)
+        lines.append(f"  {stage:<19} {run.info.status:<9} {metrics}")
         if "slicefm.output_uri" in run.data.tags:
-            lines.append(f"  {'':<11} output: {run.data.tags['slicefm.output_uri']}")
+            lines.append(f"  {'':<19} output: {run.data.tags['slicefm.output_uri']}")
+            if stage in ("evaluate", "external"):
+                reports.append((stage, run.data.tags["slicefm.output_uri"]))
+    for stage, uri in reports:
+        lines.append(headline_report(stage, uri))
     lines.append(f"MLflow: {tracking_uri}  (browse: mlflow ui --backend-store-uri {tracking_uri})")
     if kfp_root is not None:
         lines.append(f"KFP local outputs: {kfp_root}")

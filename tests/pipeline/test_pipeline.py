@@ -19,30 +19,99 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_compiled_pipeline_wires_every_stage(tmp_path):
     path = runner.compile_pipeline(tmp_path / "p.yaml")
-    spec = yaml.safe_load(path.read_text())
+    spec, platform = yaml.safe_load_all(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert {"start-tracking", "finish-tracking", "exit-handler-1"} <= set(tasks)
-    inner = spec["root"]["dag"]["tasks"]["exit-handler-1"]
-    inner_tasks = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner_tasks) == {"ingest", "preprocess", "pretrain"}
-    assert (
-        inner_tasks["pretrain"]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"]
-        == "preprocess"
-    )
-    assert (
-        inner_tasks["preprocess"]["inputs"]["artifacts"]["scans"]["taskOutputArtifact"]["producerTask"]
-        == "ingest"
-    )
+    comps = spec["components"]
+
+    def dag(task: dict) -> dict:
+        return comps[task["componentRef"]["name"]].get("dag", {}).get("tasks", {})
+
+    def find(tasks: dict, prefix: str) -> dict:
+        return {n: t for n, t in tasks.items() if n.startswith(prefix)}
+
+    inner_tasks = dag(tasks["exit-handler-1"])
+    assert {"ingest", "preprocess"} <= set(inner_tasks)
+    # Pretraining: inside the step (one node) or a Trainer TrainJob (several); the downstream graph is the
+    # same in both branches (kfp.local cannot resolve dsl.OneOf).
+    (branches,) = find(inner_tasks, "condition-branches").values()
+    single, multi = (dag(t) for t in dag(branches).values())
+    assert "pretrain" in single and "launch-trainjob" in multi
+    for branch, producer in ((single, "pretrain"), (multi, "launch-trainjob")):
+        assert find(branch, "shard-indices") and find(branch, "evaluate")
+        (ev_name,) = find(branch, "evaluate")
+        # Extraction fans out over shards (pretrained + random-weight twin), collected by two merges.
+        (loop,) = find(branch, "for-loop").values()
+        loop_tasks = dag(loop)
+        # The GPU parameters reach the tasks inside the loop (the compiler only forwards task inputs).
+        loop_params = comps[loop["componentRef"]["name"]]["inputDefinitions"]["parameters"]
+        assert {"pipelinechannel--extract_gpus", "pipelinechannel--gpu_accelerator"} <= set(loop_params)
+        assert len(loop_tasks) == 2 and all(t["componentRef"]["name"].startswith("comp-extract") for t in loop_tasks.values())
+        assert loop["inputs"]["artifacts"]["pipelinechannel--" + producer + "-encoder"]["taskOutputArtifact"][
+            "producerTask"
+        ] == producer
+        merges = find(branch, "merge-embeddings")
+        assert len(merges) == 2
+        ev = branch[ev_name]["inputs"]["artifacts"]
+        assert {ev[k]["taskOutputArtifact"]["producerTask"] for k in ("embeddings", "baseline")} == set(merges)
+        # The external cohort runs under a condition: its own ingest/preprocess, the same encoder, A's heads.
+        (cond,) = find(branch, "condition").values()
+        ext_tasks = dag(cond)
+        ing_b = next(t for n, t in ext_tasks.items() if n.startswith("ingest"))
+        assert ing_b["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "b"
+        (ext,) = find(ext_tasks, "external").values()
+        assert ext["inputs"]["artifacts"]["source_results"] == {
+            "componentInputArtifact": f"pipelinechannel--{ev_name}-results"
+        }
+    outs = comps["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert {o["artifactType"]["schemaTitle"] for o in outs.values()} >= {
+        "system.Metrics", "system.ClassificationMetrics", "system.HTML", "system.Markdown"
+    }
     assert tasks["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"config_yaml", "data_source", "tracking_uri", "store_uri", "run_name", "data_version"} <= set(
-        params
-    )
+    assert {"config_yaml", "data_source", "tracking_uri", "store_uri", "run_name", "data_version",
+            "external_source", "run_external", "extract_shards"} <= set(params)  # fmt: skip
+
+
+def test_compiled_pipeline_runs_on_gpu_node_pools_with_secrets_and_retries(tmp_path):
+    spec, platform = yaml.safe_load_all(runner.compile_pipeline(tmp_path / "p.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-pretrain", "exec-extract"):
+        res = executors[name]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_accelerator']}}"
+        assert "gpus" in res["accelerator"]["resourceCount"]
+        assert k8s[name]["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
+        assert k8s[name]["tolerations"] == [{"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
+        assert k8s[name]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
+    for name, executor in executors.items():
+        res = executor["container"].get("resources", {})
+        assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), name  # requests everywhere
+        assert int(k8s[name]["activeDeadlineSeconds"]) > 0, name  # timeouts everywhere
+        secrets = {s["secretName"] for s in k8s[name].get("secretAsEnv", [])}
+        if not name.startswith("exec-shard-indices"):
+            assert "slicefm-s3" in secrets and "slicefm-mlflow" in secrets, name
+    assert {s["secretName"] for s in k8s["exec-ingest"]["secretAsEnv"]} >= {"slicefm-pseudonym"}
+    assert "slicefm-pseudonym" not in {s["secretName"] for s in k8s["exec-evaluate"]["secretAsEnv"]}
+
+    def all_tasks(dag_tasks: dict):
+        for name, task in dag_tasks.items():
+            yield name, task
+            comp = spec["components"][task["componentRef"]["name"]]
+            yield from all_tasks(comp.get("dag", {}).get("tasks", {}))
+
+    retried = {name: t["retryPolicy"] for name, t in all_tasks(spec["root"]["dag"]["tasks"]) if "retryPolicy" in t}
+    assert retried["ingest"]["maxRetryCount"] == 2 and retried["ingest"]["backoffFactor"] == 2.0
+    assert "extract" in retried and "pretrain" in retried
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"pretrain_nodes", "gpu_accelerator", "pretrain_gpus", "extract_gpus", "gpu_node_selector",
+            "gpu_tolerations"} <= set(params)  # fmt: skip
 
 
 def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
     cfg = runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml")
     ensure_demo_data(cfg.data, tmp_path / "data" / "demo")
+    ensure_demo_data(cfg.external.data, tmp_path / "data" / "external")  # cohort B: the shifted scanner
     recorded = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert dvc_dir_md5(tmp_path / "data") == recorded
 
@@ -50,6 +119,7 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     pretrain = yaml.safe_load((ROOT / "pipelines/configs/demo-cpu.yaml").read_text())["pretrain"]
     pretrain["encoder"]["img_size"] = 32
+    pretrain["input_channels"] = "per_window"  # CLEAR: one single-channel image per HU window
     pretrain["lejepa"]["local_size"] = 16
     pretrain["schedule"] = {"max_steps": 4, "warmup_steps": 1}
     pretrain["loader"] = {"batch_size": 8, "workers": 0}
@@ -60,9 +130,26 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
             "pretrain": pretrain,
             "name": "t",
             "experiment": "pipeline-test",
-            "data": {"source": str(tmp_path / "data"), "phantom_scans": 4, "phantom_size": 64},
+            "data": {"source": str(tmp_path / "data"), "phantom_scans": 8, "phantom_size": 64},
             "ingest": {"workers": 1},
             "preprocess": {"size": 32, "workers": 1, "n_shards": 2},
+            "extract": {"workers": 0, "batch_size": 64, "n_shards": 1},
+            "evaluate": {
+                "tasks": [
+                    {"name": "location", "labels": ["location_*"], "protocols": ["abmil"]},
+                    {"name": "findings", "labels": ["finding_*"], "windows": ["lung"], "protocols": ["probe"]},
+                ],
+                "splits": {"n_folds": 2},
+                "abmil": {"epochs": 2, "patience": 1, "batch_size": 4},
+                "probe": {"poolings": ["mean"], "lrs": [0.1], "steps": 4, "eval_every": 2},
+                "attention_plots": 1,
+            },
+            "external": {
+                "enabled": True,
+                "tasks": ["location"],
+                "data": {"source": str(tmp_path / "external"), "phantom_scans": 6, "phantom_size": 64,
+                         "phantom_profile": "shifted", "phantom_seed": 1},
+            },
         }
     )
     config_path = tmp_path / "cfg.yaml"
@@ -76,10 +163,13 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["preprocess.size"] == "32"
     stages = {r.data.tags["slicefm.stage"]: r for r in child_runs(tracking, parent.info.run_id)}
-    assert set(stages) == {"ingest", "preprocess", "pretrain"}
+    assert set(stages) == {
+        "ingest", "preprocess", "pretrain", "extract", "extract-random", "evaluate",
+        "ingest-b", "preprocess-b", "extract-b", "extract-random-b", "external",
+    }  # fmt: skip
     assert stages["pretrain"].data.metrics["steps"] == 4
     assert all(r.info.status == "FINISHED" for r in stages.values())
-    assert stages["ingest"].data.metrics["n_scans"] == 4
+    assert stages["ingest"].data.metrics["n_scans"] == 8
     out = Path(stages["preprocess"].data.tags["slicefm.output_uri"])
     slices = pd.read_parquet(out / "slices.parquet")
     assert len(slices) == stages["preprocess"].data.metrics["n_slices"] > 0
@@ -98,8 +188,27 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model(
         f"models:/t-encoder/{stages['pretrain'].data.tags['slicefm.model_version']}"
     )
-    emb = model.predict(np.random.default_rng(0).random((3, 2, 32, 32), dtype=np.float32))
+    emb = model.predict(np.random.default_rng(0).random((3, meta["in_chans"], 32, 32), dtype=np.float32))
     assert emb.shape[0] == 3 and np.isfinite(emb).all()
+
+
+    # Evaluation: pretrained vs random on the same folds, report, plots, KFP UI artifacts.
+    ev = Path(stages["evaluate"].data.tags["slicefm.output_uri"])
+    results = yaml.safe_load((ev / "results.json").read_text())
+    assert set(results["macro"]["location"]) == {"pretrained · abmil", "random · abmil"}
+    assert set(results["macro"]["findings"]) == {"pretrained · probe", "random · probe"}
+    assert "macro_pretrained_abmil_auroc" in stages["evaluate"].data.metrics
+    eval_artifacts = {a.path for a in MlflowClient(tracking).list_artifacts(stages["evaluate"].info.run_id)}
+    assert {"report.md", "report.html", "results.json"} <= eval_artifacts
+    assert list(ev.glob("location/pretrained/abmil/attention/*.png"))
+    ext = Path(stages["external"].data.tags["slicefm.output_uri"])
+    ext_results = yaml.safe_load((ext / "results.json").read_text())
+    assert set(ext_results["macro"]["location"]) == {
+        "pretrained · frozen", "pretrained · retrained", "random · frozen", "random · retrained"
+    }
+    kfp_root = tmp_path / "state" / "kfp"
+    html = list(kfp_root.rglob("report_html"))
+    assert html and "<table>" in html[0].read_text()
 
 
 def test_submit_requires_a_host(tmp_path):
