@@ -1,4 +1,5 @@
-"""CLEAR attention-based MIL head (Ilse et al. 2018 attention, CLEAR's layer sizes), batched with a mask."""
+"""CLEAR attention-based MIL head (Ilse et al. 2018 attention, CLEAR's layer sizes), batched with a mask
+or packed (the bags' real instances concatenated, no padding)."""
 
 from __future__ import annotations
 
@@ -36,4 +37,21 @@ class ABMIL(nn.Module):
         h = self.embed(x)
         a = self.attention(h, mask)
         z = torch.einsum("bn,bnh->bh", a, h)
+        return self.mlp(self.norm(z)), a
+
+    def forward_packed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [sum n_i, d] (bags concatenated), lengths [B] -> (logits [B, C], attention [B, max n_i]).
+
+        Same function as `forward` on the padded batch, but every per-instance layer (embedding, attention
+        MLP) runs on real instances only: with ~300-slice bags those layers are nearly all of the FLOPs, so
+        padding would be paid for in full. Only the [B, N] scores are padded (with -inf) for the softmax.
+        """
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        n_bags, n_max = lengths.numel(), int(lengths.max())
+        mask = torch.arange(n_max)[None, :] < lengths[:, None]
+        h = self.embed(x)
+        s = self.attn_w(torch.tanh(self.attn_v(h))).squeeze(-1)
+        a = torch.softmax(s.new_full((n_bags, n_max), float("-inf")).masked_scatter(mask, s), dim=1)
+        bag = torch.repeat_interleave(torch.arange(n_bags), lengths)
+        z = h.new_zeros((n_bags, h.shape[1])).index_add(0, bag, a[mask].unsqueeze(1) * h)
         return self.mlp(self.norm(z)), a
