@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 
 from slicefm.evaluate.config import AbmilConfig, EvaluateConfig, ProbeConfig, SplitConfig
@@ -12,13 +11,6 @@ D = 16
 CLASSES = ["liver", "lung", "bone"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Heads this small spend their time in thread hand-offs; one thread is faster and immune to a busy host.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def synthetic_cohort(n_bags: int, seed: int, strength: float = 6.0):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from kfp.dsl import ClassificationMetrics, Metrics
 
 from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
@@ -23,12 +22,6 @@ CLASSES = ["liver", "lung", "bone"]
 WINDOWS = ["abdomen", "lung"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_set(root: Path, label: str, n_scans: int, seed: int, strength: float, shift: float = 0.0) -> str:

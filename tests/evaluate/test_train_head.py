@@ -15,14 +15,6 @@ from slicefm.evaluate.train_head import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_masked_bce_ignores_unknown_and_weights_positives() -> None:
     logits = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.2, 1.5]])
     labels = torch.tensor([[1.0, -1.0], [0.0, 1.0], [-1.0, 0.0]])
