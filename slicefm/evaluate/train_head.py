@@ -123,9 +123,7 @@ def class_pos_weight(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
 
 
-# Memory an ABMIL head may spend to convert its inputs to float32 once instead of every epoch: the training
-# bags (gathered per batch from the converted copy) and the packed validation batches (reused every epoch).
-TRAIN_CACHE_BYTES = 4 << 30
+# An ABMIL head packs its validation bags (float32) once and reuses them every epoch if they fit in this.
 VAL_CACHE_BYTES = 2 << 30
 
 EvalBatch = tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]  # bag positions, model inputs
@@ -237,9 +235,6 @@ def train_abmil(
     keys = key_slices if key_slices is not None else [()] * len(train_bags)
     n_all = np.asarray([b.shape[0] for b in train_bags])
     lengths = np.minimum(n_all, cfg.max_instances or n_all.max())
-    # float16 -> float32 is the slowest copy on CPU: do it once per head, not once per epoch, when it fits.
-    if int(n_all.sum()) * spec.d * 4 <= TRAIN_CACHE_BYTES:
-        train_bags = [np.asarray(b, dtype=np.float32) for b in train_bags]
     val_bytes = sum(b.shape[0] for b in val_bags) * spec.d * 4
     val_cache = eval_batches(val_bags, cfg.eval_batch_size, True) if val_bytes <= VAL_CACHE_BYTES else None
 
