@@ -46,14 +46,17 @@ def pack_bags(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate bags [n_i, d] -> x [sum n_i, d] and lengths [B] (for `ABMIL.forward_packed`).
 
-    One numpy concatenate with the dtype conversion fused in (on CPU about 3x faster than torch's copy_
-    for float32 rows); no zero fill and no padding to compute on.
+    One copy per bag with the dtype conversion fused in, no zero fill, no padding to compute on. torch's
+    float16 -> float32 copy is vectorised (~10x numpy's cast on CPU, measured), so it does the converting.
     """
     if not bags:
         raise ValueError("pack_bags needs at least one bag")
     lengths = np.fromiter((b.shape[0] for b in bags), dtype=np.int64, count=len(bags))
     if lengths.min() < 1:
         raise ValueError("every bag needs at least one instance")
-    x = np.empty((int(lengths.sum()), int(bags[0].shape[1])), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-    np.concatenate(bags, axis=0, out=x)
-    return torch.from_numpy(x), torch.from_numpy(lengths)
+    x = torch.empty((int(lengths.sum()), int(bags[0].shape[1])), dtype=dtype)
+    start = 0
+    for bag, n in zip(bags, lengths.tolist(), strict=True):
+        x[start : start + n].copy_(torch.from_numpy(np.asarray(bag)))
+        start += n
+    return x, torch.from_numpy(lengths)

@@ -65,3 +65,16 @@ def test_attention_formula() -> None:
     assert torch.allclose(a[0], expected, atol=1e-6)
     z = (expected[:, None] * h).sum(0)
     assert torch.allclose(logits[0], model.mlp(model.norm(z)), atol=1e-5)
+
+
+def test_packed_forward_equals_the_padded_forward():
+
+    torch.manual_seed(0)
+    model = ABMIL(8, 3).eval()
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(n, 8)).astype(np.float32) for n in (5, 1, 9)]
+    with torch.no_grad():
+        lp, ap = model.forward_packed(*pack_bags(bags))
+        ld, ad = model(*collate_bags(bags))
+    torch.testing.assert_close(lp, ld, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ap, ad, rtol=1e-5, atol=1e-6)
