@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from slicefm.mil.abmil import ABMIL
-from slicefm.mil.bags import collate_bags
+from slicefm.mil.bags import collate_bags, pack_bags
 
 
 def _model(d: int = 8, c: int = 3) -> ABMIL:
