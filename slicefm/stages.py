@@ -198,7 +198,12 @@ def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> Non
         return
     best, value = max(scored, key=lambda rm: rm[1])
     name = f"{cfg.name}-{best.task}-head"
-    lineage = {"task": best.task, "embeddings": best.model, "protocol": best.protocol, f"macro_{metric}": value}
+    lineage = {
+        "task": best.task,
+        "embeddings": best.model,
+        "protocol": best.protocol,
+        f"macro_{metric}": value,
+    }
     version = register_head(f"{best.uri.rstrip('/')}/heads", name, lineage=lineage, aliases=("champion",))
     mlflow.set_tags({"slicefm.registered_head": name, "slicefm.head_version": version})
 
@@ -223,14 +228,9 @@ def external_stage(
 
 
 def _headline_metrics(headline: dict, prefix: str) -> dict[str, float]:
-    """MLflow metric names may not hold "·": "<prefix>_<model>_<protocol>_<metric>"."""
-    out = {}
-    for row, per_metric in headline.items():
-        safe = "_".join(p.strip().replace(" ", "_") for p in row.split("·"))
-        for metric, s in per_metric.items():
-            if s.mean is not None:
-                out[f"{prefix}_{safe}_{metric}"] = float(s.mean)
-    return out
+    from slicefm.kfp_reports import headline_scalars
+
+    return headline_scalars(headline, prefix, with_sd=False)
 
 
 def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -> None:

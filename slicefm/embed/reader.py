@@ -58,6 +58,10 @@ class EmbeddingSet:
         cols = ["scan_id", "row", "z_mm", "is_key_slice"]
         return self.store.read_parquet("slices.parquet", columns=cols).sort_values(["scan_id", "row"])
 
+    @cached_property
+    def _slices_by_scan(self) -> dict[str, pd.DataFrame]:
+        return dict(tuple(self.slices.groupby("scan_id", sort=False)))
+
     def _root(self, root: str) -> Store:
         if not root:
             return self.store
@@ -87,7 +91,7 @@ class EmbeddingSet:
         unknown = sorted(set(windows) - set(self.windows))
         if unknown:
             raise ValueError(f"windows {unknown} not extracted (available: {self.windows})")
-        per_scan = {sid: g for sid, g in self.slices.groupby("scan_id", sort=False)}
+        per_scan = self._slices_by_scan
         out = []
         for sid in scan_ids:
             mats = [self.matrix(sid, w) for w in windows]
