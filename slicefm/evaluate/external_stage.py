@@ -15,11 +15,10 @@ import pandas as pd
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.metrics import METRICS, Summary
 from slicefm.evaluate.protocols import run_external
-from slicefm.evaluate.report import render_report
+from slicefm.evaluate.report import combine_pages, headline_markdown, render_report
 from slicefm.evaluate.stage import (
     _common_scans,
     _metrics_rows,
-    _page,
     _summary_dict,
     _task_splits,
     load_embedding_sets,
@@ -40,11 +39,8 @@ class ExternalStageResult:
     rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = field(default_factory=dict)
 
     def headline_table(self, metric: str = "auroc") -> str:
-        from slicefm.evaluate.report import format_cell, to_markdown
-
-        rows = [["model · setting", f"macro {metric.upper()} on cohort B (mean ± sd over folds)"]]
-        rows += [[name, format_cell(s[metric])] for name, s in self.headline.items()]
-        return f"external cohort, task {self.headline_task}\n" + to_markdown(rows)
+        caption = f"external cohort B, task {self.headline_task}"
+        return headline_markdown(caption, "model · setting", self.headline, metric)
 
 
 def run_external_stage(
@@ -99,10 +95,10 @@ def run_external_stage(
                    "train splits; both scored on B's test sets"],
         )  # fmt: skip
         mds.append(md)
-        pages.append(page[page.index("<body>") + 6 : page.index("</body>")])
+        pages.append(page)
     md = "\n\n".join(mds)
     out.write_bytes("report.md", md.encode())
-    out.write_bytes("report.html", _page("slicefm external cohort", "\n<hr>\n".join(pages)).encode())
+    out.write_bytes("report.html", combine_pages("slicefm external cohort", pages).encode())
     head = ext.tasks[0]
     headline = {r: s["macro"] for r, s in rows[head].items()}
     out.write_json(

@@ -72,12 +72,30 @@ def render_report(
         t = [["model", "continuity"], *([k, f"{m:.3f} ± {sd:.3f}"] for k, (m, sd) in continuity.items())]
         md += [f"## {head}", "", to_markdown(t), ""]
         body += [f"<h2>{html.escape(head)}</h2>", to_html(t)]
-    page = (
+    return "\n".join(md), html_page(title, "\n".join(body))
+
+
+def html_page(title: str, body: str) -> str:
+    return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px}</style>"
-        "</head><body>" + "\n".join(body) + "</body></html>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
+        "padding:2px 6px}</style></head><body>" + body + "</body></html>"
     )
-    return "\n".join(md), page
+
+
+def combine_pages(title: str, pages: Sequence[str]) -> str:
+    """One HTML page holding the bodies of several render_report pages, separated by rules."""
+    bodies = [p[p.index("<body>") + len("<body>") : p.index("</body>")] for p in pages]
+    return html_page(title, "\n<hr>\n".join(bodies))
+
+
+def headline_markdown(
+    caption: str, header: str, headline: Mapping[str, Mapping[str, Summary]], metric: str
+) -> str:
+    """A two-column markdown table: row name -> macro `metric` as "mean ± sd", under a caption line."""
+    rows = [[header, f"macro {metric.upper()} (mean ± sd over folds)"]]
+    rows += [[name, format_cell(s[metric])] for name, s in headline.items()]
+    return f"{caption}\n" + to_markdown(rows)
 
 
 def kfp_scalar_metrics(summary: Mapping[str, Mapping[str, Summary]], prefix: str = "") -> dict[str, float]:

@@ -34,7 +34,7 @@ from slicefm.evaluate.continuity import mean_continuity
 from slicefm.evaluate.metrics import METRICS, ClassScores, Summary
 from slicefm.evaluate.plots import plot_attention, plot_roc_pr
 from slicefm.evaluate.protocols import CVResult, run_abmil_cv, run_linear_probe
-from slicefm.evaluate.report import render_report
+from slicefm.evaluate.report import combine_pages, headline_markdown, render_report
 from slicefm.evaluate.splits import Splits, make_splits
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
 from slicefm.tracking.store import Store, open_store
@@ -106,11 +106,7 @@ class EvaluateResult:
     continuity: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def headline_table(self, metric: str = "auroc") -> str:
-        from slicefm.evaluate.report import format_cell, to_markdown
-
-        rows = [["model · protocol", f"macro {metric.upper()} (mean ± sd over folds)"]]
-        rows += [[name, format_cell(s[metric])] for name, s in self.headline.items()]
-        return f"task {self.headline_task}\n" + to_markdown(rows)
+        return headline_markdown(f"task {self.headline_task}", "model · protocol", self.headline, metric)
 
 
 def _safe(name: str) -> str:
@@ -355,19 +351,9 @@ def _report(
             continuity=continuity if i == len(rows) - 1 else None, continuity_metric=cfg.continuity_metric,
         )  # fmt: skip
         mds.append(md)
-        pages.append(page[page.index("<body>") + 6 : page.index("</body>")])
-    full = _page("slicefm evaluation", "\n<hr>\n".join(pages))
+        pages.append(page)
+    full = combine_pages("slicefm evaluation", pages)
     return "\n\n".join(mds), full
-
-
-def _page(title: str, body: str) -> str:
-    import html
-
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
-        "padding:2px 6px}</style></head><body>" + body + "</body></html>"
-    )
 
 
 # --- heads saved by an evaluate run (used by the external stage) -------------------------------------
