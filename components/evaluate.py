@@ -36,10 +36,9 @@ def evaluate(
         The headline table (markdown).
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
-    from slicefm.kfp_reports import log_headline_metrics, log_run_roc, write_text
+    from slicefm.kfp_io import input_location, output_location
+    from slicefm.kfp_reports import log_headline_metrics, log_run_roc, publish_report
     from slicefm.stages import evaluate_stage
-    from slicefm.tracking.store import open_store
 
     cfg = config_from_yaml(config_yaml)
     out = output_location(results.path, store_uri, run_name, "evaluate")
@@ -49,9 +48,7 @@ def evaluate(
     res = evaluate_stage(cfg, sets, out, tracking_uri, parent_run_id)
     log_headline_metrics(metrics, res.headline, "macro")
     log_run_roc(roc, res.runs[0])
-    write_text(report_md, res.report_markdown)
-    write_text(report_html, open_store(res.out_uri).read_bytes("report.html").decode())
-    results.metadata.update({URI_KEY: res.out_uri, "headline_task": res.headline_task})
+    publish_report(res, report_md, report_html, results)
     return res.headline_table(cfg.evaluate.headline_metric)
 
 
@@ -84,10 +81,9 @@ def external(
         The headline table (markdown).
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
-    from slicefm.kfp_reports import log_headline_metrics, write_text
+    from slicefm.kfp_io import input_location, output_location
+    from slicefm.kfp_reports import log_headline_metrics, publish_report
     from slicefm.stages import external_stage
-    from slicefm.tracking.store import open_store
 
     cfg = config_from_yaml(config_yaml)
     out = output_location(results.path, store_uri, run_name, "external")
@@ -97,7 +93,5 @@ def external(
     source = input_location(source_results.path, source_results.metadata)
     res = external_stage(cfg, source, sets, out, tracking_uri, parent_run_id)
     log_headline_metrics(metrics, res.headline, "external")
-    write_text(report_md, res.report_markdown)
-    write_text(report_html, open_store(res.out_uri).read_bytes("report.html").decode())
-    results.metadata.update({URI_KEY: res.out_uri, "headline_task": res.headline_task})
+    publish_report(res, report_md, report_html, results)
     return res.headline_table(cfg.evaluate.headline_metric)

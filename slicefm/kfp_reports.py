@@ -20,18 +20,27 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def log_headline_metrics(
-    metrics: Any, headline: dict[str, dict[str, Summary]], prefix: str
+def headline_scalars(
+    headline: dict[str, dict[str, Summary]], prefix: str, with_sd: bool = True
 ) -> dict[str, float]:
-    """One scalar per row and metric ("<prefix>_<model>_<protocol>_<metric>" mean and _sd); n/a rows omitted."""
-    logged = {}
+    """ "<prefix>_<model>_<protocol>_<metric>" -> mean (and "..._sd"); n/a cells omitted (MLflow and KFP)."""
+    out = {}
     for row, per_metric in headline.items():
         for metric, s in per_metric.items():
             if s.mean is None:
                 continue
             base = f"{prefix}_{_safe(row)}_{metric}"
-            logged[base] = float(s.mean)
-            logged[f"{base}_sd"] = float(s.sd or 0.0)
+            out[base] = float(s.mean)
+            if with_sd:
+                out[f"{base}_sd"] = float(s.sd or 0.0)
+    return out
+
+
+def log_headline_metrics(
+    metrics: Any, headline: dict[str, dict[str, Summary]], prefix: str
+) -> dict[str, float]:
+    """headline_scalars logged on a KFP Metrics artifact."""
+    logged = headline_scalars(headline, prefix)
     for name, value in logged.items():
         metrics.log_metric(name, value)
     return logged
@@ -67,3 +76,13 @@ def write_text(artifact: Any, text: str) -> None:
     path = Path(artifact.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish_report(result: Any, report_md: Any, report_html: Any, results: Any) -> None:
+    """An evaluate / external result as KFP Markdown + HTML artifacts; its location on the results Dataset."""
+    from slicefm.kfp_io import URI_KEY
+    from slicefm.tracking.store import open_store
+
+    write_text(report_md, result.report_markdown)
+    write_text(report_html, open_store(result.out_uri).read_bytes("report.html").decode())
+    results.metadata.update({URI_KEY: result.out_uri, "headline_task": result.headline_task})
