@@ -1,7 +1,9 @@
 """Launch component: multi-node pretraining as a Kubeflow Trainer v2.1.0 TrainJob, waited for from this step.
 
 The step itself needs no GPU: it creates the TrainJob (torchrun of slicefm.train.launch on num_nodes GPU
-pods), follows it to Complete or Failed and deletes it. It must run under a service account bound to the
+pods), follows it to Complete or Failed and deletes it. Around the job it keeps the pipeline's "pretrain"
+MLflow stage run (tagged as a TrainJob) and, once the job completed, registers the encoder the job wrote,
+exactly as the single-node pretrain step does. It must run under a service account bound to the
 Role slicefm-launcher (k8s/base/rbac.yaml). Input and output live in the S3 artifact store, which every
 training node reads and writes directly.
 """
@@ -22,6 +24,7 @@ def launch_trainjob(
     slices: Input[Dataset],
     encoder: Output[Model],
     tracking_uri: str = "",
+    parent_run_id: str = "",
     image: str = "",
     namespace: str = "slicefm",
     num_nodes: int = 2,
@@ -48,7 +51,9 @@ def launch_trainjob(
         encoder: output: metadata "uri" = <store_uri>/<run_name>/pretrain (encoder.safetensors +
             encoder.json + checkpoints/), plus trainjob, namespace, num_nodes, gpus_per_node, method,
             encoder name; nothing is written into the artifact directory itself.
-        tracking_uri: MLFLOW_TRACKING_URI given to the training pods ("" = none).
+        tracking_uri: MLflow tracking URI of the stage run, also MLFLOW_TRACKING_URI of the training pods
+            ("" = no tracking).
+        parent_run_id: the pipeline's parent run; the stage run nests under it ("" = no stage run).
         image: training image, the GPU build of the project image ("" = slicefm-gpu:0.1.0).
         namespace: namespace of the TrainJob (where the slicefm-s3 / slicefm-mlflow secrets are).
         num_nodes: training pods (one per node).
@@ -72,6 +77,7 @@ def launch_trainjob(
     from slicefm.config import config_from_yaml
     from slicefm.k8s.trainjob import TrainJobConfig, run_trainjob, trainjob_name
     from slicefm.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.stages import trainjob_pretrain_stage
 
     if not store_uri.startswith("s3://"):
         raise ValueError(
@@ -100,12 +106,24 @@ def launch_trainjob(
     job = TrainJobConfig.model_validate(settings)
     name = trainjob_name(run_name, "pretrain")
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
-    run_trainjob(
-        job,
-        name=name,
-        preprocessed_uri=input_location(slices.path, slices.metadata),
-        out_uri=out,
-        config_yaml=config_yaml,
+    trainjob_pretrain_stage(
+        cfg,
+        out,
+        lambda: run_trainjob(
+            job,
+            name=name,
+            preprocessed_uri=input_location(slices.path, slices.metadata),
+            out_uri=out,
+            config_yaml=config_yaml,
+        ),
+        tracking_uri,
+        parent_run_id,
+        trainjob={
+            "name": name,
+            "namespace": namespace,
+            "num_nodes": num_nodes,
+            "gpus_per_node": gpus_per_node,
+        },
     )
     encoder.metadata.update(
         {

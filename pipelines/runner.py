@@ -74,23 +74,29 @@ def _local_source(data) -> Path:  # noqa: ANN001
 
 
 def run_local(config_path: Path, run_name: str | None = None) -> int:
-    """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are."""
+    """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are.
+
+    Raises TrackingError / PreflightError before any data or step when MLflow / SLICEFM_STORE is unusable.
+    """
     from kfp import local
 
     from pipelines.slicefm_pipeline import slicefm_pipeline
     from slicefm.data.pseudonym import KEY_ENV, load_key
     from slicefm.tracking.mlflow_runs import resolve_tracking_uri
     from slicefm.tracking.pipeline_runs import describe_run
+    from slicefm.tracking.preflight import preflight
 
     cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
+    tracking_uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), ROOT)
+    store_uri = os.environ.get("SLICEFM_STORE", "")
+    # An unreachable MLflow server or artifact store fails here, in seconds, before data or any stage.
+    preflight(tracking_uri, store_uri or None)
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
     source = _local_source(cfg.data)
     external = str(_local_source(cfg.external.data).resolve()) if cfg.external.enabled else ""
     # Components read the key from the environment, as they would from a Kubernetes Secret.
     os.environ[KEY_ENV] = load_key(state / "pseudonym.key").decode()
-    tracking_uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), ROOT)
-    store_uri = os.environ.get("SLICEFM_STORE", "")
     run_name = run_name or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"), raise_on_error=True

@@ -191,7 +191,8 @@ def slicefm_pipeline(
         with dsl.Else(name="pretrain-trainjob"):
             job = launch_trainjob(
                 config_yaml=config_yaml, store_uri=store_uri, run_name=run_name, slices=pre.outputs["slices"],
-                tracking_uri=tracking_uri, image=trainer_image, namespace=trainer_namespace,
+                tracking_uri=tracking_uri, parent_run_id=start.output, image=trainer_image,
+                namespace=trainer_namespace,
                 num_nodes=pretrain_nodes, gpus_per_node=pretrain_gpus, accelerator=gpu_accelerator,
                 node_selector=gpu_node_selector, tolerations=gpu_tolerations,
             )  # fmt: skip

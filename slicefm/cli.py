@@ -169,7 +169,13 @@ def _pipeline_runner():
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
-    return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name)
+    from slicefm.tracking.preflight import PreflightError, TrackingError
+
+    try:
+        return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name)
+    except (TrackingError, PreflightError) as err:  # MLflow or the store unusable: nothing was run
+        log.error("%s", err)
+        return 1
 
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,16 +29,22 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _tracked(
-    tracking_uri: str | None, parent_run_id: str | None, stage: str, cfg: PipelineConfig, params: dict
+    tracking_uri: str | None,
+    parent_run_id: str | None,
+    stage: str,
+    cfg: PipelineConfig,
+    params: dict,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator:
     if not tracking_uri or not parent_run_id:
         yield None
         return
-    tags = {
+    all_tags = {
+        **(tags or {}),
         "slicefm.stage": stage,
         "slicefm.config_hash": mlflow_runs.config_hash(cfg.model_dump(mode="json")),
     }
-    with mlflow_runs.stage_run(tracking_uri, parent_run_id, stage, params, tags) as run:
+    with mlflow_runs.stage_run(tracking_uri, parent_run_id, stage, params, all_tags) as run:
         yield run
 
 
@@ -98,21 +104,62 @@ def pretrain_stage(
     resume: bool = True,
 ) -> PretrainResult:
     """Self-supervised pretraining; checkpoints (resumable) and encoder.safetensors/json under out_uri."""
-    params = cfg.pretrain.model_dump(mode="json")
-    with _tracked(tracking_uri, parent_run_id, "pretrain", cfg, params):
+    with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id):
         result = run_pretrain(preprocessed_uri, out_uri, cfg.pretrain, resume=resume)
-        _log_metrics(
-            {
-                "steps": result.steps,
-                "loss_first": result.loss_first,
-                "loss_last": result.loss_last,
-                "slices_per_s": result.slices_per_s,
-                **{f"collapse_{k}": v for k, v in result.collapse.items()},
-            }
-        )
-        _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder
-        _register(out_uri, f"{cfg.name}-encoder")
+        _log_pretrain_metrics(result.to_dict())
     return result
+
+
+def trainjob_pretrain_stage(
+    cfg: PipelineConfig,
+    out_uri: str,
+    launch: Callable[[], object],
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    trainjob: Mapping[str, object] | None = None,
+) -> None:
+    """Pretraining run elsewhere (a multi-node TrainJob): `launch` submits it and returns once it completed.
+
+    The same stage run, metrics (from the job's pretrain_result.json) and encoder registration as
+    `pretrain_stage`; the run is tagged `slicefm.launcher=trainjob` plus `slicefm.trainjob.<key>` for
+    each item of `trainjob` (name, namespace, nodes...).
+    """
+    tags = {
+        "slicefm.launcher": "trainjob",
+        **{f"slicefm.trainjob.{k}": str(v) for k, v in (trainjob or {}).items()},
+    }
+    with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id, tags) as run:
+        launch()
+        if run is not None:
+            _log_pretrain_metrics(open_store(out_uri).read_json("pretrain_result.json"))
+
+
+@contextlib.contextmanager
+def _pretrain_run(
+    cfg: PipelineConfig,
+    out_uri: str,
+    tracking_uri: str | None,
+    parent_run_id: str | None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator:
+    """The pretrain stage run around the training; once the block succeeds, the encoder it wrote to
+    out_uri becomes a new version of `<name>-encoder` (a failed block registers nothing)."""
+    params = cfg.pretrain.model_dump(mode="json")
+    with _tracked(tracking_uri, parent_run_id, "pretrain", cfg, params, tags) as run:
+        yield run
+        _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder / the registry
+        _register(out_uri, f"{cfg.name}-encoder")
+
+
+def _log_pretrain_metrics(result: Mapping) -> None:
+    """A PretrainResult (as its dict) -> the stage run's metrics."""
+    keys = ("steps", "loss_first", "loss_last", "slices_per_s")
+    _log_metrics(
+        {
+            **{k: result[k] for k in keys},
+            **{f"collapse_{k}": v for k, v in result.get("collapse", {}).items()},
+        }
+    )
 
 
 def extract_stage(
@@ -293,6 +340,7 @@ __all__ = [
     "ingest_stage",
     "preprocess_stage",
     "pretrain_stage",
+    "trainjob_pretrain_stage",
     "extract_stage",
     "evaluate_stage",
     "external_stage",

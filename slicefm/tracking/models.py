@@ -329,12 +329,14 @@ def pull_model(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
-        # Pin the resolved version (not the alias), so a concurrent alias move cannot mix versions.
+        # Pin the resolved version (not the alias), so a concurrent alias move cannot mix versions. The
+        # location comes from our client: a models:/ URI would be resolved against MLflow's global
+        # registry URI, ignoring `tracking_uri`.
+        root = _client(tracking_uri).get_model_version_download_uri(mv.name, mv.version)
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{mv.version}/{payload}",
+            artifact_uri=f"{root.rstrip('/')}/{payload}",
             dst_path=str(tmp / "download"),
             tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
         )
         files = verify_manifest(Path(local), tags.get(MANIFEST_TAG), label=label)
         _replace_dir(Path(local), dest, overwrite)

@@ -389,8 +389,9 @@ class S3Store(Store):
 
             # botocore's "auto" addressing already uses path style when AWS_ENDPOINT_URL points at an
             # S3-compatible server (MinIO, Ceph, moto), which rarely has wildcard DNS for bucket.host.
+            # total_max_attempts counts the first try; botocore's "max_attempts" would count retries only.
             config = Config(
-                retries={"mode": "standard", "max_attempts": self.max_attempts},
+                retries={"mode": "standard", "total_max_attempts": self.max_attempts},
                 connect_timeout=self.connect_timeout_s,
                 read_timeout=self.read_timeout_s,
             )

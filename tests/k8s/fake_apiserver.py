@@ -2,7 +2,8 @@
 
 It speaks the real REST protocol (paths, JSON bodies, Status errors, query parameters) so the launcher is
 tested through the real `kubernetes` client, not mocks. Each GET of the TrainJob returns the next status
-of `statuses` (the last one repeats); `errors` queues HTTP error codes for the next TrainJob GETs.
+of `statuses` (the last one repeats); `errors` queues HTTP error codes for the next TrainJob GETs;
+`on_create` is called with each TrainJob created (e.g. to do what its pods would) before the API answers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -116,6 +118,7 @@ class FakeKube:
     forbid_create: bool = False
     preexisting: dict[str, Any] | None = None
     vanish_after: int | None = None  # GETs after which the TrainJob is gone (404)
+    on_create: Callable[[dict[str, Any]], None] | None = None
     requests: list[tuple[str, str, dict[str, list[str]]]] = field(default_factory=list)
     created: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -189,6 +192,8 @@ class FakeKube:
             obj = {**body, "metadata": {**body["metadata"], "uid": "uid-1", "creationTimestamp": T0}}
             self._jobs[key] = obj
             self.created.append(body)
+            if self.on_create is not None:
+                self.on_create(body)
             return self._json(req, 201, obj)
         key = (ns, name or "")
         if key not in self._jobs:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import kubernetes.client as kc
@@ -18,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from slicefm.k8s.trainjob import (
     CONFIG_DIR,
     CONFIG_ENV,
+    CONFIG_PATH,
     JOBSET_NAME_LABEL,
     MAX_NAME,
     NAME_RE,
@@ -395,3 +397,115 @@ def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_
         launch_trainjob.python_func(
             config_yaml=config_yaml, store_uri="", run_name="r", slices=slices, encoder=encoder
         )
+
+
+# --- the launcher's MLflow stage run and encoder registration -----------------------------------------
+
+
+@pytest.fixture
+def tracked_parent(tmp_path, monkeypatch) -> tuple[str, str]:
+    """A sqlite MLflow store with an open pipeline parent run: (tracking URI, parent run id)."""
+    from slicefm.tracking.mlflow_runs import start_pipeline_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return tracking, start_pipeline_run(tracking, "trainjob-test", "run-1", {})
+
+
+def _copy_to_s3(local_uri: str, s3_uri: str) -> str:
+    from slicefm.tracking.store import open_store
+
+    src, dst = open_store(local_uri), open_store(s3_uri)
+    for key in src.list():
+        dst.upload_file(src.local_path(key), key)
+    return dst.uri("")
+
+
+def _pods(workdir: Path) -> Callable[[dict], None]:
+    """What a created TrainJob's pods do, in one process: slicefm.train.launch with its args and config."""
+
+    def run(manifest: dict) -> None:
+        from slicefm.train import launch
+
+        trainer = manifest["spec"]["trainer"]
+        config = workdir / "config.yaml"
+        config.write_text(next(e["value"] for e in trainer["env"] if e["name"] == CONFIG_ENV))
+        launch.main([str(config) if a == CONFIG_PATH else a for a in trainer["args"]])
+
+    return run
+
+
+def _launch(kubeconfig, tmp_path, fake: FakeKube, config_yaml: str, pre: str, store: str, tracked) -> str:
+    from kfp import dsl
+
+    from components.launch_trainjob import launch_trainjob
+
+    kubeconfig(fake.url)
+    return launch_trainjob.python_func(
+        config_yaml=config_yaml,
+        store_uri=store,
+        run_name="run-1",
+        slices=dsl.Dataset(name="slices", uri=str(tmp_path / "slices"), metadata={"uri": pre}),
+        encoder=dsl.Model(name="encoder", uri=str(tmp_path / "encoder"), metadata={}),
+        tracking_uri=tracked[0],
+        parent_run_id=tracked[1],
+        num_nodes=2,
+        gpus_per_node=0,
+        poll_s=0.01,
+    )
+
+
+def test_component_tracks_the_trainjob_and_registers_the_encoder_it_wrote(
+    kubeconfig, tmp_path, s3_env, preprocessed, tracked_parent
+):
+    from mlflow.tracking import MlflowClient
+
+    from slicefm.config import PipelineConfig, dump_config
+    from slicefm.tracking.models import pull_model
+    from slicefm.tracking.pipeline_runs import child_runs
+    from slicefm.tracking.store import open_store
+    from tests.train.conftest import tiny_config
+
+    tracking, parent_id = tracked_parent
+    cfg = PipelineConfig.model_validate({"name": "mn", "pretrain": tiny_config("moco", steps=2).model_dump()})
+    store = f"{s3_env}/runs"
+    pre = _copy_to_s3(preprocessed, f"{store}/run-1/preprocess")
+    out = f"{store}/run-1/pretrain"
+    with FakeKube([RUNNING, COMPLETE], on_create=_pods(tmp_path)) as fake:
+        assert _launch(kubeconfig, tmp_path, fake, dump_config(cfg), pre, store, tracked_parent) == NAME
+    assert fake.deleted == [NAME]
+
+    (run,) = child_runs(tracking, parent_id)
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["slicefm.stage"] == "pretrain" and tags["slicefm.launcher"] == "trainjob"
+    assert tags["slicefm.trainjob.name"] == NAME and tags["slicefm.trainjob.num_nodes"] == "2"
+    assert tags["slicefm.output_uri"] == out
+    assert run.data.metrics["steps"] == 2 and "loss_last" in run.data.metrics
+    assert run.data.params["method"] == "moco"
+    # The encoder the job wrote to S3 is the registered version, logged under this stage run.
+    assert tags["slicefm.registered_model"] == "mn-encoder"
+    mv = MlflowClient(tracking).get_model_version("mn-encoder", tags["slicefm.model_version"])
+    assert mv.run_id == run.info.run_id
+    pulled = pull_model(f"mn-encoder:{mv.version}", tmp_path / "pulled", tracking)
+    for key in ("encoder.safetensors", "encoder.json"):
+        assert (pulled.path / key).read_bytes() == open_store(out).read_bytes(key), key
+
+
+def test_failed_trainjob_fails_its_stage_run_and_registers_nothing(
+    kubeconfig, tmp_path, s3_env, tracked_parent
+):
+    from mlflow.tracking import MlflowClient
+
+    from slicefm.config import PipelineConfig, dump_config
+    from slicefm.tracking.pipeline_runs import child_runs
+
+    tracking, parent_id = tracked_parent
+    with FakeKube([RUNNING, FAILED]) as fake, pytest.raises(TrainJobFailed, match="FailedJobs"):
+        _launch(
+            kubeconfig, tmp_path, fake, dump_config(PipelineConfig()), PRE, f"{s3_env}/runs", tracked_parent
+        )
+    (run,) = child_runs(tracking, parent_id)
+    assert run.info.status == "FAILED" and run.data.tags["slicefm.launcher"] == "trainjob"
+    assert "slicefm.registered_model" not in run.data.tags
+    assert MlflowClient(tracking).search_registered_models() == []

@@ -107,3 +107,25 @@ def test_cli_fails_fast_when_the_tracking_server_is_down(verb: list[str], closed
     uri = f"http://127.0.0.1:{closed_port}"
     assert main(["models", *verb, "--tracking-uri", uri]) == 1
     assert f"{uri} unreachable" in caplog.text
+
+
+def test_pull_resolves_the_model_in_the_given_registry_not_the_global_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An explicit tracking URI wins over MLFLOW_TRACKING_URI (MLflow resolves models:/ URIs globally)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from slicefm.tracking.mlflow_runs import _global_tracking_uri
+    from slicefm.tracking.models import pull_model
+    from slicefm.tracking.registry import register_head
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    head = _payload(tmp_path / "head")
+    exp = MlflowClient(registry).create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    with _global_tracking_uri(registry), mlflow.start_run(experiment_id=exp):
+        version = register_head(head, "h")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    pulled = pull_model(f"h:{version}", tmp_path / "pulled", registry)
+    assert (pulled.path / "weights.bin").read_bytes() == (head / "weights.bin").read_bytes()

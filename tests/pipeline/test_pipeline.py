@@ -10,9 +10,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
-from slicefm.config import PipelineConfig, dump_config
 from slicefm.pipeline_data import dvc_dir_md5, ensure_demo_data
 from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
+from tests.pipeline.conftest import tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,10 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     assert "pretrain" in single and "launch-trainjob" in multi
     for branch, producer in ((single, "pretrain"), (multi, "launch-trainjob")):
         assert find(branch, "shard-indices") and find(branch, "evaluate")
+        # Both ways of pretraining open their MLflow stage run under the pipeline's parent run.
+        assert branch[producer]["inputs"]["parameters"]["parent_run_id"] == {
+            "componentInputParameter": "pipelinechannel--start-tracking-Output"
+        }
         (ev_name,) = find(branch, "evaluate")
         # Extraction fans out over shards (pretrained + random-weight twin), collected by two merges.
         (loop,) = find(branch, "for-loop").values()
@@ -117,43 +121,7 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 
 
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
-    pretrain = yaml.safe_load((ROOT / "pipelines/configs/demo-cpu.yaml").read_text())["pretrain"]
-    pretrain["encoder"]["img_size"] = 32
-    pretrain["input_channels"] = "per_window"  # CLEAR: one single-channel image per HU window
-    pretrain["lejepa"]["local_size"] = 16
-    pretrain["schedule"] = {"max_steps": 4, "warmup_steps": 1}
-    pretrain["loader"] = {"batch_size": 8, "workers": 0}
-    pretrain["logging"] = {"every_steps": 2, "collapse_every": 2, "collapse_batch": 8}
-    pretrain["checkpoint"] = {"every_steps": 2}
-    cfg = PipelineConfig.model_validate(
-        {
-            "pretrain": pretrain,
-            "name": "t",
-            "experiment": "pipeline-test",
-            "data": {"source": str(tmp_path / "data"), "phantom_scans": 8, "phantom_size": 64},
-            "ingest": {"workers": 1},
-            "preprocess": {"size": 32, "workers": 1, "n_shards": 2},
-            "extract": {"workers": 0, "batch_size": 64, "n_shards": 1},
-            "evaluate": {
-                "tasks": [
-                    {"name": "location", "labels": ["location_*"], "protocols": ["abmil"]},
-                    {"name": "findings", "labels": ["finding_*"], "windows": ["lung"], "protocols": ["probe"]},
-                ],
-                "splits": {"n_folds": 2},
-                "abmil": {"epochs": 2, "patience": 1, "batch_size": 4},
-                "probe": {"poolings": ["mean"], "lrs": [0.1], "steps": 4, "eval_every": 2},
-                "attention_plots": 1,
-            },
-            "external": {
-                "enabled": True,
-                "tasks": ["location"],
-                "data": {"source": str(tmp_path / "external"), "phantom_scans": 6, "phantom_size": 64,
-                         "phantom_profile": "shifted", "phantom_seed": 1},
-            },
-        }
-    )
-    config_path = tmp_path / "cfg.yaml"
-    config_path.write_text(dump_config(cfg))
+    config_path = tiny_pipeline_config(tmp_path)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("SLICEFM_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
