@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from slicefm.config import DataConfig
@@ -28,14 +29,25 @@ def ensure_demo_data(cfg: DataConfig, out: Path | None = None, force: bool = Fal
     log.info(
         "generating the phantom dataset at %s (%d scans, %s)", path, cfg.phantom_scans, cfg.phantom_format
     )
+    # Regenerating over an existing dataset: build beside it, then swap, so a failure keeps the old one.
+    replace = path.exists() and any(path.iterdir())
+    target = path.with_name(f".{path.name}.regenerating") if replace else path
+    if target != path and target.exists():
+        shutil.rmtree(target)  # left by an interrupted regeneration
     generate_dataset(
-        path,
+        target,
         cfg.phantom_scans,
         cfg.phantom_format,
         seed=cfg.phantom_seed,
         shape_xy=cfg.phantom_size,
         profile=cfg.phantom_profile,
     )
+    if replace:
+        old = path.with_name(f".{path.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        target.rename(path)
+        shutil.rmtree(old)
     return path
 
 

@@ -272,6 +272,13 @@ class _Grid:
         self, centre_zyx: Sequence[float], radii_zyx: Sequence[float]
     ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
         """(bounding-box slices, boolean mask on that box), or None when outside the volume."""
+        found = self.ellipsoid_r2(centre_zyx, radii_zyx)
+        return None if found is None else (found[0], found[1] <= 1.0)
+
+    def ellipsoid_r2(
+        self, centre_zyx: Sequence[float], radii_zyx: Sequence[float]
+    ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+        """(bounding-box slices, squared normalised radius on that box: <= 1 inside), or None."""
         boxes = tuple(
             _span(axis, c - r, c + r)
             for axis, c, r in zip((self.z, self.y, self.x), centre_zyx, radii_zyx, strict=True)
@@ -282,8 +289,8 @@ class _Grid:
             ((axis[b] - c) / r).astype(np.float32) ** 2
             for axis, b, c, r in zip((self.z, self.y, self.x), boxes, centre_zyx, radii_zyx, strict=True)
         ]
-        mask = terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :] <= 1.0
-        return boxes, mask  # type: ignore[return-value]
+        r2 = terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :]
+        return boxes, r2  # type: ignore[return-value]
 
     def ellipse_slab(self, zs: slice, cx, cy, rx, ry) -> tuple[tuple[slice, slice, slice], np.ndarray]:
         """Per-slice ellipses on slab `zs` (centres/radii: scalars or arrays over the slab).
@@ -852,7 +859,8 @@ _LESION_HOSTS = {
     "soft_tissue": ("body_fat",),  # subcutaneous: a mass in fat stays visible whatever its contrast
     "pelvis": ("bowel", "body_fat"),
 }
-_MAX_RADIUS_MM = {"bone": 12.0, "kidney": 15.0, "soft_tissue": 14.0, "mediastinum": 15.0}
+_MAX_RADIUS_MM = {"bone": 14.0, "kidney": 18.0, "soft_tissue": 18.0, "mediastinum": 18.0}
+_LESION_CORE = 0.6  # core radius / lesion radius; the shell outside it carries the rim enhancement
 _MIN_HOST_VOXELS = 30
 
 
@@ -871,22 +879,28 @@ def _host_mask(b: _Builder, lesion_type: str) -> np.ndarray:
     return host
 
 
-def _lesion_hu(rng: np.random.Generator, lesion_type: str, contrast_phase: bool) -> tuple[float, float]:
-    """(reference HU of the host tissue, contrast) for a new lesion."""
+def _lesion_hu(rng: np.random.Generator, lesion_type: str, contrast_phase: bool) -> tuple[float, float, float]:
+    """(reference HU of the host tissue, core contrast, rim enhancement) for a new lesion.
+
+    DeepLesion's lesions are the ones radiologists measured: conspicuous against their host tissue.
+    Soft-tissue metastases are drawn rim-enhancing (a brighter shell around a hypo- or hyperdense core),
+    the texture that tells them apart from bowel loops and vessels; lung and bone lesions stand out
+    against air and cancellous bone on their own.
+    """
     if lesion_type == "lung":
-        return -860.0, float(rng.uniform(10.0, 50.0) + 860.0)  # a solid tumour in aerated lung
+        return -860.0, float(rng.uniform(10.0, 50.0) + 860.0), 0.0  # a solid tumour in aerated lung
     if lesion_type == "bone":  # lytic or sclerotic metastasis in cancellous bone
-        return 250.0, float(rng.uniform(-200.0, -100.0) if rng.random() < 0.6 else rng.uniform(150.0, 350.0))
+        lytic = rng.random() < 0.6
+        return 250.0, float(rng.uniform(-220.0, -120.0) if lytic else rng.uniform(180.0, 350.0)), 0.0
     reference = {"liver": 95.0 if contrast_phase else 60.0, "kidney": 150.0 if contrast_phase else 32.0}
-    # DeepLesion's lesions are the ones radiologists measured: conspicuous against their host tissue.
-    contrast = rng.uniform(-120.0, -50.0) if rng.random() < 0.5 else rng.uniform(50.0, 150.0)
-    return reference.get(lesion_type, _SOFT_TISSUE_HU), float(contrast)
+    contrast = rng.uniform(-150.0, -70.0) if rng.random() < 0.5 else rng.uniform(70.0, 160.0)
+    return reference.get(lesion_type, _SOFT_TISSUE_HU), float(contrast), float(rng.uniform(90.0, 160.0))
 
 
 def _lesion_diameter_mm(rng: np.random.Generator, lesion_type: str, stage: int) -> float:
     if lesion_type == "lung":  # stage III-IV carries the larger primary tumours
         return float(rng.uniform(20.0, 40.0) if stage else rng.uniform(8.0, 28.0))
-    return float(rng.uniform(12.0, 40.0))  # RECIST-measurable: DeepLesion's long axes are mostly >= 10 mm
+    return float(rng.uniform(18.0, 40.0))  # RECIST-measurable: DeepLesion's long axes are mostly >= 10 mm
 
 
 def _place_lesion(b: _Builder, lesion_type: str, diameter_mm: float) -> PhantomLesion | None:
@@ -912,9 +926,10 @@ def _place_lesion(b: _Builder, lesion_type: str, diameter_mm: float) -> PhantomL
             radius *= 0.7  # the host is thin here (rib, body wall): try a smaller lesion
     _, voxel, radii, shape = best  # type: ignore[misc]
     number = int(b.lesion.max()) + 1
-    reference, contrast = _lesion_hu(b.rng, lesion_type, b.contrast)
+    reference, contrast, rim = _lesion_hu(b.rng, lesion_type, b.contrast)
     where, mask = shape  # type: ignore[misc]
-    b.hu[where][mask] = reference + contrast
+    _, r2 = b.g.ellipsoid_r2(b.centre_mm(voxel), radii)  # type: ignore[misc]
+    b.hu[where][mask] = reference + contrast + rim * (r2[mask] > _LESION_CORE**2)
     b.lesion[where][mask] = number
     rows, cols = np.nonzero(b.lesion[voxel[0]] == number)
     return PhantomLesion(
@@ -946,9 +961,10 @@ def _plausible_types(b: _Builder) -> list[str]:
 def _add_lesions(
     b: _Builder, rng: np.random.Generator, stage: int, min_lesions: int, required: Sequence[str]
 ) -> list[PhantomLesion]:
-    """0-3 lesions (at least `min_lesions`, and one of each `required` type when it fits)."""
+    """1-4 lesions (every DeepLesion scan has one; at least `min_lesions`, and one of each `required`
+    type when it fits)."""
     plausible = _plausible_types(b)
-    n_random = max(int(rng.integers(0, 4)), min_lesions) - len(required)
+    n_random = max(int(rng.integers(1, 5)), min_lesions) - len(required)
     lesions = []
     for lesion_type in required:
         lesion = _place_lesion(b, lesion_type, _lesion_diameter_mm(rng, lesion_type, stage))
@@ -1042,7 +1058,7 @@ def generate_scan(
 
     `region`: "chest_abdomen" (pelvis to lung apices) or "chest" (upper abdomen to apices).
     `lesion_types`: lesion types every scan must contain (e.g. ("lung",) for an NSCLC cohort);
-    `min_lesions` raises the 0-3 random lesion count. `spacing_mm` (z, y, x) forces the voxel
+    `min_lesions` raises the 1-4 random lesion count. `spacing_mm` (z, y, x) forces the voxel
     spacing (e.g. RAD-ChestCT's 0.8 mm isotropic); when the body would not fit the field of view at
     that spacing, the anatomy is scaled down isotropically (PhantomScan.acquisition["anatomy_scale"]).
     `findings` fixes which CHEST_FINDINGS / EXTRA_FINDINGS are present instead of drawing them.

@@ -176,6 +176,26 @@ def test_every_lesion_type_can_be_placed_and_is_visible(lesion_type):
     assert abs(np.median(scan.hu[lesion]) - np.median(scan.hu[shell])) > 10
 
 
+
+@pytest.mark.parametrize("lesion_type", ["liver", "kidney", "abdomen"])
+def test_soft_tissue_lesions_are_rim_enhancing(lesion_type):
+    """A brighter shell around the core: the texture that tells a metastasis from bowel or vessels."""
+    scan = generate_scan(
+        np.random.default_rng(7), shape_xy=128, n_slices=64, lesion_types=(lesion_type,), findings=()
+    )
+    number = next(i for i, les in enumerate(scan.lesions, start=1) if les.lesion_type == lesion_type)
+    key = scan.lesions[number - 1].key_slice
+    lesion, hu = scan.lesion_mask[key] == number, scan.hu[key]  # in-plane: slices are thicker than pixels
+    core = ndimage.binary_erosion(lesion, iterations=2)
+    shell = lesion & ~ndimage.binary_erosion(lesion)
+    assert core.sum() > 0 and shell.sum() > 0
+    assert np.median(hu[shell]) - np.median(hu[core]) > 40
+
+
+def test_every_scan_carries_one_to_four_lesions_like_deeplesion():
+    counts = [len(s.lesions) for s in generate_cohort(12, seed=3, shape_xy=48, n_slices=32)]
+    assert min(counts) >= 1 and max(counts) <= 4 and len(set(counts)) > 1
+
 def test_chest_region_has_no_pelvis():
     scan = generate_scan(np.random.default_rng(4), shape_xy=48, n_slices=24, region="chest", min_lesions=3)
     assert not (scan.organ_mask == ORGAN["bladder"]).any()

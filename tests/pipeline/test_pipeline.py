@@ -184,3 +184,20 @@ def test_submit_requires_a_host(tmp_path):
         runner.submit(
             ROOT / "pipelines/configs/demo-cpu.yaml", host=None, namespace=None, experiment="e", token=None
         )
+
+
+def test_forced_regeneration_replaces_an_existing_dataset(tmp_path):
+    """`make data` over a stale dataset: the new cohort replaces it whole (no leftovers, no temp dirs)."""
+    cfg = runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml").data.model_copy(
+        update={"phantom_scans": 2, "phantom_size": 32}
+    )
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older generator")
+    assert ensure_demo_data(cfg, out) == out and (out / "stale.txt").exists()  # not forced: kept as is
+    ensure_demo_data(cfg, out, force=True)
+    assert not (out / "stale.txt").exists()
+    fresh = tmp_path / "fresh"
+    ensure_demo_data(cfg, fresh)
+    assert dvc_dir_md5(out) == dvc_dir_md5(fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "fresh"]
