@@ -1,0 +1,139 @@
+"""Can this cohort resolve lesion location at all, and do these embeddings carry lesion signal?
+
+A diagnostic for the "pretrained beats random weights" comparison (issue 4), printed side by side:
+
+1. Slice-level lesion presence, per embedding set: logistic regression on each slice's embedding (one
+   window), 5-fold CV grouped by scan, AUROC. Targets come from the lesion masks preprocessing wrote.
+   0.5 = the embeddings do not tell a slice with a lesion from one without.
+2. The cohort's ceiling: the evaluate stage's own protocol (ABMIL, same task, same folds when --splits is
+   given) on an ORACLE embedding set whose slices carry exact indicators of the lesion types they show
+   plus `--noise`-sd Gaussian noise in 23 further dimensions. When the oracle stays near 0.5, the cohort
+   is too small (or its labels too sparse) for any encoder to win; raise the number of scans.
+
+    .venv/bin/python benchmarks/lesion_signal.py --embeddings RUN/merge-embeddings/embeddings \\
+        RUN/merge-embeddings-2/embeddings --config pipelines/configs/demo-cpu.yaml --splits RUN/evaluate/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from slicefm.config import load_config
+from slicefm.embed.reader import EmbeddingSet
+from slicefm.evaluate.stage import run_evaluate
+from slicefm.tracking.store import Store, open_store
+
+N_LESION_TYPES = 8  # DeepLesion's coarse types 1..8
+ORACLE_NOISE_DIMS = 23
+
+
+def lesion_types_per_slice(pre: Store, scan_id: str, lesions: pd.DataFrame) -> np.ndarray:
+    """[n_slices, 8] 0/1: which lesion types each slice shows (mask value = lesion_index + 1)."""
+    with np.load(io.BytesIO(pre.read_bytes(f"masks/{scan_id}.npz"))) as npz:
+        lesion_map = npz["lesion"]
+    out = np.zeros((lesion_map.shape[0], N_LESION_TYPES), np.float32)
+    for row in lesions[lesions["scan_id"] == scan_id].itertuples():
+        shown = (lesion_map == row.lesion_index + 1).any(axis=(1, 2))
+        out[shown, int(row.lesion_type) - 1] = 1.0
+    return out
+
+
+def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> float:
+    """Grouped 5-fold logistic-regression AUROC of 'this slice shows a lesion' from its embedding."""
+    xs, ys, groups = [], [], []
+    for scan_id in es.scans["scan_id"]:
+        x = es.matrix(scan_id, window).astype(np.float32)
+        xs.append(x)
+        ys.append(lesion_types_per_slice(pre, scan_id, lesions).any(axis=1))
+        groups += [scan_id] * len(x)
+    x, y, g = np.concatenate(xs), np.concatenate(ys).astype(int), np.asarray(groups)
+    aucs = []
+    for train, test in GroupKFold(5).split(x, y, g):
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
+        )
+        model.fit(x[train], y[train])
+        aucs.append(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
+    return float(np.mean(aucs))
+
+
+def write_oracle_set(
+    template: EmbeddingSet, pre: Store, lesions: pd.DataFrame, out: Path, noise: float
+) -> Path:
+    """An extract-layout set over the template's scans and windows whose slices hold the lesion-type
+    indicators (+ noise): what a perfect lesion detector with `noise`-sd nuisance features would give."""
+    store = open_store(str(out))
+    rng = np.random.default_rng(0)
+    rows = []
+    for scan_id in template.scans["scan_id"]:
+        types = lesion_types_per_slice(pre, scan_id, lesions)
+        z = np.linspace(0.0, 1.0, len(types), dtype=np.float32)[:, None]
+        for window in template.windows:
+            extra = rng.normal(scale=noise, size=(len(types), ORACLE_NOISE_DIMS)).astype(np.float32)
+            key = f"embeddings/{window}/{scan_id}.npy"
+            store.write_npy(key, np.concatenate([types, z, extra], axis=1).astype(np.float16))
+            rows.append({"scan_id": scan_id, "window": window, "key": key, "n_slices": len(types),
+                         "dim": N_LESION_TYPES + 1 + ORACLE_NOISE_DIMS, "patches_key": None, "root": ""})  # fmt: skip
+    store.write_parquet("embeddings.parquet", pd.DataFrame(rows))
+    for table in ("scans.parquet", "slices.parquet", "lesions.parquet"):
+        store.write_bytes(table, template.store.read_bytes(table))
+    meta = dict(template.meta)
+    meta["encoder"] = {
+        **meta["encoder"],
+        "label": "oracle",
+        "name": "oracle",
+        "source": f"oracle (noise {noise})",
+    }
+    store.write_json("extract.json", meta)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embeddings", nargs="+", required=True, help="extract outputs (same cohort)")
+    p.add_argument("--config", default="pipelines/configs/demo-cpu.yaml", help="its evaluate section")
+    p.add_argument("--task", help="evaluate task to run the oracle on (default: the first)")
+    p.add_argument("--splits", help="an evaluate output whose splits/<task>.json to reuse (same folds)")
+    p.add_argument("--window", default=None, help="window for the slice probe (default: the first)")
+    p.add_argument("--noise", type=float, default=1.0, help="sd of the oracle's nuisance dimensions")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    sets = [EmbeddingSet(uri) for uri in args.embeddings]
+    pre = open_store(sets[0].meta["preprocessed"])
+    lesions = pre.read_parquet("lesions.parquet")
+    window = args.window or sets[0].windows[0]
+    print(f"cohort: {len(sets[0].scans)} scans, {len(lesions)} lesions; slice probe on the {window} window")
+    for es in sets:
+        t = time.perf_counter()
+        auc = slice_presence_auroc(es, pre, lesions, window)
+        print(f"  {es.label:<12} slice lesion-presence AUROC {auc:.3f}  ({time.perf_counter() - t:.0f} s)")
+
+    cfg = load_config(args.config).evaluate
+    task = next((t for t in cfg.tasks if t.name == args.task), cfg.tasks[0]) if args.task else cfg.tasks[0]
+    cfg = cfg.model_copy(
+        update={"tasks": [task.model_copy(update={"protocols": ["abmil"]})], "attention_plots": 0}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        oracle = write_oracle_set(sets[0], pre, lesions, Path(tmp) / "oracle", args.noise)
+        t = time.perf_counter()
+        res = run_evaluate([str(oracle)], str(Path(tmp) / "eval"), cfg, splits_uri=args.splits)
+        print(f"oracle ceiling (noise sd {args.noise:g}, {time.perf_counter() - t:.0f} s):")
+        print(res.headline_table(cfg.headline_metric))
+
+
+if __name__ == "__main__":
+    main()
