@@ -19,6 +19,7 @@ Prints the best of `--repeats` for each side and the ratio end-to-end / bare (ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -46,12 +47,10 @@ WINDOWS = ["abdomen", "lung"]
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
     return f"{platform.processor() or 'CPU'} ({os.cpu_count()} CPUs)"
 
 

@@ -32,6 +32,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from slicefm.config import load_config
+from slicefm.embed.extract import embedding_key
 from slicefm.embed.reader import EmbeddingSet
 from slicefm.evaluate.stage import run_evaluate
 from slicefm.tracking.store import Store, open_store
@@ -83,10 +84,10 @@ def write_oracle_set(
         z = np.linspace(0.0, 1.0, len(types), dtype=np.float32)[:, None]
         for window in template.windows:
             extra = rng.normal(scale=noise, size=(len(types), ORACLE_NOISE_DIMS)).astype(np.float32)
-            key = f"embeddings/{window}/{scan_id}.npy"
+            key = embedding_key(window, scan_id)
             store.write_npy(key, np.concatenate([types, z, extra], axis=1).astype(np.float16))
             rows.append({"scan_id": scan_id, "window": window, "key": key, "n_slices": len(types),
-                         "dim": N_LESION_TYPES + 1 + ORACLE_NOISE_DIMS, "patches_key": None, "root": ""})  # fmt: skip
+                         "dim": N_LESION_TYPES + 1 + ORACLE_NOISE_DIMS, "patches_key": "", "root": ""})  # fmt: skip
     store.write_parquet("embeddings.parquet", pd.DataFrame(rows))
     for table in ("scans.parquet", "slices.parquet", "lesions.parquet"):
         store.write_bytes(table, template.store.read_bytes(table))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from slicefm.config import PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
+from slicefm.kfp_reports import headline_scalars
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
 from slicefm.tracking.store import open_store
@@ -219,7 +220,7 @@ def evaluate_stage(
     params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
     with _tracked(tracking_uri, parent_run_id, "evaluate", cfg, params):
         result = run_evaluate(embedding_uris, out_uri, cfg.evaluate, splits_uri)
-        _log_metrics(_headline_metrics(result.headline, "macro"))
+        _log_metrics(headline_scalars(result.headline, "macro", with_sd=False))
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
         _log_tree(out_uri, ".png", "plots")
         _register_champion_heads(cfg, result)
@@ -269,15 +270,9 @@ def external_stage(
     params = {"tasks": ",".join(cfg.external.tasks), "protocol": cfg.external.protocol}
     with _tracked(tracking_uri, parent_run_id, "external", cfg, params):
         result = run_external_stage(source_eval_uri, embedding_uris, out_uri, cfg.evaluate, cfg.external)
-        _log_metrics(_headline_metrics(result.headline, "external"))
+        _log_metrics(headline_scalars(result.headline, "external", with_sd=False))
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json"])
     return result
-
-
-def _headline_metrics(headline: dict, prefix: str) -> dict[str, float]:
-    from slicefm.kfp_reports import headline_scalars
-
-    return headline_scalars(headline, prefix, with_sd=False)
 
 
 def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -> None:

@@ -3,6 +3,7 @@ whose proxied artifact store is a bucket on that S3 server, a real preprocess ou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -91,12 +92,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
+        with contextlib.suppress(urllib.error.URLError, OSError):
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
-            pass
         time.sleep(0.3)
     raise RuntimeError(
         f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:g} s:\n{log.read_text()[-3000:]}"

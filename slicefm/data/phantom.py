@@ -879,7 +879,9 @@ def _host_mask(b: _Builder, lesion_type: str) -> np.ndarray:
     return host
 
 
-def _lesion_hu(rng: np.random.Generator, lesion_type: str, contrast_phase: bool) -> tuple[float, float, float]:
+def _lesion_hu(
+    rng: np.random.Generator, lesion_type: str, contrast_phase: bool
+) -> tuple[float, float, float]:
     """(reference HU of the host tissue, core contrast, rim enhancement) for a new lesion.
 
     DeepLesion's lesions are the ones radiologists measured: conspicuous against their host tissue.
@@ -910,25 +912,25 @@ def _place_lesion(b: _Builder, lesion_type: str, diameter_mm: float) -> PhantomL
     if candidates.size < _MIN_HOST_VOXELS:
         return None
     radius = min(0.5 * diameter_mm, _MAX_RADIUS_MM.get(lesion_type, 20.0))
-    best: tuple[float, tuple[int, int, int], np.ndarray, _Shape] | None = None
+    # (fit, voxel, radii, box, voxels inside the host, squared normalised radius on the box)
+    best: tuple[float, tuple[int, ...], np.ndarray, tuple[slice, ...], np.ndarray, np.ndarray] | None = None
     for attempt in range(24):  # a few random centres; keep the one whose ellipsoid fits best
         voxel = tuple(int(v) for v in np.unravel_index(int(b.rng.choice(candidates)), b.shape))
         radii = radius * b.rng.uniform(0.8, 1.2, 3)
-        where, mask = b.g.ellipsoid(b.centre_mm(voxel), radii)  # type: ignore[misc]
+        where, r2 = b.g.ellipsoid_r2(b.centre_mm(voxel), radii)  # type: ignore[misc]
+        mask = r2 <= 1.0
         inside = mask & host[where]
         # Compare with the whole ellipsoid's volume so lesions cut off by the volume's edge lose out.
         fit = inside.sum() / max(mask.sum(), 4.0 / 3.0 * np.pi * np.prod(radii) / np.prod(b.spacing_anat))
         if best is None or fit > best[0]:
-            best = (fit, voxel, radii, (where, inside))  # type: ignore[assignment]
+            best = (fit, voxel, radii, where, inside, r2)
         if fit >= 0.9:
             break
         if attempt % 8 == 7:
             radius *= 0.7  # the host is thin here (rib, body wall): try a smaller lesion
-    _, voxel, radii, shape = best  # type: ignore[misc]
+    _, voxel, radii, where, mask, r2 = best  # type: ignore[misc]
     number = int(b.lesion.max()) + 1
     reference, contrast, rim = _lesion_hu(b.rng, lesion_type, b.contrast)
-    where, mask = shape  # type: ignore[misc]
-    _, r2 = b.g.ellipsoid_r2(b.centre_mm(voxel), radii)  # type: ignore[misc]
     b.hu[where][mask] = reference + contrast + rim * (r2[mask] > _LESION_CORE**2)
     b.lesion[where][mask] = number
     rows, cols = np.nonzero(b.lesion[voxel[0]] == number)

@@ -20,6 +20,13 @@ def _no_inherited_pseudonym_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "")
 
 
+def bucket_keys(s3_admin, bucket: str, prefix: str, relative: bool = False) -> list[str]:  # noqa: ANN001
+    """Sorted object keys under `prefix` (without the prefix when `relative`)."""
+    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
+    return sorted(k[len(prefix) :] if relative else k for k in keys)
+
+
 def tiny_pipeline_config(tmp_path: Path, external: bool = True) -> Path:
     """Write a CPU-sized pipeline config (demo-cpu's pretrain section, shrunk) under tmp_path; returns its path.
 

@@ -3,6 +3,7 @@ down when a pipeline run starts."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import socket
 import threading
@@ -15,9 +16,8 @@ from slicefm.config import PipelineConfig
 from slicefm.stages import preprocess_stage
 from slicefm.tracking import store as store_module
 from slicefm.tracking.store import S3Store, StoreError
-from tests.pipeline.conftest import tiny_pipeline_config
-
-LOOPBACK = "127.0.0.1"
+from tests.conftest import LOOPBACK
+from tests.pipeline.conftest import bucket_keys, tiny_pipeline_config
 
 
 class CuttableProxy:
@@ -47,30 +47,19 @@ class CuttableProxy:
 
     @staticmethod
     def _relay(src: socket.socket, dst: socket.socket) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 dst.sendall(data)
-        except OSError:
-            pass
         for sock in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
         with self._lock:
             for sock in [self._listener, *self._open]:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
-
-
-def _keys(s3_admin, bucket: str, prefix: str) -> list[str]:
-    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(obj["Key"][len(prefix) :] for page in pages for obj in page.get("Contents", []))
 
 
 def test_s3_lost_mid_stage_is_retried_then_fails_naming_key_and_endpoint_leaving_nothing_partial(
@@ -108,7 +97,7 @@ def test_s3_lost_mid_stage_is_retried_then_fails_naming_key_and_endpoint_leaving
     assert max_attempts > 1
     assert [url for url in puts if url.endswith(failed_key)] == [puts[-1]] * max_attempts
     first_scan = next(url for url in puts if url.endswith(".crop.json")).rsplit("/", 1)[1].split(".")[0]
-    kept = _keys(s3_admin, bucket, prefix)
+    kept = bucket_keys(s3_admin, bucket, prefix, relative=True)
     assert failed_key not in kept and first_scan not in failed_key
     assert kept and all(first_scan in key for key in kept), kept
     assert {f"index/{first_scan}.parquet", f"index/{first_scan}.crop.json"} <= set(kept)
@@ -118,7 +107,9 @@ def test_s3_lost_mid_stage_is_retried_then_fails_naming_key_and_endpoint_leaving
     monkeypatch.setattr(store_module, "_boto3_session", real_session)
     resumed = preprocess_stage(cfg, ingested, f"{s3_env}/{prefix}")
     assert resumed.n_skipped == 1 and resumed.n_scans > 1
-    assert {"preprocess.json", "slices.parquet", failed_key} <= set(_keys(s3_admin, bucket, prefix))
+    assert {"preprocess.json", "slices.parquet", failed_key} <= set(
+        bucket_keys(s3_admin, bucket, prefix, relative=True)
+    )
 
 
 @pytest.mark.parametrize("down", ["mlflow", "s3"])
@@ -146,7 +137,7 @@ def test_pipeline_run_with_mlflow_or_store_down_fails_before_any_stage(
     # Nothing ran: no data generated, no KFP task, no MLflow database, nothing in the bucket.
     assert not (tmp_path / "data").exists() and not (tmp_path / "state" / "kfp").exists()
     assert not (tmp_path / "mlflow.db").exists()
-    assert _keys(s3_admin, s3_env.removeprefix("s3://"), "") == []
+    assert bucket_keys(s3_admin, s3_env.removeprefix("s3://"), "") == []
 
 
 def test_pipeline_start_step_refuses_an_unreachable_mlflow(closed_port):

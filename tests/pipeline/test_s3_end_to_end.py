@@ -16,15 +16,10 @@ from mlflow.tracking import MlflowClient
 from pipelines import runner
 from slicefm.tracking.models import MANIFEST_NAME, MANIFEST_TAG
 from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
-from tests.pipeline.conftest import ROOT, tiny_pipeline_config
+from tests.pipeline.conftest import ROOT, bucket_keys, tiny_pipeline_config
 
 RUN = "s3-run"
 STAGES = ("ingest", "preprocess", "pretrain", "extract", "extract-random", "evaluate")
-
-
-def _keys(s3_admin, bucket: str, prefix: str) -> list[str]:
-    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
 def _object(s3_admin, uri: str) -> bytes:
@@ -80,7 +75,7 @@ def test_local_run_on_s3_registers_models_pulled_back_byte_identical(
     assert outputs["pretrain"] == f"{store_uri}/{RUN}/pretrain"
     assert outputs["evaluate"] == f"{store_uri}/{RUN}/evaluate"
     assert outputs["extract"].startswith(f"{store_uri}/{RUN}/extract-a-pretrained/")
-    keys = _keys(s3_admin, bucket, f"runs/{RUN}/")
+    keys = bucket_keys(s3_admin, bucket, f"runs/{RUN}/")
     for stage, uri in outputs.items():
         assert any(f"s3://{bucket}/{k}".startswith(uri + "/") for k in keys), f"{stage}: nothing in {uri}"
     assert f"runs/{RUN}/pretrain/encoder.safetensors" in keys
@@ -106,7 +101,7 @@ def test_local_run_on_s3_registers_models_pulled_back_byte_identical(
     assert json.loads((dest / "lineage.json").read_text())["source_uri"] == outputs["pretrain"]
     model_id = mv.model_id or mv.source.rstrip("/").rsplit("/", 1)[-1]
     (weights_key,) = [
-        k for k in _keys(s3_admin, mlflow_bucket, "mlflow/")
+        k for k in bucket_keys(s3_admin, mlflow_bucket, "mlflow/")
         if model_id in k and k.endswith("/artifacts/encoder/encoder.safetensors")
     ]  # fmt: skip
     assert (dest / "encoder.safetensors").read_bytes() == _object(
