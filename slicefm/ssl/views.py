@@ -260,8 +260,10 @@ def lejepa_views(
     token_grid: int | None = None,
 ) -> LeJEPAViews:
     """DALE-CT multi-crop: G global crops from the slab's centre slice, L local crops from random slices
-    of the slab (depth-aware) or all from one slice (2D items have one slice); every crop is centred on
-    an abnormality with probability `abnormal_prob` when its slice has one, else on anatomy.
+    of the slab (depth-aware) or all from one slice (2D items have one slice). Guidance "volume": every crop
+    of a targeted item (`batch["targeted"]`, drawn with `abnormal_prob` by the sampler) is centred on an
+    abnormality when its slice shows one, crops of other items on anatomy; "slice": every crop is centred
+    on an abnormality with probability `abnormal_prob` when its slice has one, else on anatomy.
 
     With `n_organs` the aux targets of the global crops are returned: organ fractions per crop
     (organ_cls [G, B, n_organs]) and per token cell (organ_patch [G, B, grid^2, n_organs]), and binary
@@ -273,6 +275,11 @@ def lejepa_views(
     centre = batch["centre"].numpy()
     abnormal = (batch["lesion"] > 0) | (batch["finding"] > 0) | (batch["box_mask"] > 0)
     organ = batch["organ"] > 0
+    if cfg.guidance == "volume" and "targeted" in batch:
+        # the sampler already drew targeted items with abnormal_prob: their crops always aim at the abnormality
+        p_abnormal = np.where(batch["targeted"].numpy(), 1.0, 0.0)
+    else:
+        p_abnormal = np.full(b, cfg.abnormal_prob)
     n_views = cfg.n_global + cfg.n_local
     rows = np.empty((n_views, b), np.int64)
     rows[: cfg.n_global] = centre[None]
@@ -286,7 +293,7 @@ def lejepa_views(
             r = int(rows[v, i])
             if (i, r) not in bodies:
                 bodies[(i, r)] = body_mask(stack[i, r])
-            x, y, kind = sample_centre(rng, abnormal[i, r], organ[i, r], bodies[(i, r)], cfg.abnormal_prob)
+            x, y, kind = sample_centre(rng, abnormal[i, r], organ[i, r], bodies[(i, r)], p_abnormal[i])
             centres[v, i], kinds[v, i] = (x, y), kind
     side = min(h, w)
     scales = [cfg.global_scale] * cfg.n_global + [cfg.local_scale] * cfg.n_local

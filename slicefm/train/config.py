@@ -81,6 +81,11 @@ class LeJEPAConfig(_Strict):
     local_scale: tuple[float, float] = (0.05, 0.3)
     depth_aware: bool = True  # False = pure 2D ablation (all crops from one slice)
     abnormal_prob: float = Field(0.8, ge=0, le=1)
+    # "volume" (DALE-CT paper): with abnormal_prob a draw is swapped for a slab centred on an abnormal slice
+    # of the same volume and all its crops are centred on the abnormality (a slice without one falls back to
+    # anatomy); "slice": each crop is centred on an abnormality with abnormal_prob only when its own slice
+    # happens to show one (most slabs show none, so few crops are label-guided).
+    guidance: Literal["volume", "slice"] = "volume"
     proj_dim: int = Field(128, ge=1)
     proj_hidden: int = Field(2048, ge=1)
     proj_layers: int = Field(3, ge=1)

@@ -186,14 +186,34 @@ class SliceDataset(Dataset):
         }
 
 
+def abnormal_slices(index: PretrainIndex) -> np.ndarray:
+    """bool per row of `index.slices`: the slice shows an abnormality (a lesion or finding mask pixel, or an
+    annotated lesion box for scans without masks). Reads every scan's mask file once."""
+    flags = index.slices["boxes"].map(len).to_numpy() > 0
+    io_ = _Reader(index)
+    for scan_id, pos in index.slices.groupby("scan_id", sort=False).indices.items():
+        if scan_id not in index.scans_with_masks:
+            continue
+        rows = index.slices["row"].to_numpy()[pos]
+        masks = io_.masks(str(scan_id), rows, (1, 1))
+        flags[pos] |= ((masks["lesion"] > 0) | (masks["finding"] > 0)).any(axis=(1, 2))
+    return flags
+
+
 class SlabDataset(Dataset):
     """LeJEPA items: one 12 mm slab (depth-aware) or one slice (2D ablation), padded to `max_slices`.
 
     Returns stack [S, C, H, W], organ / lesion / finding [S, H, W], box_mask [S, H, W] (lesion boxes
-    rasterised, for scans without masks), slice_index [S] (-1 = padding), n (valid slices), centre row.
+    rasterised, for scans without masks), slice_index [S] (-1 = padding), n (valid slices), centre row,
+    and `targeted` (the item was drawn centred on an abnormality, see below).
+
+    `label_guided=True` (DALE-CT): besides the `len(self)` regular slabs, the dataset holds one *targeted*
+    item per abnormal slice: a window of its slab's length centred on that slice (`centre` = the slice),
+    so a sampler can, with the paper's probability, swap a drawn slab for an abnormality of the same
+    volume (`targets_of[i]`: the targeted ids of regular item i's volume and channel).
     """
 
-    def __init__(self, index: PretrainIndex, depth_aware: bool = True) -> None:
+    def __init__(self, index: PretrainIndex, depth_aware: bool = True, label_guided: bool = False) -> None:
         self.index = index
         self.depth_aware = depth_aware
         self._io = _Reader(index)
@@ -203,10 +223,43 @@ class SlabDataset(Dataset):
             self.items = [np.sort(v) for v in groups.values()]
         else:
             self.items = [np.array([i]) for i in range(len(s))]
+        self.centres = [len(v) // 2 for v in self.items]  # DALE-CT: global crops from the slab's middle slice
+        self.n_regular = len(self.items)
+        self.targets_of: list[np.ndarray] = []
+        if label_guided:
+            self._add_targeted_items(abnormal_slices(index))
         self.max_slices = max(len(v) for v in self.items)
 
+    def _add_targeted_items(self, abnormal: np.ndarray) -> None:
+        s = self.index.slices
+        volume_ids: dict[tuple[str, int], list[int]] = {}
+        slab_len = np.ones(len(s), np.int64)
+        for rows in self.items:
+            slab_len[rows] = len(rows)
+        for (scan_id, channel), pos in s.groupby(["scan_id", "channel"], sort=True).indices.items():
+            pos = pos[np.argsort(s["slice_index"].to_numpy()[pos], kind="stable")]
+            ids = volume_ids.setdefault((str(scan_id), int(channel)), [])
+            for k in np.flatnonzero(abnormal[pos]):
+                n = int(slab_len[pos[k]])
+                start = int(np.clip(k - n // 2, 0, max(len(pos) - n, 0)))
+                window = pos[start : start + n]
+                ids.append(len(self.items))
+                self.items.append(window)
+                self.centres.append(int(k - start))
+        empty = np.zeros(0, np.int64)
+        for rows in self.items[: self.n_regular]:
+            first = s.iloc[int(rows[0])]
+            volume = (str(first["scan_id"]), int(first["channel"]))
+            self.targets_of.append(np.asarray(volume_ids.get(volume, empty)))
+        logger.info(
+            "label-guided sampling: %d abnormal slices in %d of %d volumes",
+            len(self.items) - self.n_regular, sum(bool(v) for v in volume_ids.values()),
+            s.groupby(["scan_id", "channel"]).ngroups,
+        )  # fmt: skip
+
     def __len__(self) -> int:
-        return len(self.items)
+        """Regular items only: an epoch is one pass over the slabs (targeted items replace some of them)."""
+        return self.n_regular
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rows = self.index.slices.iloc[self.items[int(i)]]
@@ -216,14 +269,17 @@ class SlabDataset(Dataset):
         box_mask = np.zeros((n, h, w), np.uint8)
         for k, boxes in enumerate(rows["boxes"]):
             for x0, y0, x1, y1, *_ in boxes:
-                box_mask[k, int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = 1
+                # at least the box's own pixel: a lesion smaller than a pixel after resizing is a point box
+                r0, c0 = min(int(y0), h - 1), min(int(x0), w - 1)
+                box_mask[k, r0 : max(int(np.ceil(y1)), r0 + 1), c0 : max(int(np.ceil(x1)), c0 + 1)] = 1
         pad = self.max_slices - n
         out: dict[str, Any] = {
             "stack": np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
             "box_mask": np.pad(box_mask, ((0, pad), (0, 0), (0, 0))),
             "slice_index": np.pad(rows["slice_index"].to_numpy(np.int64), (0, pad), constant_values=-1),
             "n": np.int64(n),
-            "centre": np.int64(n // 2),  # DALE-CT: global crops from the slab's middle slice
+            "centre": np.int64(self.centres[int(i)]),
+            "targeted": np.bool_(int(i) >= self.n_regular),
             "item": np.int64(i),
         }
         for k in MASK_KEYS:
@@ -235,13 +291,24 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Batches of one rank for one epoch: permutation from (seed, epoch), split by rank, drop_last.
 
     Every rank gets the same number of batches; `start_batch` skips the batches a resumed run has done.
+    `redirect=(prob, targets_of)` applies `redirect_items` to the permutation (its own (seed, epoch) stream,
+    so resumed runs still see the same batches).
     """
 
     def __init__(
-        self, n: int, batch_size: int, rank: int, world: int, seed: int, epoch: int, start_batch: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        redirect: tuple[float, list[np.ndarray]] | None = None,
     ) -> None:
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.redirect = redirect
         if self.batches_per_epoch(n, batch_size, world) < 1:
             raise ValueError(f"{n} items are fewer than one global batch ({batch_size} x {world} ranks)")
 
@@ -254,10 +321,27 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self.redirect is not None:
+            perm = redirect_items(perm, *self.redirect, np.random.default_rng([self.seed, self.epoch, 1]))
         n_batches = self.batches_per_epoch(self.n, self.batch_size, self.world)
         mine = perm[: n_batches * self.batch_size * self.world][self.rank :: self.world]
         for b in range(self.start_batch, n_batches):
             yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+def redirect_items(
+    perm: np.ndarray, prob: float, targets_of: list[np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
+    """Label-guided draws: each drawn item whose volume has targeted items is swapped, with probability
+    `prob`, for one of them chosen uniformly (DALE-CT: a crop is centred on an abnormality with p 0.8 when
+    the volume has one)."""
+    u, pick = rng.random(len(perm)), rng.random(len(perm))
+    out = perm.copy()
+    for k, item in enumerate(perm):
+        targets = targets_of[int(item)]
+        if len(targets) and u[k] < prob:
+            out[k] = targets[int(pick[k] * len(targets))]
+    return out
 
 
 def make_loader(

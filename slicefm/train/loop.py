@@ -308,7 +308,12 @@ class LeJEPAMethod:
             aux=aux, alpha=ac.alpha, aux_loss=aux_loss, proj_hidden=lc.proj_hidden, proj_layers=lc.proj_layers,
         )  # fmt: skip
         self.encoder = encoder
-        self.dataset = SlabDataset(index, depth_aware=lc.depth_aware)
+        self.label_guided = lc.guidance == "volume" and lc.abnormal_prob > 0
+        self.dataset = SlabDataset(index, depth_aware=lc.depth_aware, label_guided=self.label_guided)
+
+    def redirect(self) -> tuple[float, list[np.ndarray]] | None:
+        """The sampler's label-guided swap (DALE-CT, guidance "volume"), None otherwise."""
+        return (self.cfg.lejepa.abnormal_prob, self.dataset.targets_of) if self.label_guided else None
 
     def before_step(self, step: int, total: int) -> None:
         return None
@@ -460,8 +465,9 @@ def train(
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler = EpochBatchSampler(
-            len(method.dataset), batch, ctx.rank, ctx.world, cfg.seed, epoch, in_epoch
-        )
+            len(method.dataset), batch, ctx.rank, ctx.world, cfg.seed, epoch, in_epoch,
+            redirect=method.redirect() if isinstance(method, LeJEPAMethod) else None,
+        )  # fmt: skip
         # The loader's worker base seed comes from its own generator, not from the global torch RNG, so
         # a mid-epoch restart does not shift the global RNG stream (dropout / drop-path).
         loader = make_loader(

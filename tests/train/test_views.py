@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, lesion_crop_boxes, moco_views
 from slicefm.tracking.store import open_store
 from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
-from slicefm.train.data import SlabDataset, SliceDataset, load_index
+from slicefm.train.data import EpochBatchSampler, SlabDataset, SliceDataset, abnormal_slices, load_index
 
 
 def _batch(ds, items):
@@ -73,13 +73,13 @@ def test_lejepa_crops_come_from_the_slab_or_slice(preprocessed: str) -> None:
             assert len(np.unique(v.slice_index[2:])) > len(np.unique(v.slice_index[:2]))
 
 
-def test_crops_centre_on_abnormality_with_p08(preprocessed: str) -> None:
+def test_slice_guidance_centres_crops_on_abnormality_with_p08(preprocessed: str) -> None:
     index = load_index(open_store(preprocessed))
     ds = SlabDataset(index, depth_aware=False)
     items = _abnormal_items(ds)[:8]
     assert items, "the phantom set must have slices with abnormalities"
     batch = _batch(ds, items)
-    cfg = LeJEPAConfig(n_global=2, n_local=0, depth_aware=False)
+    cfg = LeJEPAConfig(n_global=2, n_local=0, depth_aware=False, guidance="slice")
     kinds = []
     for seed in range(25):
         v = lejepa_views(batch, np.random.default_rng(seed), torch.Generator(), cfg, AugmentConfig(), 32)
@@ -116,3 +116,86 @@ def test_aux_targets_equal_direct_mask_fractions() -> None:
         expected = [float((f == c).any()) for c in (1, 2, 3)] + [float((lesion[b, y0:y1, x0:x1] > 0).any())]
         np.testing.assert_array_equal(t["abn_cls"][b].numpy(), expected)
     assert t["abn_cls"][:, 1].sum() == 3 and t["abn_cls"][1, 3] == 1 and t["abn_cls"][0, 3] == 0
+
+
+def _shows_abnormality(item: dict, row: int) -> bool:
+    return bool(
+        (item["lesion"][row] > 0).any()
+        or (item["finding"][row] > 0).any()
+        or (item["box_mask"][row] > 0).any()
+    )
+
+
+def test_volume_guidance_targets_abnormal_slices_of_the_same_volume(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed), per_window=True)
+    ds = SlabDataset(index, depth_aware=True, label_guided=True)
+    plain = SlabDataset(index, depth_aware=True)
+    assert len(ds) == len(plain)  # an epoch is still one pass over the slabs
+    assert all((a == b).all() for a, b in zip(ds.items[: len(ds)], plain.items, strict=True))
+    abnormal = abnormal_slices(index)
+    s = index.slices
+    assert len(ds.items) - len(ds) == int(abnormal.sum()) > 0  # one targeted item per abnormal slice
+    for t in range(len(ds), len(ds.items)):
+        item, rows = ds[t], s.iloc[ds.items[t]]
+        assert bool(item["targeted"])
+        assert _shows_abnormality(item, int(item["centre"]))  # global crops come from an abnormal slice
+        assert rows["scan_id"].nunique() == 1 and rows["channel"].nunique() == 1
+        assert (np.diff(rows["slice_index"].to_numpy()) == 1).all()  # a contiguous window of the volume
+    for i in range(len(ds)):
+        first = s.iloc[int(ds.items[i][0])]
+        volume = (s["scan_id"] == first["scan_id"]) & (s["channel"] == first["channel"])
+        assert len(ds.targets_of[i]) == int(abnormal[volume.to_numpy()].sum())
+        for t in ds.targets_of[i]:
+            assert s.iloc[int(ds.items[t][0])][["scan_id", "channel"]].tolist() == [
+                first["scan_id"],
+                first["channel"],
+            ]
+        assert not bool(ds[i]["targeted"])
+
+
+def test_sampler_swaps_draws_for_abnormalities_with_p08_and_resumes_exactly(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed), per_window=True)
+    ds = SlabDataset(index, depth_aware=False, label_guided=True)  # one item per slice: many draws
+    assert all(len(t) for t in ds.targets_of)  # every phantom volume has a lesion: drop some targets
+    targets_of = [t if (i // 7) % 2 else t[:0] for i, t in enumerate(ds.targets_of)]
+    redirect = (0.8, targets_of)
+    has_targets = np.array([len(t) > 0 for t in targets_of])
+    swapped = eligible = 0
+    for epoch in range(3):
+        batches = list(EpochBatchSampler(len(ds), 4, 0, 1, seed=3, epoch=epoch, redirect=redirect))
+        drawn = np.concatenate(batches)
+        plain = np.concatenate(list(EpochBatchSampler(len(ds), 4, 0, 1, seed=3, epoch=epoch)))
+        assert (
+            drawn[~has_targets[plain]] == plain[~has_targets[plain]]
+        ).all()  # no abnormality: never swapped
+        for d, p in zip(drawn, plain, strict=True):
+            if has_targets[p]:
+                eligible += 1
+                swapped += int(d != p)
+                assert d == p or d in targets_of[p]
+        resumed = list(
+            EpochBatchSampler(len(ds), 4, 0, 1, seed=3, epoch=epoch, start_batch=5, redirect=redirect)
+        )
+        assert resumed == batches[5:]
+    frac = swapped / eligible
+    sd = (0.8 * 0.2 / eligible) ** 0.5
+    assert abs(frac - 0.8) < 4 * sd, (frac, eligible)
+
+
+def test_volume_guidance_centres_every_crop_of_a_targeted_item(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed))
+    ds = SlabDataset(index, depth_aware=True, label_guided=True)
+    targeted = list(range(len(ds), min(len(ds.items), len(ds) + 6)))
+    untargeted = list(range(6))
+    cfg = LeJEPAConfig(n_global=2, n_local=4, local_size=16)
+    batch = _batch(ds, targeted + untargeted)
+    v = lejepa_views(
+        batch, np.random.default_rng(0), torch.Generator().manual_seed(0), cfg, AugmentConfig(), 32
+    )
+    nt = len(targeted)
+    assert (v.kinds[:2, :nt] == ABNORMAL).all()  # global crops: the abnormal centre slice, always
+    for g in range(2, v.kinds.shape[0]):  # local crops: abnormal whenever their slice shows one
+        for b in range(nt):
+            row = int(v.rows[g, b])
+            assert (v.kinds[g, b] == ABNORMAL) == _shows_abnormality({k: batch[k][b] for k in batch}, row)
+    assert not (v.kinds[:, nt:] == ABNORMAL).any()  # untargeted draws are centred on anatomy
