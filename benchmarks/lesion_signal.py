@@ -9,6 +9,10 @@ A diagnostic for the "pretrained beats random weights" comparison (issue 4), pri
    given) on an ORACLE embedding set whose slices carry exact indicators of the lesion types they show
    plus `--noise`-sd Gaussian noise in 23 further dimensions. When the oracle stays near 0.5, the cohort
    is too small (or its labels too sparse) for any encoder to win; raise the number of scans.
+3. The presence ceiling: the first embedding set's own (standardised) slice embeddings plus ONE exact
+   "this slice shows a lesion" indicator, no type. What a perfect lesion detector on top of this encoder's
+   anatomy gives: when it stays far below the types oracle, ABMIL cannot tell the lesion's location from
+   presence + anatomy on this many bags, and the encoder must carry type-specific lesion features.
 
     .venv/bin/python benchmarks/lesion_signal.py --embeddings RUN/merge-embeddings/embeddings \\
         RUN/merge-embeddings-2/embeddings --config pipelines/configs/demo-cpu.yaml --splits RUN/evaluate/...
@@ -71,32 +75,46 @@ def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, wi
     return float(np.mean(aucs))
 
 
+def oracle_slices(
+    template: EmbeddingSet, scan_id: str, window: str, types: np.ndarray, kind: str, noise: float,
+    rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """One scan's oracle slice features: "types" = lesion-type indicators, z and `noise`-sd nuisance dims;
+    "presence" = the template's standardised embedding plus 3 x (slice shows any lesion)."""
+    if kind == "types":
+        z = np.linspace(0.0, 1.0, len(types), dtype=np.float32)[:, None]
+        extra = rng.normal(scale=noise, size=(len(types), ORACLE_NOISE_DIMS)).astype(np.float32)
+        return np.concatenate([types, z, extra], axis=1)
+    x = template.matrix(scan_id, window).astype(np.float32)
+    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+    return np.concatenate([x, 3.0 * types.any(axis=1, keepdims=True)], axis=1)
+
+
 def write_oracle_set(
-    template: EmbeddingSet, pre: Store, lesions: pd.DataFrame, out: Path, noise: float
+    template: EmbeddingSet, pre: Store, lesions: pd.DataFrame, out: Path, noise: float, kind: str = "types"
 ) -> Path:
-    """An extract-layout set over the template's scans and windows whose slices hold the lesion-type
-    indicators (+ noise): what a perfect lesion detector with `noise`-sd nuisance features would give."""
+    """An extract-layout set over the template's scans and windows with `oracle_slices` features: what a
+    perfect lesion(-type) detector would give."""
     store = open_store(str(out))
     rng = np.random.default_rng(0)
     rows = []
     for scan_id in template.scans["scan_id"]:
         types = lesion_types_per_slice(pre, scan_id, lesions)
-        z = np.linspace(0.0, 1.0, len(types), dtype=np.float32)[:, None]
         for window in template.windows:
-            extra = rng.normal(scale=noise, size=(len(types), ORACLE_NOISE_DIMS)).astype(np.float32)
+            x = oracle_slices(template, scan_id, window, types, kind, noise, rng)
             key = embedding_key(window, scan_id)
-            store.write_npy(key, np.concatenate([types, z, extra], axis=1).astype(np.float16))
+            store.write_npy(key, x.astype(np.float16))
             rows.append({"scan_id": scan_id, "window": window, "key": key, "n_slices": len(types),
-                         "dim": N_LESION_TYPES + 1 + ORACLE_NOISE_DIMS, "patches_key": "", "root": ""})  # fmt: skip
+                         "dim": x.shape[1], "patches_key": "", "root": ""})  # fmt: skip
     store.write_parquet("embeddings.parquet", pd.DataFrame(rows))
     for table in ("scans.parquet", "slices.parquet", "lesions.parquet"):
         store.write_bytes(table, template.store.read_bytes(table))
     meta = dict(template.meta)
     meta["encoder"] = {
         **meta["encoder"],
-        "label": "oracle",
-        "name": "oracle",
-        "source": f"oracle (noise {noise})",
+        "label": f"oracle_{kind}",
+        "name": f"oracle_{kind}",
+        "source": f"oracle {kind} (noise {noise})" if kind == "types" else f"oracle presence on {template.label}",
     }
     store.write_json("extract.json", meta)
     return out
@@ -109,7 +127,8 @@ def main() -> None:
     p.add_argument("--task", help="evaluate task to run the oracle on (default: the first)")
     p.add_argument("--splits", help="an evaluate output whose splits/<task>.json to reuse (same folds)")
     p.add_argument("--window", default=None, help="window for the slice probe (default: the first)")
-    p.add_argument("--noise", type=float, default=1.0, help="sd of the oracle's nuisance dimensions")
+    p.add_argument("--noise", type=float, default=1.0, help="sd of the types oracle's nuisance dimensions")
+    p.add_argument("--oracles", nargs="*", default=["types", "presence"], choices=["types", "presence"])
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -128,12 +147,14 @@ def main() -> None:
     cfg = cfg.model_copy(
         update={"tasks": [task.model_copy(update={"protocols": ["abmil"]})], "attention_plots": 0}
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        oracle = write_oracle_set(sets[0], pre, lesions, Path(tmp) / "oracle", args.noise)
-        t = time.perf_counter()
-        res = run_evaluate([str(oracle)], str(Path(tmp) / "eval"), cfg, splits_uri=args.splits)
-        print(f"oracle ceiling (noise sd {args.noise:g}, {time.perf_counter() - t:.0f} s):")
-        print(res.headline_table(cfg.headline_metric))
+    for kind in args.oracles:
+        with tempfile.TemporaryDirectory() as tmp:
+            oracle = write_oracle_set(sets[0], pre, lesions, Path(tmp) / "oracle", args.noise, kind)
+            t = time.perf_counter()
+            res = run_evaluate([str(oracle)], str(Path(tmp) / "eval"), cfg, splits_uri=args.splits)
+            what = f"noise sd {args.noise:g}" if kind == "types" else f"on {sets[0].label}'s embeddings"
+            print(f"{kind} oracle ceiling ({what}, {time.perf_counter() - t:.0f} s):")
+            print(res.headline_table(cfg.headline_metric))
 
 
 if __name__ == "__main__":
