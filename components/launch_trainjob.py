@@ -109,12 +109,13 @@ def launch_trainjob(
     trainjob_pretrain_stage(
         cfg,
         out,
-        lambda: run_trainjob(
+        lambda stage_run_id: run_trainjob(
             job,
             name=name,
             preprocessed_uri=input_location(slices.path, slices.metadata),
             out_uri=out,
             config_yaml=config_yaml,
+            mlflow_run_id=stage_run_id,
         ),
         tracking_uri,
         parent_run_id,

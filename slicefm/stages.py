@@ -114,12 +114,13 @@ def pretrain_stage(
 def trainjob_pretrain_stage(
     cfg: PipelineConfig,
     out_uri: str,
-    launch: Callable[[], object],
+    launch: Callable[[str | None], object],
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     trainjob: Mapping[str, object] | None = None,
 ) -> None:
-    """Pretraining run elsewhere (a multi-node TrainJob): `launch` submits it and returns once it completed.
+    """Pretraining run elsewhere (a multi-node TrainJob): `launch(stage_run_id)` submits it and returns once
+    it completed; the job's rank 0 logs its per-step metrics into that run (None when untracked).
 
     The same stage run, metrics (from the job's pretrain_result.json) and encoder registration as
     `pretrain_stage`; the run is tagged `slicefm.launcher=trainjob` plus `slicefm.trainjob.<key>` for
@@ -130,7 +131,7 @@ def trainjob_pretrain_stage(
         **{f"slicefm.trainjob.{k}": str(v) for k, v in (trainjob or {}).items()},
     }
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id, tags) as run:
-        launch()
+        launch(run.info.run_id if run is not None else None)
         if run is not None:
             _log_pretrain_metrics(open_store(out_uri).read_json("pretrain_result.json"))
 

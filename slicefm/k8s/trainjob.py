@@ -128,13 +128,16 @@ def _secret_env(var: str, secret: str, optional: bool) -> dict[str, Any]:
     return {"name": var, "valueFrom": {"secretKeyRef": ref}}
 
 
-def _env(cfg: TrainJobConfig, config_yaml: str) -> list[dict[str, Any]]:
+def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": config_yaml}]
     if cfg.s3_secret:
         env += [_secret_env(v, cfg.s3_secret, False) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env += [_secret_env(v, cfg.s3_secret, True) for v in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")]
     if cfg.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking_uri})
+        if mlflow_run_id:
+            # rank 0 logs its per-step metrics into the launcher's stage run (slicefm.train.launch)
+            env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
     if cfg.mlflow_secret:
         env += [
             _secret_env(v, cfg.mlflow_secret, True)
@@ -172,9 +175,16 @@ def _pod_override(cfg: TrainJobConfig) -> dict[str, Any]:
 
 
 def build_trainjob(
-    cfg: TrainJobConfig, name: str, preprocessed_uri: str, out_uri: str, config_yaml: str
+    cfg: TrainJobConfig,
+    name: str,
+    preprocessed_uri: str,
+    out_uri: str,
+    config_yaml: str,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The TrainJob manifest: torchrun of slicefm.train.launch on cfg.num_nodes pods of the runtime."""
+    """The TrainJob manifest: torchrun of slicefm.train.launch on cfg.num_nodes pods of the runtime.
+
+    `mlflow_run_id` (with cfg.tracking_uri): the stage run the pods' rank 0 logs its training metrics to."""
     if not NAME_RE.match(name) or len(name) > MAX_NAME:
         raise ValueError(f"TrainJob name {name!r}: lower-case DNS label of at most {MAX_NAME} chars expected")
     for label, uri in (("preprocessed", preprocessed_uri), ("out", out_uri)):
@@ -184,7 +194,7 @@ def build_trainjob(
         "image": cfg.image,
         "command": ["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
         "args": ["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
-        "env": _env(cfg, config_yaml),
+        "env": _env(cfg, config_yaml, mlflow_run_id),
         "numNodes": cfg.num_nodes,
         "numProcPerNode": cfg.gpus_per_node or 1,
         "resourcesPerNode": _resources(cfg),
@@ -508,11 +518,12 @@ def run_trainjob(
     out_uri: str,
     config_yaml: str,
     api_client: Any = None,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Build, submit and wait for one pretraining TrainJob; returns the finished TrainJob object."""
     from kubernetes import client
 
-    manifest = build_trainjob(cfg, name, preprocessed_uri, out_uri, config_yaml)
+    manifest = build_trainjob(cfg, name, preprocessed_uri, out_uri, config_yaml, mlflow_run_id)
     api_client = api_client if api_client is not None else kube_api_client()
     return submit_and_wait(
         client.CustomObjectsApi(api_client),

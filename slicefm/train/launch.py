@@ -8,9 +8,11 @@ config with a `pretrain:` section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +35,28 @@ def init_distributed() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def stage_run() -> Iterator[None]:
+    """On rank 0 with MLFLOW_RUN_ID set (a TrainJob's pods): log into that run, the launcher's stage run.
+
+    The run is handed back still RUNNING: its launcher ends it (FINISHED, or FAILED with the job)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None:  # already inside a run (in-process callers)
+        yield
+        return
+    mlflow.start_run(run_id=run_id)
+    logging.getLogger(__name__).info("logging training metrics to MLflow run %s", run_id)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status="RUNNING")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preprocessed", required=True, help="preprocess output (local dir or s3://)")
@@ -44,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_pretrain_config(yaml.safe_load(args.config.read_text()))
     started = init_distributed()
     try:
-        result = run_pretrain(args.preprocessed, args.out, cfg, resume=not args.no_resume)
+        with stage_run():
+            result = run_pretrain(args.preprocessed, args.out, cfg, resume=not args.no_resume)
         if not dist.is_initialized() or dist.get_rank() == 0:
             logging.getLogger(__name__).info("result: %s", json.dumps(result.to_dict()))
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from slicefm.k8s.trainjob import (
     trainjob_name,
 )
 from tests.k8s.fake_apiserver import FakeKube, condition, container_status, jobs_status, pod
-from tests.k8s.schema_check import model_errors, trainjob_errors
+from tests.k8s.schema_check import ROOT, model_errors, trainjob_errors
 
 PRE = "s3://bucket/runs/run-1/preprocess"
 OUT = "s3://bucket/runs/run-1/pretrain"
@@ -133,6 +134,20 @@ def test_built_manifest_validates_against_the_trainer_schema(settings):
     assert pod_spec["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.shm_size}
     assert pod_spec.get("nodeSelector", {}) == cfg.node_selector
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
+def test_pods_log_into_the_stage_run_only_when_tracked():
+    def env(cfg, run_id):
+        return {
+            e["name"]: e.get("value")
+            for e in build_trainjob(cfg, NAME, PRE, OUT, CONFIG, run_id)["spec"]["trainer"]["env"]
+        }
+
+    tracked = _cfg(tracking_uri="http://mlflow.slicefm:5000")
+    assert env(tracked, "abc123")["MLFLOW_RUN_ID"] == "abc123"
+    assert env(tracked, "abc123")["MLFLOW_TRACKING_URI"] == "http://mlflow.slicefm:5000"
+    assert "MLFLOW_RUN_ID" not in env(tracked, None)
+    assert "MLFLOW_RUN_ID" not in env(_cfg(), "abc123")  # no tracking URI in the pods: nowhere to log
 
 
 def test_bad_launcher_input_is_rejected_early():
@@ -422,15 +437,21 @@ def _copy_to_s3(local_uri: str, s3_uri: str) -> str:
 
 
 def _pods(workdir: Path) -> Callable[[dict], None]:
-    """What a created TrainJob's pods do, in one process: slicefm.train.launch with its args and config."""
+    """What a created TrainJob's pod does: slicefm.train.launch with its args, in its own process with the
+    manifest's plain env values (config, MLFLOW_TRACKING_URI, MLFLOW_RUN_ID) over this environment (the
+    secrets' AWS_* values are the test's own)."""
 
     def run(manifest: dict) -> None:
-        from slicefm.train import launch
-
         trainer = manifest["spec"]["trainer"]
+        env = {**os.environ, **{e["name"]: e["value"] for e in trainer["env"] if "value" in e}}
         config = workdir / "config.yaml"
-        config.write_text(next(e["value"] for e in trainer["env"] if e["name"] == CONFIG_ENV))
-        launch.main([str(config) if a == CONFIG_PATH else a for a in trainer["args"]])
+        config.write_text(env[CONFIG_ENV])
+        args = [str(config) if a == CONFIG_PATH else a for a in trainer["args"]]
+        done = subprocess.run(
+            [sys.executable, "-m", "slicefm.train.launch", *args],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
 
     return run
 
@@ -482,6 +503,10 @@ def test_component_tracks_the_trainjob_and_registers_the_encoder_it_wrote(
     assert tags["slicefm.trainjob.name"] == NAME and tags["slicefm.trainjob.num_nodes"] == "2"
     assert tags["slicefm.output_uri"] == out
     assert run.data.metrics["steps"] == 2 and "loss_last" in run.data.metrics
+    # The pod's rank 0 logged its training curve into this stage run (MLFLOW_RUN_ID in the manifest).
+    client = MlflowClient(tracking)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2]
+    assert {"lr", "slices_per_s", "eff_rank"} <= set(run.data.metrics)
     assert run.data.params["method"] == "moco"
     # The encoder the job wrote to S3 is the registered version, logged under this stage run.
     assert tags["slicefm.registered_model"] == "mn-encoder"
