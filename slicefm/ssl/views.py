@@ -258,6 +258,7 @@ def lejepa_views(
     n_organs: int | None = None,
     n_abnormal: int | None = None,
     token_grid: int | None = None,
+    n_lesion_classes: int = 1,
 ) -> LeJEPAViews:
     """DALE-CT multi-crop: G global crops from the slab's centre slice, L local crops from random slices
     of the slab (depth-aware) or all from one slice (2D items have one slice). Guidance "volume": every crop
@@ -323,7 +324,8 @@ def lejepa_views(
             for k in ("organ", "finding", "lesion")
         }
         targets = aux_targets(
-            labels["organ"], labels["finding"], labels["lesion"], n_organs, n_abnormal or 1, token_grid
+            labels["organ"], labels["finding"], labels["lesion"], n_organs, n_abnormal or 1, token_grid,
+            n_lesion_classes,
         )
         targets = {k: t.view(cfg.n_global, b, *t.shape[1:]) for k, t in targets.items()}
     return LeJEPAViews(g_views, l_views, rows, slice_index, centres, kinds, boxes, targets)
@@ -336,17 +338,24 @@ def aux_targets(
     n_organs: int,
     n_abnormal: int,
     token_grid: int | None,
+    n_lesion_classes: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Cropped label maps [N, S, S] -> DALE-CT aux targets.
 
     organ_cls [N, n_organs]: fraction of the crop's pixels of each organ class (soft labels);
-    abn_cls [N, n_abnormal]: 1 where any pixel has that finding (classes 1..) or, last class, a lesion.
+    abn_cls [N, n_abnormal]: 1 where any pixel has that finding (classes 1..), then the lesion classes: one
+    ('lesion' > 0) or, with `n_lesion_classes` k > 1, one per lesion type 1..k (`lesion` holds types).
     With `token_grid` g: the same per cell of a g x g grid (the encoder's patch tokens), [N, g*g, C].
     """
     onehot = F.one_hot(organ.clamp(0, n_organs - 1), n_organs).permute(0, 3, 1, 2).float()
-    n_find = n_abnormal - 1
+    n_find = n_abnormal - n_lesion_classes
     find = F.one_hot(finding.clamp(0, n_find), n_find + 1)[..., 1:].permute(0, 3, 1, 2).float()
-    abn = torch.cat([find, (lesion > 0).float()[:, None]], dim=1)
+    if n_lesion_classes == 1:
+        les = (lesion > 0).float()[:, None]
+    else:
+        les = F.one_hot(lesion.long().clamp(0, n_lesion_classes), n_lesion_classes + 1)[..., 1:]
+        les = les.permute(0, 3, 1, 2).float()
+    abn = torch.cat([find, les], dim=1)
     out = {"organ_cls": onehot.mean(dim=(2, 3)), "abn_cls": abn.amax(dim=(2, 3))}
     if token_grid is not None:
         out["organ_patch"] = F.adaptive_avg_pool2d(onehot, token_grid).flatten(2).transpose(1, 2)

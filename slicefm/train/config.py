@@ -102,6 +102,11 @@ class AuxConfig(_Strict):
     abn_pos_weight: float = Field(800.0, gt=0)
     cls_patch_weights: tuple[float, float] = (0.5, 0.5)
     freq_sample_scans: int = Field(64, ge=1)  # scans read to estimate organ frequencies
+    # Abnormality classes for lesions: "any" = one 'lesion' class; "typed" = one class per DeepLesion coarse
+    # type (lesion_bone .. lesion_pelvis), like DALE-CT's typed ReXGroundingCT classes. Typed labels come from
+    # lesions.parquet (mask value = lesion_index + 1). Pretrain on a cohort disjoint from the one you evaluate
+    # lesion types on (pipeline `pretrain_data`), or the encoder has seen the test folds' labels.
+    lesion_classes: Literal["any", "typed"] = "any"
 
 
 class AugmentConfig(_Strict):

@@ -25,6 +25,8 @@ from slicefm.tracking.store import Store
 logger = logging.getLogger(__name__)
 
 MASK_KEYS = ("organ", "lesion", "finding")
+# DeepLesion's coarse lesion types 1..8 (lesions.parquet `lesion_type`), the order of the typed aux classes.
+LESION_TYPE_NAMES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
 _MASK_CACHE_SCANS = 4  # decompressing a scan's npz is the slow part; slabs of one scan arrive together
 
 
@@ -43,6 +45,8 @@ class PretrainIndex:
     # CLEAR embeds every HU window separately (one single-channel image per window): with per_window each
     # slice row is repeated once per channel (`channel` column) and the encoder sees 1-channel images.
     per_window: bool = False
+    # Typed lesion aux classes: per scan, mask lesion number -> DeepLesion type 1..8 (0: none or unknown).
+    lesion_type_of: dict[str, np.ndarray] | None = None
 
     @property
     def in_chans(self) -> int:
@@ -58,21 +62,52 @@ class PretrainIndex:
 
     @property
     def n_abnormal(self) -> int:
-        """Binary abnormality classes for aux supervision: finding classes without 'none', plus 'lesion'."""
+        """Binary abnormality classes for aux supervision: finding classes without 'none', then the lesion
+        classes ('lesion', or one per DeepLesion type when typed)."""
         return len(self.abnormal_classes)
 
     @property
+    def n_lesion_classes(self) -> int:
+        return len(LESION_TYPE_NAMES) if self.lesion_type_of is not None else 1
+
+    @property
     def abnormal_classes(self) -> list[str]:
-        return list((self.finding_classes or ["none"])[1:]) + ["lesion"]
+        lesions = [f"lesion_{t}" for t in LESION_TYPE_NAMES] if self.lesion_type_of is not None else ["lesion"]
+        return list((self.finding_classes or ["none"])[1:]) + lesions
+
+
+def lesion_type_lookup(lesions: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per scan: array mapping lesion mask value (lesion_index + 1) to its DeepLesion type 1..8, 0 for
+    background and unknown types (-1), so an untyped lesion is never taught as some type."""
+    lookup: dict[str, np.ndarray] = {}
+    for scan_id, group in lesions.groupby("scan_id", sort=False):
+        numbers = group["lesion_index"].to_numpy(np.int64) + 1
+        table = np.zeros(int(numbers.max()) + 1, np.uint8)
+        types = group["lesion_type"].to_numpy(np.int64)
+        table[numbers] = np.where((types >= 1) & (types <= len(LESION_TYPE_NAMES)), types, 0)
+        lookup[str(scan_id)] = table
+    return lookup
+
+
+def typed_lesion_mask(numbers: np.ndarray, types: np.ndarray | None) -> np.ndarray:
+    """Lesion-number mask -> DeepLesion-type mask (0 where no lesion, or the lesion has no known type)."""
+    table = np.zeros(max(int(numbers.max(initial=0)) + 1, 0 if types is None else len(types)), np.uint8)
+    if types is not None:
+        table[: len(types)] = types
+    return table[numbers]
 
 
 def load_index(
-    store: Store, exclude_splits: list[str] | tuple[str, ...] = ("test",), per_window: bool = False
+    store: Store,
+    exclude_splits: list[str] | tuple[str, ...] = ("test",),
+    per_window: bool = False,
+    typed_lesions: bool = False,
 ) -> PretrainIndex:
     """Read slices.parquet / scans.parquet / preprocess.json; drop scans of `exclude_splits`.
 
     `per_window`: one item per (slice, channel), in that order, so samplers, slabs and key slices
-    work unchanged on single-window images."""
+    work unchanged on single-window images. `typed_lesions`: lesion masks read as DeepLesion types
+    (needs lesions.parquet)."""
     meta = store.read_json("preprocess.json")
     if meta.get("layout") != "[slice, channel, H, W]":
         raise ValueError(
@@ -101,6 +136,11 @@ def load_index(
         store.read_json("masks/finding_classes.json") if store.exists("masks/finding_classes.json") else None
     )
     with_masks = {sid for sid in slices["scan_id"].unique() if store.exists(f"masks/{sid}.npz")}
+    lesion_type_of = None
+    if typed_lesions:
+        if not store.exists("lesions.parquet"):
+            raise ValueError(f"typed lesion classes need {store.uri('lesions.parquet')} (lesion types)")
+        lesion_type_of = lesion_type_lookup(store.read_parquet("lesions.parquet"))
     logger.info(
         "pretraining index: %d slices of %d scans, %d key slices, masks for %d scans",
         len(slices), slices["scan_id"].nunique(), int(has_box.sum()), len(with_masks),
@@ -115,6 +155,7 @@ def load_index(
         scans_with_masks=with_masks,
         data_version=meta.get("source"),
         per_window=per_window,
+        lesion_type_of=lesion_type_of,
     )
 
 
@@ -151,6 +192,9 @@ class _Reader:
         if scan_id not in self._masks:
             with np.load(io.BytesIO(self.index.store.read_bytes(f"masks/{scan_id}.npz"))) as npz:
                 self._masks[scan_id] = {k: npz[k] for k in MASK_KEYS if k in npz.files}
+            cached = self._masks[scan_id]
+            if self.index.lesion_type_of is not None and "lesion" in cached:
+                cached["lesion"] = typed_lesion_mask(cached["lesion"], self.index.lesion_type_of.get(scan_id))
             while len(self._masks) > _MASK_CACHE_SCANS:
                 self._masks.popitem(last=False)
         cached = self._masks[scan_id]

@@ -324,7 +324,7 @@ class LeJEPAMethod:
         }
         views = lejepa_views(
             moved, rng, gen, self.cfg.lejepa, self.cfg.augment, self.global_size, self.n_organs,
-            self.n_abnormal, self.token_grid,
+            self.n_abnormal, self.token_grid, self.index.n_lesion_classes,
         )  # fmt: skip
         return model(views.global_views, views.local_views, step, views.aux_targets)
 

@@ -70,7 +70,10 @@ def run_pretrain(
     ctx = DistContext.current()
     out = open_store(out_uri)
     index = load_index(
-        open_store(preprocessed_uri), cfg.loader.exclude_splits, per_window=cfg.input_channels == "per_window"
+        open_store(preprocessed_uri),
+        cfg.loader.exclude_splits,
+        per_window=cfg.input_channels == "per_window",
+        typed_lesions=cfg.aux.mode is not None and cfg.aux.lesion_classes == "typed",
     )
     seed_everything(cfg.seed)
     method = build_method(cfg, index, ctx.device)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import default_collate
 
 from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, lesion_crop_boxes, moco_views
 from slicefm.tracking.store import open_store
 from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
-from slicefm.train.data import EpochBatchSampler, SlabDataset, SliceDataset, abnormal_slices, load_index
+from slicefm.train.data import (
+    LESION_TYPE_NAMES,
+    EpochBatchSampler,
+    SlabDataset,
+    SliceDataset,
+    abnormal_slices,
+    lesion_type_lookup,
+    load_index,
+    typed_lesion_mask,
+)
 
 
 def _batch(ds, items):
@@ -116,6 +126,50 @@ def test_aux_targets_equal_direct_mask_fractions() -> None:
         expected = [float((f == c).any()) for c in (1, 2, 3)] + [float((lesion[b, y0:y1, x0:x1] > 0).any())]
         np.testing.assert_array_equal(t["abn_cls"][b].numpy(), expected)
     assert t["abn_cls"][:, 1].sum() == 3 and t["abn_cls"][1, 3] == 1 and t["abn_cls"][0, 3] == 0
+
+
+def test_typed_aux_targets_have_one_class_per_lesion_type() -> None:
+    finding = torch.zeros(2, 8, 8, dtype=torch.long)
+    finding[0, 0, 0] = 2
+    lesion = torch.zeros(2, 8, 8, dtype=torch.long)  # lesion types 1..3
+    lesion[0, 2:4, 2:4], lesion[1, 5, 5], lesion[1, 0, 7] = 3, 1, 3
+    organ = torch.zeros(2, 8, 8, dtype=torch.long)
+    t = aux_targets(organ, finding, lesion, n_organs=2, n_abnormal=5, token_grid=2, n_lesion_classes=3)
+    # columns: findings 1, 2, then lesion types 1, 2, 3
+    np.testing.assert_array_equal(t["abn_cls"].numpy(), [[0, 1, 0, 0, 1], [0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(t["abn_patch"][1, :, 2:].numpy(), [[0, 0, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]])
+    untyped = aux_targets(organ, finding, lesion, n_organs=2, n_abnormal=3, token_grid=None)
+    np.testing.assert_array_equal(untyped["abn_cls"][:, -1].numpy(), [1, 1])
+
+
+def test_lesion_numbers_map_to_their_types_and_unknown_types_to_none() -> None:
+    lesions = pd.DataFrame(
+        {"scan_id": ["a", "a", "a", "b"], "lesion_index": [0, 1, 2, 0], "lesion_type": [4, -1, 5, 8]}
+    )
+    lookup = lesion_type_lookup(lesions)
+    np.testing.assert_array_equal(lookup["a"], [0, 4, 0, 5])
+    numbers = np.array([[0, 1, 2], [3, 3, 0]], np.uint8)
+    np.testing.assert_array_equal(typed_lesion_mask(numbers, lookup["a"]), [[0, 4, 0], [5, 5, 0]])
+    # a mask number with no lesions.parquet row (or a scan without rows) has no type
+    np.testing.assert_array_equal(typed_lesion_mask(numbers, None), np.zeros_like(numbers))
+    np.testing.assert_array_equal(typed_lesion_mask(numbers, lookup["b"]), [[0, 8, 0], [0, 0, 0]])
+
+
+def test_typed_index_reads_each_lesions_deeplesion_type(preprocessed: str) -> None:
+    store = open_store(preprocessed)
+    typed, plain = load_index(store, typed_lesions=True), load_index(store)
+    assert typed.abnormal_classes == plain.abnormal_classes[:-1] + [f"lesion_{t}" for t in LESION_TYPE_NAMES]
+    ds_typed, ds_plain = SlabDataset(typed, depth_aware=False), SlabDataset(plain, depth_aware=False)
+    n_boxes = 0
+    for i in np.flatnonzero(typed.slices["boxes"].map(len).to_numpy() > 0):
+        lesion_typed, lesion_plain = ds_typed[int(i)]["lesion"][0], ds_plain[int(i)]["lesion"][0]
+        np.testing.assert_array_equal(lesion_typed > 0, lesion_plain > 0)  # every phantom lesion has a type
+        for x0, y0, x1, y1, lesion_type in typed.slices["boxes"].iloc[int(i)]:
+            box = np.s_[int(y0) : int(np.ceil(y1)) + 1, int(x0) : int(np.ceil(x1)) + 1]
+            if (lesion_plain[box] > 0).any():  # (a lesion smaller than a pixel at 32 px can vanish)
+                assert lesion_type in set(lesion_typed[box].ravel().tolist()), (i, lesion_type)
+                n_boxes += 1
+    assert n_boxes >= 6
 
 
 def _shows_abnormality(item: dict, row: int) -> bool:
