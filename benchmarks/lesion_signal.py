@@ -4,7 +4,9 @@ A diagnostic for the "pretrained beats random weights" comparison (issue 4), pri
 
 1. Slice-level lesion presence, per embedding set: logistic regression on each slice's embedding (one
    window), 5-fold CV grouped by scan, AUROC. Targets come from the lesion masks preprocessing wrote.
-   0.5 = the embeddings do not tell a slice with a lesion from one without.
+   0.5 = the embeddings do not tell a slice with a lesion from one without. Then lesion TYPE among the
+   slices showing exactly one type: multinomial logistic regression, same folds, one-vs-rest macro AUROC
+   (what lesion location needs; 0.5 = no type-specific lesion features).
 2. The cohort's ceiling: the evaluate stage's own protocol (ABMIL, same task, same folds when --splits is
    given) on an ORACLE embedding set whose slices carry exact indicators of the lesion types they show
    plus `--noise`-sd Gaussian noise in 23 further dimensions. When the oracle stays near 0.5, the cohort
@@ -58,13 +60,8 @@ def lesion_types_per_slice(pre: Store, scan_id: str, lesions: pd.DataFrame) -> n
 
 def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> float:
     """Grouped 5-fold logistic-regression AUROC of 'this slice shows a lesion' from its embedding."""
-    xs, ys, groups = [], [], []
-    for scan_id in es.scans["scan_id"]:
-        x = es.matrix(scan_id, window).astype(np.float32)
-        xs.append(x)
-        ys.append(lesion_types_per_slice(pre, scan_id, lesions).any(axis=1))
-        groups += [scan_id] * len(x)
-    x, y, g = np.concatenate(xs), np.concatenate(ys).astype(int), np.asarray(groups)
+    x, types, g = _slice_table(es, pre, lesions, window)
+    y = types.any(axis=1).astype(int)
     aucs = []
     for train, test in GroupKFold(5).split(x, y, g):
         model = make_pipeline(
@@ -72,6 +69,34 @@ def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, wi
         )
         model.fit(x[train], y[train])
         aucs.append(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
+    return float(np.mean(aucs))
+
+
+def _slice_table(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> tuple:
+    xs, types, groups = [], [], []
+    for scan_id in es.scans["scan_id"]:
+        x = es.matrix(scan_id, window).astype(np.float32)
+        xs.append(x)
+        types.append(lesion_types_per_slice(pre, scan_id, lesions))
+        groups += [scan_id] * len(x)
+    return np.concatenate(xs), np.concatenate(types), np.asarray(groups)
+
+
+def slice_type_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> float:
+    """Grouped 5-fold one-vs-rest macro AUROC of the lesion type, on slices showing exactly one type."""
+    x, types, g = _slice_table(es, pre, lesions, window)
+    one = types.sum(axis=1) == 1
+    x, y, g = x[one], types[one].argmax(axis=1), g[one]
+    aucs = []
+    for train, test in GroupKFold(5).split(x, y, g):
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
+        )
+        model.fit(x[train], y[train])
+        proba = np.zeros((len(test), N_LESION_TYPES))
+        proba[:, model.classes_] = model.predict_proba(x[test])
+        present = [c for c in range(N_LESION_TYPES) if 0 < (y[test] == c).sum() < len(test)]
+        aucs.append(np.mean([roc_auc_score(y[test] == c, proba[:, c]) for c in present]))
     return float(np.mean(aucs))
 
 
@@ -129,6 +154,7 @@ def main() -> None:
     p.add_argument("--window", default=None, help="window for the slice probe (default: the first)")
     p.add_argument("--noise", type=float, default=1.0, help="sd of the types oracle's nuisance dimensions")
     p.add_argument("--oracles", nargs="*", default=["types", "presence"], choices=["types", "presence"])
+    p.add_argument("--probes-only", action="store_true", help="slice probes only, no oracle ABMIL runs")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -140,8 +166,14 @@ def main() -> None:
     for es in sets:
         t = time.perf_counter()
         auc = slice_presence_auroc(es, pre, lesions, window)
-        print(f"  {es.label:<12} slice lesion-presence AUROC {auc:.3f}  ({time.perf_counter() - t:.0f} s)")
+        auc_type = slice_type_auroc(es, pre, lesions, window)
+        print(
+            f"  {es.label:<12} slice lesion-presence AUROC {auc:.3f}, lesion-type macro AUROC {auc_type:.3f}"
+            f"  ({time.perf_counter() - t:.0f} s)"
+        )
 
+    if args.probes_only:
+        return
     cfg = load_config(args.config).evaluate
     task = next((t for t in cfg.tasks if t.name == args.task), cfg.tasks[0]) if args.task else cfg.tasks[0]
     cfg = cfg.model_copy(

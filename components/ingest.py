@@ -26,7 +26,8 @@ def ingest(
         tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact.
         run_name: pipeline run name (store prefix); data_version: DVC revision / md5 (lineage).
-        cohort: "a" = the development cohort (config `data`), "b" = the external one (`external.data`).
+        cohort: "a" = the development cohort (config `data`), "b" = the external one (`external.data`),
+            "p" = the pretraining cohort (`pretrain_data`).
         scans: output: scans.parquet, lesions.parquet, quarantine.csv, dataset.json, volumes/.
     Returns:
         Number of usable scans.

@@ -24,7 +24,8 @@ def preprocess(
         tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         scans: the ingest output.
-        cohort: "a" (development) or "b" (external); names the store folder and the MLflow run.
+        cohort: "a" (development), "b" (external) or "p" (pretraining); names the store folder and the
+            MLflow run.
         slices: output: shards/, slices.parquet, scans.parquet, lesions.parquet, preprocess.json.
     Returns:
         Number of slices written.

@@ -51,6 +51,8 @@ def _arguments(
     run_name: str,
     version: str,
     external_source: str = "",
+    pretrain_source: str = "",
+    pretrain_version: str = "",
 ) -> dict:
     return {
         "config_yaml": dump_config(cfg),
@@ -62,6 +64,8 @@ def _arguments(
         "data_version": version,
         "external_source": external_source,
         "run_external": bool(cfg.external.enabled and external_source),
+        "pretrain_source": pretrain_source,
+        "pretrain_data_version": pretrain_version,
         "extract_shards": cfg.extract.n_shards,
     }
 
@@ -95,6 +99,7 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     source = _local_source(cfg.data)
     external = str(_local_source(cfg.external.data).resolve()) if cfg.external.enabled else ""
+    pretrain = _local_source(cfg.pretrain_data) if cfg.pretrain_data is not None else None
     # Components read the key from the environment, as they would from a Kubernetes Secret.
     os.environ[KEY_ENV] = load_key(state / "pseudonym.key").decode()
     run_name = run_name or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
@@ -106,8 +111,9 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
     )
     slicefm_pipeline(
         **_arguments(
-            cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external
-        )
+            cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external,
+            str(pretrain.resolve()) if pretrain else "", data_version(pretrain) if pretrain else "",
+        )  # fmt: skip
     )
     print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
     return 0
@@ -137,6 +143,8 @@ def submit(
             run_name,
             data_version(ROOT / cfg.data.source),
             os.environ.get("SLICEFM_EXTERNAL_SOURCE", cfg.external.data.source if cfg.external.enabled else ""),
+            os.environ.get("SLICEFM_PRETRAIN_SOURCE", cfg.pretrain_data.source if cfg.pretrain_data else ""),
+            data_version(ROOT / cfg.pretrain_data.source) if cfg.pretrain_data else "",
         )
         run = client.create_run_from_pipeline_package(
             str(package), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace

@@ -102,6 +102,34 @@ def _evaluate_encoder(
         _on_cluster(ext, "eval", retries=1).set_caching_options(False)
 
 
+def _pretrain_and_evaluate(
+    common: dict, gpu: dict, train_pre, eval_pre, external_source, data_version, run_external,  # noqa: ANN001
+    pretrain_nodes, trainer_namespace, trainer_image,  # noqa: ANN001
+) -> None:
+    """Pretrain on `train_pre`'s slices (in the step on one node, or a Trainer TrainJob over several), then
+    extract + evaluate on `eval_pre`'s cohort (and the external one)."""
+    pool = gpu["pool"]
+    with dsl.If(pretrain_nodes <= 1, name="pretrain-single-node"):
+        train = pretrain(
+            slices=train_pre.outputs["slices"], accelerator=pool["accelerator"], gpus=gpu["pretrain_gpus"],
+            **common,
+        )  # fmt: skip
+        _on_gpu_pool(_on_cluster(train, "gpu", retries=1), gpus=gpu["pretrain_gpus"], **pool)
+        train.set_caching_options(False)  # training is not cached unless a user asks for it
+        _evaluate_encoder(common, gpu, eval_pre, train.outputs["encoder"], external_source, data_version, run_external)
+    with dsl.Else(name="pretrain-trainjob"):
+        job = launch_trainjob(
+            config_yaml=common["config_yaml"], store_uri=common["store_uri"], run_name=common["run_name"],
+            slices=train_pre.outputs["slices"], tracking_uri=common["tracking_uri"],
+            parent_run_id=common["parent_run_id"], image=trainer_image, namespace=trainer_namespace,
+            num_nodes=pretrain_nodes, gpus_per_node=gpu["pretrain_gpus"], accelerator=pool["accelerator"],
+            node_selector=pool["node_selector"], tolerations=pool["tolerations"],
+        )  # fmt: skip
+        _on_cluster(job, "light", retries=1).set_caching_options(False)
+        kubernetes.set_timeout(job, 72 * 3600)
+        _evaluate_encoder(common, gpu, eval_pre, job.outputs["encoder"], external_source, data_version, run_external)
+
+
 @dsl.pipeline(
     name=PIPELINE_NAME, description="CT scans -> slice embeddings -> patient-level predictions (slicefm)"
 )
@@ -115,6 +143,8 @@ def slicefm_pipeline(
     data_version: str = "",
     external_source: str = "",
     run_external: bool = True,
+    pretrain_source: str = "",
+    pretrain_data_version: str = "",
     extract_shards: int = 1,
     pretrain_nodes: int = 1,
     gpu_accelerator: str = "nvidia.com/gpu",
@@ -137,6 +167,8 @@ def slicefm_pipeline(
         data_version: DVC md5 / git revision of the dataset (lineage tag).
         external_source: root of the external cohort (B) visible to the steps.
         run_external: also run the external-cohort branch (frozen vs retrained heads on cohort B).
+        pretrain_source: root of the pretraining cohort (P) visible to the steps; "" = pretrain on cohort A.
+        pretrain_data_version: DVC md5 / git revision of the pretraining cohort (lineage tag).
         extract_shards: extraction tasks per encoder and cohort (ParallelFor fan-out).
         pretrain_nodes: 1 = pretrain inside the step on one GPU node; > 1 = a Kubeflow Trainer TrainJob
             over that many nodes (needs store_uri = s3://...).
@@ -163,7 +195,7 @@ def slicefm_pipeline(
         "node_selector": gpu_node_selector,
         "tolerations": gpu_tolerations,
     }
-    gpu = {"extract_gpus": extract_gpus, "pool": pool, "shards": extract_shards}
+    gpu = {"extract_gpus": extract_gpus, "pretrain_gpus": pretrain_gpus, "pool": pool, "shards": extract_shards}
     with dsl.ExitHandler(finish):
         common = {
             "config_yaml": config_yaml,
@@ -179,26 +211,23 @@ def slicefm_pipeline(
         ing.set_caching_options(True)
         pre = _on_cluster(preprocess(scans=ing.outputs["scans"], **common), "data", retries=2)
         pre.set_caching_options(True)
-        with dsl.If(pretrain_nodes <= 1, name="pretrain-single-node"):
-            train = pretrain(
-                slices=pre.outputs["slices"], accelerator=gpu_accelerator, gpus=pretrain_gpus, **common
+        downstream = {
+            "external_source": external_source, "data_version": data_version, "run_external": run_external,
+            "pretrain_nodes": pretrain_nodes, "trainer_namespace": trainer_namespace, "trainer_image": trainer_image,
+        }  # fmt: skip
+        # Pretraining cohort: the evaluation cohort itself, or its own (a foundation model's corpus; needed
+        # when pretraining reads labels the evaluation predicts). kfp.local cannot resolve dsl.OneOf, so each
+        # branch carries the same downstream graph.
+        with dsl.If(pretrain_source == "", name="pretrain-on-cohort-a"):
+            _pretrain_and_evaluate(common, gpu, pre, pre, **downstream)
+        with dsl.Else(name="pretrain-on-cohort-p"):
+            ing_p = ingest(data_source=pretrain_source, data_version=pretrain_data_version, cohort="p", **common)
+            ing_p.set_display_name("ingest-pretrain")
+            kubernetes.use_secret_as_env(
+                _on_cluster(ing_p, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
             )
-            _on_gpu_pool(_on_cluster(train, "gpu", retries=1), gpus=pretrain_gpus, **pool)
-            train.set_caching_options(False)  # training is not cached unless a user asks for it
-            _evaluate_encoder(
-                common, gpu, pre, train.outputs["encoder"], external_source, data_version, run_external
-            )
-        with dsl.Else(name="pretrain-trainjob"):
-            job = launch_trainjob(
-                config_yaml=config_yaml, store_uri=store_uri, run_name=run_name, slices=pre.outputs["slices"],
-                tracking_uri=tracking_uri, parent_run_id=start.output, image=trainer_image,
-                namespace=trainer_namespace,
-                num_nodes=pretrain_nodes, gpus_per_node=pretrain_gpus, accelerator=gpu_accelerator,
-                node_selector=gpu_node_selector, tolerations=gpu_tolerations,
-            )  # fmt: skip
-            _on_cluster(job, "light", retries=1).set_caching_options(False)
-            kubernetes.set_timeout(job, 72 * 3600)
-            # The same downstream graph in both branches: kfp.local cannot resolve dsl.OneOf.
-            _evaluate_encoder(
-                common, gpu, pre, job.outputs["encoder"], external_source, data_version, run_external
-            )
+            ing_p.set_caching_options(True)
+            pre_p = preprocess(scans=ing_p.outputs["scans"], cohort="p", **common)
+            pre_p.set_display_name("preprocess-pretrain")
+            _on_cluster(pre_p, "data", retries=2).set_caching_options(True)
+            _pretrain_and_evaluate(common, gpu, pre_p, pre, **downstream)

@@ -141,8 +141,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     if args.out:
         print(f"demo dataset at {ensure_demo_data(cfg.data, Path(args.out), force=args.force)}")
         return 0
-    # Both cohorts at their configured sources (what data.dvc tracks under data/).
-    for data in [cfg.data] + ([cfg.external.data] if cfg.external.enabled else []):
+    # Every cohort at its configured source (what data.dvc tracks under data/).
+    for data in cfg.data_sources():
         print(f"demo dataset at {ensure_demo_data(data, Path(data.source), force=args.force)}")
     return 0
 

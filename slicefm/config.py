@@ -98,9 +98,20 @@ class PipelineConfig(Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    # The cohort the encoder is pretrained on (a foundation model's corpus), ingested and preprocessed like
+    # `data`; None = pretrain on the evaluation cohort itself. Use a disjoint cohort whenever pretraining
+    # reads labels the evaluation predicts (pretrain.aux.lesion_classes "typed"), so no test fold's labels
+    # reach the encoder.
+    pretrain_data: DataConfig | None = None
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     external: ExternalSection = Field(default_factory=ExternalSection)
+
+
+    def data_sources(self) -> list[DataConfig]:
+        """Every cohort the run reads: evaluation, pretraining (when its own), external (when enabled)."""
+        cohorts = [self.data] + ([self.pretrain_data] if self.pretrain_data is not None else [])
+        return cohorts + ([self.external.data] if self.external.enabled else [])
 
 
 def config_from_yaml(text: str) -> PipelineConfig:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slicefm.config import PipelineConfig, dump_config
+from slicefm.config import DataConfig, PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
 from slicefm.kfp_reports import headline_scalars
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
@@ -59,9 +59,10 @@ def ingest_stage(
     data_version: str | None = None,
     cohort: str = "a",
 ) -> IngestResult:
-    """Ingest cohort "a" (config `data`) or the external cohort "b" (config `external.data`)."""
+    """Ingest cohort "a" (config `data`), the external cohort "b" (`external.data`) or the pretraining
+    cohort "p" (`pretrain_data`)."""
     stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
-    data = cfg.data if cohort == "a" else cfg.external.data
+    data = cohort_data(cfg, cohort)
     params = {
         "source_format": data.format,
         "workers": cfg.ingest.workers,
@@ -77,6 +78,16 @@ def ingest_stage(
         )
         _log_artifacts(out_uri, ["dataset.json", "quarantine.csv", "config.yaml"])
     return result
+
+
+def cohort_data(cfg: PipelineConfig, cohort: str) -> DataConfig:
+    """The data section of a pipeline cohort: "a" evaluation, "b" external, "p" pretraining."""
+    if cohort == "p" and cfg.pretrain_data is None:
+        raise ValueError("cohort 'p' (pretraining) needs a pretrain_data section in the config")
+    sections = {"a": cfg.data, "b": cfg.external.data, "p": cfg.pretrain_data}
+    if cohort not in sections:
+        raise ValueError(f"unknown cohort {cohort!r} (a: data, b: external.data, p: pretrain_data)")
+    return sections[cohort]  # type: ignore[return-value]
 
 
 def preprocess_stage(
@@ -159,6 +170,7 @@ def _log_pretrain_metrics(result: Mapping) -> None:
     _log_metrics(
         {
             **{k: result[k] for k in keys},
+            **({"n_train_scans": result["n_train_scans"]} if result.get("n_train_scans") else {}),
             **{f"collapse_{k}": v for k, v in result.get("collapse", {}).items()},
         }
     )

@@ -33,6 +33,7 @@ class PretrainResult:
     compute_s: float = 0.0  # mean per step
     collapse: dict[str, float] = field(default_factory=dict)
     encoder_uri: str | None = None
+    n_train_scans: int = 0  # scans of the pretraining data (lineage: which cohort the encoder saw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +92,7 @@ def run_pretrain(
         data_wait_s=outcome.data_wait_s / max(1, len(outcome.losses)),
         compute_s=outcome.compute_s / max(1, len(outcome.losses)),
         collapse=outcome.collapse,
+        n_train_scans=int(index.slices["scan_id"].nunique()),
     )
     if outcome.stopped_early:
         return result

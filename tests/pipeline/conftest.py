@@ -27,10 +27,11 @@ def bucket_keys(s3_admin, bucket: str, prefix: str, relative: bool = False) -> l
     return sorted(k[len(prefix) :] if relative else k for k in keys)
 
 
-def tiny_pipeline_config(tmp_path: Path, external: bool = True) -> Path:
+def tiny_pipeline_config(tmp_path: Path, external: bool = True, pretrain_cohort: bool = False) -> Path:
     """Write a CPU-sized pipeline config (demo-cpu's pretrain section, shrunk) under tmp_path; returns its path.
 
-    Cohort A is generated into tmp_path/data, cohort B (when `external`) into tmp_path/external.
+    Cohort A is generated into tmp_path/data, cohort B (when `external`) into tmp_path/external, the
+    pretraining cohort P (when `pretrain_cohort`, 6 scans) into tmp_path/pretrain.
     """
     pretrain = yaml.safe_load((ROOT / "pipelines/configs/demo-cpu.yaml").read_text())["pretrain"]
     pretrain["encoder"]["img_size"] = 32
@@ -59,6 +60,11 @@ def tiny_pipeline_config(tmp_path: Path, external: bool = True) -> Path:
                 "probe": {"poolings": ["mean"], "lrs": [0.1], "steps": 4, "eval_every": 2},
                 "attention_plots": 1,
             },
+            "pretrain_data": (
+                {"source": str(tmp_path / "pretrain"), "phantom_scans": 6, "phantom_size": 64, "phantom_seed": 5}
+                if pretrain_cohort
+                else None
+            ),
             "external": {
                 "enabled": external,
                 "tasks": ["location"],

@@ -32,41 +32,21 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
 
     inner_tasks = dag(tasks["exit-handler-1"])
     assert {"ingest", "preprocess"} <= set(inner_tasks)
-    # Pretraining: inside the step (one node) or a Trainer TrainJob (several); the downstream graph is the
-    # same in both branches (kfp.local cannot resolve dsl.OneOf).
-    (branches,) = find(inner_tasks, "condition-branches").values()
-    single, multi = (dag(t) for t in dag(branches).values())
-    assert "pretrain" in single and "launch-trainjob" in multi
-    for branch, producer in ((single, "pretrain"), (multi, "launch-trainjob")):
-        assert find(branch, "shard-indices") and find(branch, "evaluate")
-        # Both ways of pretraining open their MLflow stage run under the pipeline's parent run.
-        assert branch[producer]["inputs"]["parameters"]["parent_run_id"] == {
-            "componentInputParameter": "pipelinechannel--start-tracking-Output"
-        }
-        (ev_name,) = find(branch, "evaluate")
-        # Extraction fans out over shards (pretrained + random-weight twin), collected by two merges.
-        (loop,) = find(branch, "for-loop").values()
-        loop_tasks = dag(loop)
-        # The GPU parameters reach the tasks inside the loop (the compiler only forwards task inputs).
-        loop_params = comps[loop["componentRef"]["name"]]["inputDefinitions"]["parameters"]
-        assert {"pipelinechannel--extract_gpus", "pipelinechannel--gpu_accelerator"} <= set(loop_params)
-        assert len(loop_tasks) == 2 and all(t["componentRef"]["name"].startswith("comp-extract") for t in loop_tasks.values())
-        assert loop["inputs"]["artifacts"]["pipelinechannel--" + producer + "-encoder"]["taskOutputArtifact"][
-            "producerTask"
-        ] == producer
-        merges = find(branch, "merge-embeddings")
-        assert len(merges) == 2
-        ev = branch[ev_name]["inputs"]["artifacts"]
-        assert {ev[k]["taskOutputArtifact"]["producerTask"] for k in ("embeddings", "baseline")} == set(merges)
-        # The external cohort runs under a condition: its own ingest/preprocess, the same encoder, A's heads.
-        (cond,) = find(branch, "condition").values()
-        ext_tasks = dag(cond)
-        ing_b = next(t for n, t in ext_tasks.items() if n.startswith("ingest"))
-        assert ing_b["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "b"
-        (ext,) = find(ext_tasks, "external").values()
-        assert ext["inputs"]["artifacts"]["source_results"] == {
-            "componentInputArtifact": f"pipelinechannel--{ev_name}-results"
-        }
+    # The pretraining cohort: cohort A itself, or its own ingest + preprocess (cohort "p"); the same
+    # downstream graph in both branches (kfp.local cannot resolve dsl.OneOf).
+    (by_source,) = find(inner_tasks, "condition-branches").values()
+    on_a, on_p = (dag(t) for t in dag(by_source).values())
+    ing_p = next(t for n, t in on_p.items() if n.startswith("ingest"))
+    assert ing_p["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "p"
+    assert ing_p["inputs"]["parameters"]["data_source"] == {"componentInputParameter": "pipelinechannel--pretrain_source"}
+    (pre_p_name,) = (n for n in on_p if n.startswith("preprocess"))
+    for outer, train_slices_from in ((on_a, "preprocess"), (on_p, pre_p_name)):
+        # Pretraining: inside the step (one node) or a Trainer TrainJob (several).
+        (branches,) = find(outer, "condition-branches").values()
+        single, multi = (dag(t) for t in dag(branches).values())
+        for branch, kind in ((single, "pretrain"), (multi, "launch-trainjob")):
+            (producer,) = (n for n in branch if n == kind or n.removeprefix(kind + "-").isdigit())
+            _check_pretrain_branch(comps, dag, find, branch, producer, train_slices_from)
     outs = comps["comp-evaluate"]["outputDefinitions"]["artifacts"]
     assert {o["artifactType"]["schemaTitle"] for o in outs.values()} >= {
         "system.Metrics", "system.ClassificationMetrics", "system.HTML", "system.Markdown"
@@ -121,7 +101,8 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 
 
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
-    config_path = tiny_pipeline_config(tmp_path)
+    """Every stage, with the encoder pretrained on its own cohort (P, 6 scans) and evaluated on A (8 scans)."""
+    config_path = tiny_pipeline_config(tmp_path, pretrain_cohort=True)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("SLICEFM_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
@@ -133,9 +114,12 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     stages = {r.data.tags["slicefm.stage"]: r for r in child_runs(tracking, parent.info.run_id)}
     assert set(stages) == {
         "ingest", "preprocess", "pretrain", "extract", "extract-random", "evaluate",
-        "ingest-b", "preprocess-b", "extract-b", "extract-random-b", "external",
+        "ingest-p", "preprocess-p", "ingest-b", "preprocess-b", "extract-b", "extract-random-b", "external",
     }  # fmt: skip
     assert stages["pretrain"].data.metrics["steps"] == 4
+    # The encoder saw cohort P only; cohort A (8 scans) is what it embeds and what is evaluated.
+    assert stages["ingest-p"].data.metrics["n_scans"] == stages["pretrain"].data.metrics["n_train_scans"] == 6
+    assert stages["extract"].data.metrics["n_scans"] == 8
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["ingest"].data.metrics["n_scans"] == 8
     out = Path(stages["preprocess"].data.tags["slicefm.output_uri"])
@@ -201,3 +185,39 @@ def test_forced_regeneration_replaces_an_existing_dataset(tmp_path):
     ensure_demo_data(cfg, fresh)
     assert dvc_dir_md5(out) == dvc_dir_md5(fresh)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "fresh"]
+
+
+def _check_pretrain_branch(comps, dag, find, branch: dict, producer: str, train_slices_from: str) -> None:  # noqa: ANN001
+    """One pretraining branch: the producer reads the pretraining cohort's slices, extraction fans out, evaluate
+    and the external cohort follow."""
+    slices = branch[producer]["inputs"]["artifacts"]["slices"]
+    assert slices == {"componentInputArtifact": f"pipelinechannel--{train_slices_from}-slices"}
+    assert find(branch, "shard-indices") and find(branch, "evaluate")
+    # Both ways of pretraining open their MLflow stage run under the pipeline's parent run.
+    assert branch[producer]["inputs"]["parameters"]["parent_run_id"] == {
+        "componentInputParameter": "pipelinechannel--start-tracking-Output"
+    }
+    (ev_name,) = find(branch, "evaluate")
+    # Extraction fans out over shards (pretrained + random-weight twin), collected by two merges.
+    (loop,) = find(branch, "for-loop").values()
+    loop_tasks = dag(loop)
+    # The GPU parameters reach the tasks inside the loop (the compiler only forwards task inputs).
+    loop_params = comps[loop["componentRef"]["name"]]["inputDefinitions"]["parameters"]
+    assert {"pipelinechannel--extract_gpus", "pipelinechannel--gpu_accelerator"} <= set(loop_params)
+    assert len(loop_tasks) == 2 and all(t["componentRef"]["name"].startswith("comp-extract") for t in loop_tasks.values())
+    assert loop["inputs"]["artifacts"]["pipelinechannel--" + producer + "-encoder"]["taskOutputArtifact"][
+        "producerTask"
+    ] == producer
+    merges = find(branch, "merge-embeddings")
+    assert len(merges) == 2
+    ev = branch[ev_name]["inputs"]["artifacts"]
+    assert {ev[k]["taskOutputArtifact"]["producerTask"] for k in ("embeddings", "baseline")} == set(merges)
+    # The external cohort runs under a condition: its own ingest/preprocess, the same encoder, A's heads.
+    (cond,) = find(branch, "condition").values()
+    ext_tasks = dag(cond)
+    ing_b = next(t for n, t in ext_tasks.items() if n.startswith("ingest"))
+    assert ing_b["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "b"
+    (ext,) = find(ext_tasks, "external").values()
+    assert ext["inputs"]["artifacts"]["source_results"] == {
+        "componentInputArtifact": f"pipelinechannel--{ev_name}-results"
+    }
