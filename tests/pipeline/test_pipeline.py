@@ -94,8 +94,10 @@ def test_compiled_pipeline_runs_on_gpu_node_pools_with_secrets_and_retries(tmp_p
 
 def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
     cfg = runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml")
-    ensure_demo_data(cfg.data, tmp_path / "data" / "demo")
-    ensure_demo_data(cfg.external.data, tmp_path / "data" / "external")  # cohort B: the shifted scanner
+    # Cohort A, the pretraining cohort P and cohort B (the shifted scanner), each at its configured source.
+    assert [d.source for d in cfg.data_sources()] == ["data/demo", "data/pretrain", "data/external"]
+    for data in cfg.data_sources():
+        ensure_demo_data(data, tmp_path / data.source)
     recorded = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert dvc_dir_md5(tmp_path / "data") == recorded
 
