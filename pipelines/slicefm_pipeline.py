@@ -55,6 +55,18 @@ def _on_gpu_pool(task, accelerator: str, gpus, node_selector, tolerations):  # n
     return task
 
 
+def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: str):  # noqa: ANN001, ANN202
+    """Ingest + preprocess one further cohort ("b" external, "p" pretraining); returns the preprocess task."""
+    ing = ingest(data_source=source, data_version=version, cohort=cohort, **common)
+    ing.set_display_name(f"ingest-{label}")
+    kubernetes.use_secret_as_env(_on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET)
+    ing.set_caching_options(True)
+    pre = preprocess(scans=ing.outputs["scans"], cohort=cohort, **common)
+    pre.set_display_name(f"preprocess-{label}")
+    _on_cluster(pre, "data", retries=2).set_caching_options(True)
+    return pre
+
+
 def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shards) -> tuple:  # noqa: ANN001
     """Pretrained and random-weight embeddings of one cohort, each fanned out over shards and merged."""
     shards = _on_cluster(shard_indices(n_shards=n_shards), "light", secrets=False)
@@ -88,15 +100,7 @@ def _evaluate_encoder(
     ev = _on_cluster(evaluate(embeddings=emb_a, baseline=rand_a, **common), "eval", retries=1)
     ev.set_caching_options(False)
     with dsl.If(run_external == True, name="external-cohort"):  # noqa: E712  (a KFP condition)
-        ing_b = ingest(data_source=external_source, data_version=data_version, cohort="b", **common)
-        ing_b.set_display_name("ingest-external")
-        kubernetes.use_secret_as_env(
-            _on_cluster(ing_b, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
-        )
-        ing_b.set_caching_options(True)
-        pre_b = preprocess(scans=ing_b.outputs["scans"], cohort="b", **common)
-        pre_b.set_display_name("preprocess-external")
-        _on_cluster(pre_b, "data", retries=2).set_caching_options(True)
+        pre_b = _ingest_and_preprocess(common, external_source, data_version, "b", "external")
         emb_b, rand_b = _embed_cohort(common, gpu, "b", pre_b.outputs["slices"], encoder, gpu["shards"])
         ext = external(source_results=ev.outputs["results"], embeddings=emb_b, baseline=rand_b, **common)
         _on_cluster(ext, "eval", retries=1).set_caching_options(False)
@@ -221,13 +225,5 @@ def slicefm_pipeline(
         with dsl.If(pretrain_source == "", name="pretrain-on-cohort-a"):
             _pretrain_and_evaluate(common, gpu, pre, pre, **downstream)
         with dsl.Else(name="pretrain-on-cohort-p"):
-            ing_p = ingest(data_source=pretrain_source, data_version=pretrain_data_version, cohort="p", **common)
-            ing_p.set_display_name("ingest-pretrain")
-            kubernetes.use_secret_as_env(
-                _on_cluster(ing_p, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
-            )
-            ing_p.set_caching_options(True)
-            pre_p = preprocess(scans=ing_p.outputs["scans"], cohort="p", **common)
-            pre_p.set_display_name("preprocess-pretrain")
-            _on_cluster(pre_p, "data", retries=2).set_caching_options(True)
+            pre_p = _ingest_and_preprocess(common, pretrain_source, pretrain_data_version, "p", "pretrain")
             _pretrain_and_evaluate(common, gpu, pre_p, pre, **downstream)
