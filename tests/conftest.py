@@ -178,3 +178,18 @@ def preprocessed(ingested: str, tmp_path_factory: pytest.TempPathFactory) -> str
     out = tmp_path_factory.mktemp("pretrain_data") / "pre"
     run_preprocess(ingested, str(out), PreprocessConfig(size=32, workers=1))
     return str(out)
+
+
+@pytest.fixture
+def requested_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every time.sleep the code under test asks for, each cut to <= 10 ms: retry and back-off loops are
+    checked by what they request (deterministic), never by a wall-clock bound that fails on a loaded machine."""
+    slept: list[float] = []
+    real_sleep = time.sleep
+
+    def fake_sleep(seconds: float) -> None:
+        slept.append(float(seconds))
+        real_sleep(min(float(seconds), 0.01))
+
+    monkeypatch.setattr(time, "sleep", fake_sleep)
+    return slept

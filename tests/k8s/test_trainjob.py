@@ -265,18 +265,17 @@ def test_crash_looping_pod_shows_the_previous_run_logs():
     assert query["previous"][0].lower() == "true"
 
 
-def test_timeout_explains_pending_pods_and_deletes_the_job():
+def test_timeout_explains_pending_pods_and_deletes_the_job(requested_sleeps):
     unschedulable = condition(
         "PodScheduled", "False", "Unschedulable", "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     )
     unschedulable.pop("lastTransitionTime")
     pods = [pod(f"{NAME}-node-0-{i}-p", NAME, "Pending", conditions=[unschedulable]) for i in range(2)]
     pending = {"conditions": [condition("Created")], "jobsStatus": jobs_status(active=1)}
-    start = time.monotonic()
     with FakeKube([pending], pods=pods) as fake:
         with pytest.raises(TrainJobTimeout) as info:
-            _wait(fake, timeout_s=0.3, poll_s=0.05)
-    assert time.monotonic() - start < 5
+            _wait(fake, timeout_s=0.3, poll_s=0.05, sleep=time.sleep)  # the recording sleep
+    assert requested_sleeps and max(requested_sleeps) <= 0.05  # polls at poll_s, never a longer wait
     msg = str(info.value)
     assert "did not finish within 0.3 s" in msg
     assert "(Pending): Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu." in msg
