@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -532,14 +531,3 @@ def test_phi_stays_out_of_info_and_logs(tmp_path: Path, rng, caplog: pytest.LogC
     assert caplog.records, "expected some log output to check"
     for secret in secrets:
         assert secret not in text
-
-
-@pytest.mark.slow
-def test_uncompressed_read_speed(tmp_path: Path, rng) -> None:
-    truth = make_truth(rng, shape=(40, 512, 512))
-    files = write_series(tmp_path, truth, rng)
-    start = time.perf_counter()
-    vol = read_dicom_series(files)
-    per_slice_ms = (time.perf_counter() - start) / len(files) * 1000
-    np.testing.assert_array_equal(vol.hu, truth)
-    assert per_slice_ms < 10.0, f"{per_slice_ms:.1f} ms/slice"
