@@ -42,25 +42,35 @@ from slicefm.embed.extract import embedding_key
 from slicefm.embed.reader import EmbeddingSet
 from slicefm.evaluate.stage import run_evaluate
 from slicefm.tracking.store import Store, open_store
+from slicefm.train.data import LESION_NAMES, lesion_type_lookup, typed_lesion_mask
 
-N_LESION_TYPES = 8  # DeepLesion's coarse types 1..8
+N_LESION_TYPES = len(LESION_NAMES)  # DeepLesion's coarse types 1..8
 ORACLE_NOISE_DIMS = 23
 
 
-def lesion_types_per_slice(pre: Store, scan_id: str, lesions: pd.DataFrame) -> np.ndarray:
-    """[n_slices, 8] 0/1: which lesion types each slice shows (mask value = lesion_index + 1)."""
-    with np.load(io.BytesIO(pre.read_bytes(f"masks/{scan_id}.npz"))) as npz:
-        lesion_map = npz["lesion"]
-    out = np.zeros((lesion_map.shape[0], N_LESION_TYPES), np.float32)
-    for row in lesions[lesions["scan_id"] == scan_id].itertuples():
-        shown = (lesion_map == row.lesion_index + 1).any(axis=(1, 2))
-        out[shown, int(row.lesion_type) - 1] = 1.0
+def lesion_types_per_slice(pre: Store, scan_ids: list[str], lesions: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per scan, [n_slices, 8] 0/1: which lesion types each slice shows (read once, shared by every probe)."""
+    type_of = lesion_type_lookup(lesions)
+    out = {}
+    for scan_id in scan_ids:
+        with np.load(io.BytesIO(pre.read_bytes(f"masks/{scan_id}.npz"))) as npz:
+            typed = typed_lesion_mask(npz["lesion"], type_of.get(scan_id))
+        out[scan_id] = np.stack(
+            [(typed == t).any(axis=(1, 2)) for t in range(1, N_LESION_TYPES + 1)], axis=1
+        ).astype(np.float32)
     return out
 
 
-def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> float:
+def slice_table(es: EmbeddingSet, window: str, types: dict[str, np.ndarray]) -> tuple:
+    """Every slice's embedding (one window), lesion types and scan id, over the set's scans."""
+    scan_ids = list(es.scans["scan_id"])
+    x = np.concatenate([es.matrix(scan_id, window).astype(np.float32) for scan_id in scan_ids])
+    groups = np.concatenate([[scan_id] * len(types[scan_id]) for scan_id in scan_ids])
+    return x, np.concatenate([types[scan_id] for scan_id in scan_ids]), groups
+
+
+def slice_presence_auroc(x: np.ndarray, types: np.ndarray, g: np.ndarray) -> float:
     """Grouped 5-fold logistic-regression AUROC of 'this slice shows a lesion' from its embedding."""
-    x, types, g = _slice_table(es, pre, lesions, window)
     y = types.any(axis=1).astype(int)
     aucs = []
     for train, test in GroupKFold(5).split(x, y, g):
@@ -72,19 +82,8 @@ def slice_presence_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, wi
     return float(np.mean(aucs))
 
 
-def _slice_table(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> tuple:
-    xs, types, groups = [], [], []
-    for scan_id in es.scans["scan_id"]:
-        x = es.matrix(scan_id, window).astype(np.float32)
-        xs.append(x)
-        types.append(lesion_types_per_slice(pre, scan_id, lesions))
-        groups += [scan_id] * len(x)
-    return np.concatenate(xs), np.concatenate(types), np.asarray(groups)
-
-
-def slice_type_auroc(es: EmbeddingSet, pre: Store, lesions: pd.DataFrame, window: str) -> float:
+def slice_type_auroc(x: np.ndarray, types: np.ndarray, g: np.ndarray) -> float:
     """Grouped 5-fold one-vs-rest macro AUROC of the lesion type, on slices showing exactly one type."""
-    x, types, g = _slice_table(es, pre, lesions, window)
     one = types.sum(axis=1) == 1
     x, y, g = x[one], types[one].argmax(axis=1), g[one]
     aucs = []
@@ -116,7 +115,7 @@ def oracle_slices(
 
 
 def write_oracle_set(
-    template: EmbeddingSet, pre: Store, lesions: pd.DataFrame, out: Path, noise: float, kind: str = "types"
+    template: EmbeddingSet, types_of: dict[str, np.ndarray], out: Path, noise: float, kind: str = "types"
 ) -> Path:
     """An extract-layout set over the template's scans and windows with `oracle_slices` features: what a
     perfect lesion(-type) detector would give."""
@@ -124,7 +123,7 @@ def write_oracle_set(
     rng = np.random.default_rng(0)
     rows = []
     for scan_id in template.scans["scan_id"]:
-        types = lesion_types_per_slice(pre, scan_id, lesions)
+        types = types_of[scan_id]
         for window in template.windows:
             x = oracle_slices(template, scan_id, window, types, kind, noise, rng)
             key = embedding_key(window, scan_id)
@@ -163,10 +162,11 @@ def main() -> None:
     lesions = pre.read_parquet("lesions.parquet")
     window = args.window or sets[0].windows[0]
     print(f"cohort: {len(sets[0].scans)} scans, {len(lesions)} lesions; slice probe on the {window} window")
+    types_of = lesion_types_per_slice(pre, list(sets[0].scans["scan_id"]), lesions)
     for es in sets:
         t = time.perf_counter()
-        auc = slice_presence_auroc(es, pre, lesions, window)
-        auc_type = slice_type_auroc(es, pre, lesions, window)
+        table = slice_table(es, window, types_of)
+        auc, auc_type = slice_presence_auroc(*table), slice_type_auroc(*table)
         print(
             f"  {es.label:<12} slice lesion-presence AUROC {auc:.3f}, lesion-type macro AUROC {auc_type:.3f}"
             f"  ({time.perf_counter() - t:.0f} s)"
@@ -181,7 +181,7 @@ def main() -> None:
     )
     for kind in args.oracles:
         with tempfile.TemporaryDirectory() as tmp:
-            oracle = write_oracle_set(sets[0], pre, lesions, Path(tmp) / "oracle", args.noise, kind)
+            oracle = write_oracle_set(sets[0], types_of, Path(tmp) / "oracle", args.noise, kind)
             t = time.perf_counter()
             res = run_evaluate([str(oracle)], str(Path(tmp) / "eval"), cfg, splits_uri=args.splits)
             what = f"noise sd {args.noise:g}" if kind == "types" else f"on {sets[0].label}'s embeddings"

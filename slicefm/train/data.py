@@ -19,14 +19,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from slicefm.data.adapters.sidecar import LESION_NAMES  # DeepLesion types 1..8, the typed aux order
 from slicefm.preprocess.shards import StackReader
 from slicefm.tracking.store import Store
 
 logger = logging.getLogger(__name__)
 
 MASK_KEYS = ("organ", "lesion", "finding")
-# DeepLesion's coarse lesion types 1..8 (lesions.parquet `lesion_type`), the order of the typed aux classes.
-LESION_TYPE_NAMES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis")
 _MASK_CACHE_SCANS = 4  # decompressing a scan's npz is the slow part; slabs of one scan arrive together
 
 
@@ -68,11 +67,11 @@ class PretrainIndex:
 
     @property
     def n_lesion_classes(self) -> int:
-        return len(LESION_TYPE_NAMES) if self.lesion_type_of is not None else 1
+        return len(LESION_NAMES) if self.lesion_type_of is not None else 1
 
     @property
     def abnormal_classes(self) -> list[str]:
-        lesions = [f"lesion_{t}" for t in LESION_TYPE_NAMES] if self.lesion_type_of is not None else ["lesion"]
+        lesions = [f"lesion_{t}" for t in LESION_NAMES] if self.lesion_type_of is not None else ["lesion"]
         return list((self.finding_classes or ["none"])[1:]) + lesions
 
 
@@ -84,7 +83,7 @@ def lesion_type_lookup(lesions: pd.DataFrame) -> dict[str, np.ndarray]:
         numbers = group["lesion_index"].to_numpy(np.int64) + 1
         table = np.zeros(int(numbers.max()) + 1, np.uint8)
         types = group["lesion_type"].to_numpy(np.int64)
-        table[numbers] = np.where((types >= 1) & (types <= len(LESION_TYPE_NAMES)), types, 0)
+        table[numbers] = np.where((types >= 1) & (types <= len(LESION_NAMES)), types, 0)
         lookup[str(scan_id)] = table
     return lookup
 

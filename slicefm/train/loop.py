@@ -158,6 +158,10 @@ class Method(Protocol):
 
     def before_step(self, step: int, total: int) -> None: ...
 
+    def redirect(self) -> tuple[float, list[np.ndarray]] | None:
+        """The sampler's label-guided swap (probability, targeted ids per item), or None."""
+        ...
+
     def after_step(self, out: dict[str, torch.Tensor], batch: dict[str, Any], step: int) -> None: ...
 
     def extra_state(self) -> dict[str, Any]: ...
@@ -218,6 +222,9 @@ class MoCoMethod:
             if keys is None:
                 keys = torch.zeros(0, self.bank.bank.shape[1], device=self.device)
             self.bank.update(keys, torch.from_numpy(part).to(self.device))
+
+    def redirect(self) -> None:
+        return None  # MoCo / LECL draw slices uniformly
 
     def before_step(self, step: int, total: int) -> None:
         self.model.momentum_update(cosine_momentum(step, total, self.cfg.moco.momentum))
@@ -466,7 +473,7 @@ def train(
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler = EpochBatchSampler(
             len(method.dataset), batch, ctx.rank, ctx.world, cfg.seed, epoch, in_epoch,
-            redirect=method.redirect() if isinstance(method, LeJEPAMethod) else None,
+            redirect=method.redirect(),
         )  # fmt: skip
         # The loader's worker base seed comes from its own generator, not from the global torch RNG, so
         # a mid-epoch restart does not shift the global RNG stream (dropout / drop-path).

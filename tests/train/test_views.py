@@ -11,7 +11,7 @@ from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, 
 from slicefm.tracking.store import open_store
 from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
 from slicefm.train.data import (
-    LESION_TYPE_NAMES,
+    LESION_NAMES,
     EpochBatchSampler,
     SlabDataset,
     SliceDataset,
@@ -158,7 +158,7 @@ def test_lesion_numbers_map_to_their_types_and_unknown_types_to_none() -> None:
 def test_typed_index_reads_each_lesions_deeplesion_type(preprocessed: str) -> None:
     store = open_store(preprocessed)
     typed, plain = load_index(store, typed_lesions=True), load_index(store)
-    assert typed.abnormal_classes == plain.abnormal_classes[:-1] + [f"lesion_{t}" for t in LESION_TYPE_NAMES]
+    assert typed.abnormal_classes == plain.abnormal_classes[:-1] + [f"lesion_{t}" for t in LESION_NAMES]
     ds_typed, ds_plain = SlabDataset(typed, depth_aware=False), SlabDataset(plain, depth_aware=False)
     n_boxes = 0
     for i in np.flatnonzero(typed.slices["boxes"].map(len).to_numpy() > 0):
