@@ -26,7 +26,10 @@ from slicefm.tracking.store import Store
 logger = logging.getLogger(__name__)
 
 MASK_KEYS = ("organ", "lesion", "finding")
-_MASK_CACHE_SCANS = 4  # decompressing a scan's npz is the slow part; slabs of one scan arrive together
+# Decompressing a scan's mask npz is the slow part of a LeJEPA item, and shuffled batches hit a new scan
+# almost every item: keep decompressed masks up to this many bytes per reader (per loader worker), least
+# recently used out first. A 320-scan 128 px phantom cohort fits (~5 MB a scan); one 512 px scan is ~0.2 GB.
+MASK_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -168,14 +171,16 @@ def to_float(stack: np.ndarray) -> np.ndarray:
 class _Reader:
     """Slice and mask access shared by the datasets (one per worker process after pickling)."""
 
-    def __init__(self, index: PretrainIndex) -> None:
+    def __init__(self, index: PretrainIndex, cache_bytes: int = MASK_CACHE_BYTES) -> None:
         self.index = index
         self.reader = StackReader(index.store)
+        self.cache_bytes = cache_bytes
         self._masks: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._mask_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_masks"] = OrderedDict()
+        state["_masks"], state["_mask_bytes"] = OrderedDict(), 0
         return state
 
     def image(self, row: pd.Series) -> np.ndarray:
@@ -188,18 +193,26 @@ class _Reader:
         """organ / lesion / finding label maps [len(rows), H, W] uint8 (zeros when the scan has none)."""
         if scan_id not in self.index.scans_with_masks:
             return {k: np.zeros((len(rows), *hw), np.uint8) for k in MASK_KEYS}
-        if scan_id not in self._masks:
-            with np.load(io.BytesIO(self.index.store.read_bytes(f"masks/{scan_id}.npz"))) as npz:
-                self._masks[scan_id] = {k: npz[k] for k in MASK_KEYS if k in npz.files}
-            cached = self._masks[scan_id]
-            if self.index.lesion_type_of is not None and "lesion" in cached:
-                cached["lesion"] = typed_lesion_mask(cached["lesion"], self.index.lesion_type_of.get(scan_id))
-            while len(self._masks) > _MASK_CACHE_SCANS:
-                self._masks.popitem(last=False)
-        cached = self._masks[scan_id]
+        cached = self._masks_of(scan_id)
         return {
             k: (cached[k][rows] if k in cached else np.zeros((len(rows), *hw), np.uint8)) for k in MASK_KEYS
         }
+
+    def _masks_of(self, scan_id: str) -> dict[str, np.ndarray]:
+        """The scan's whole decompressed label maps (lesions as types when typed), through the LRU cache."""
+        if scan_id in self._masks:
+            self._masks.move_to_end(scan_id)
+            return self._masks[scan_id]
+        with np.load(io.BytesIO(self.index.store.read_bytes(f"masks/{scan_id}.npz"))) as npz:
+            masks = {k: npz[k] for k in MASK_KEYS if k in npz.files}
+        if self.index.lesion_type_of is not None and "lesion" in masks:
+            masks["lesion"] = typed_lesion_mask(masks["lesion"], self.index.lesion_type_of.get(scan_id))
+        self._masks[scan_id] = masks
+        self._mask_bytes += sum(a.nbytes for a in masks.values())
+        while self._mask_bytes > self.cache_bytes and len(self._masks) > 1:
+            _, evicted = self._masks.popitem(last=False)
+            self._mask_bytes -= sum(a.nbytes for a in evicted.values())
+        return masks
 
 
 def first_box(boxes: list) -> np.ndarray:

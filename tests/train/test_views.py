@@ -15,6 +15,7 @@ from slicefm.train.data import (
     EpochBatchSampler,
     SlabDataset,
     SliceDataset,
+    _Reader,
     abnormal_slices,
     lesion_type_lookup,
     load_index,
@@ -170,6 +171,23 @@ def test_typed_index_reads_each_lesions_deeplesion_type(preprocessed: str) -> No
                 assert lesion_type in set(lesion_typed[box].ravel().tolist()), (i, lesion_type)
                 n_boxes += 1
     assert n_boxes >= 6
+
+
+def test_mask_cache_keeps_recent_scans_within_its_byte_budget(preprocessed: str) -> None:
+    index = load_index(open_store(preprocessed), typed_lesions=True)
+    scans = sorted(index.scans_with_masks)[:3]
+    first = _Reader(index).masks(scans[0], np.arange(2), (0, 0))
+    scan_bytes = sum(a.nbytes for a in _Reader(index)._masks_of(scans[0]).values())
+    reader = _Reader(index, cache_bytes=int(2.5 * scan_bytes))  # room for two scans of this size
+    reader.masks(scans[0], np.arange(2), (0, 0))
+    reader.masks(scans[1], np.arange(2), (0, 0))
+    reader.masks(scans[0], np.arange(2), (0, 0))  # scans[0] is now the most recently used
+    reader.masks(scans[2], np.arange(2), (0, 0))  # over budget: the least recently used (scans[1]) goes
+    assert list(reader._masks) == [scans[0], scans[2]]
+    assert reader._mask_bytes == sum(a.nbytes for m in reader._masks.values() for a in m.values())
+    again = reader.masks(scans[0], np.arange(2), (0, 0))  # served from the cache, typed like a fresh read
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key])
 
 
 def _shows_abnormality(item: dict, row: int) -> bool:
