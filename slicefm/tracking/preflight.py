@@ -46,9 +46,14 @@ def check_store(uri: str, *, max_attempts: int | None = None, connect_timeout_s:
     logger.debug("artifact store %s: write/read/delete probe ok", store.uri(""))
 
 
+# A preflight answers in seconds: one retry against S3 (botocore's jittered back-off sleeps at most 1 s before
+# it), not the stage stores' 5 attempts (up to 15 s of back-off on top of the connect timeouts).
+PREFLIGHT_STORE_ATTEMPTS = 2
+
+
 def preflight(tracking_uri: str | None, store_uri: str | None, timeout_s: float = 5.0) -> None:
-    """Both checks (each skipped when its URI is None)."""
+    """Both checks (each skipped when its URI is None), each bounded by `timeout_s` per connection."""
     if tracking_uri:
         check_tracking_server(tracking_uri, timeout_s)
     if store_uri:
-        check_store(store_uri)
+        check_store(store_uri, max_attempts=PREFLIGHT_STORE_ATTEMPTS, connect_timeout_s=timeout_s)
