@@ -29,6 +29,7 @@ import argparse
 import io
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,6 +86,19 @@ def cell_targets(typed: np.ndarray, grid: int) -> np.ndarray:
     return cells.reshape(b, grid * grid, N_LESION_TYPES).astype(np.float32)
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, int | float | str value), for timm.create_model kwargs."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--overrides: expected key=value, got {item!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="preprocess output to train on (the pretraining cohort)")
@@ -110,9 +124,7 @@ def main() -> None:
         raise SystemExit(f"{a.train}: needs slices with and without lesions")
     print(f"train {len(tr.images)} slices ({len(pos)} with a lesion), eval {len(ev.images)}; {a.windows}")
 
-    overrides = {
-        k: (int(v) if v.isdigit() else v) for k, v in (kv.split("=") for kv in a.overrides.split(",") if kv)
-    }
+    overrides = dict(parse_override(kv) for kv in a.overrides.split(",") if kv)
     enc = create_encoder(a.encoder, tr.images.shape[-1], 1, **overrides).to(a.device)
     head = torch.nn.Linear(enc.embed_dim, N_LESION_TYPES).to(a.device)
     params = [*enc.parameters(), *head.parameters()]
