@@ -18,7 +18,13 @@ Printed figures:
   the encoder cannot find that lesion type in a scan even when trained on the labels.
 
     .venv/bin/python benchmarks/supervised_ceiling.py --train PRE_P --eval PRE_A --encoder vit_tiny_test \\
-        [--cells] [--windows abdomen lung] [--steps 1500] [--batch 32] [--eval-scans 160] [--device cuda]
+        [--cells] [--windows abdomen lung] [--steps 1500] [--batch 32] [--eval-scans 160] [--device cuda] \\
+        [--export DIR]
+
+`--export DIR` writes the trained encoder like the pretrain stage does, so the product's own stages show what
+the lesion-location protocol makes of a supervised detector (its ceiling for "pretrained beats random"):
+`slicefm extract --preprocessed PRE_A --out E --encoder DIR` (and `--random-baseline` into R), then
+`slicefm evaluate --embeddings E R --out EV`.
 
 No asserts; prints the figures (record them in benchmarks/RESULTS.md).
 """
@@ -42,6 +48,7 @@ from slicefm.models.encoders import create_encoder
 from slicefm.preprocess.shards import StackReader
 from slicefm.tracking.store import open_store
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, to_float, typed_lesion_mask
+from slicefm.train.export import export_encoder
 
 
 @dataclass
@@ -114,6 +121,7 @@ def main() -> None:
     p.add_argument("--eval-scans", type=int, default=160)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", help="write the trained encoder here (pretrain-stage export layout)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -167,6 +175,14 @@ def main() -> None:
     train_s = time.perf_counter() - t_train
 
     enc.eval()
+    if a.export:
+        channels = open_store(a.train).read_json("preprocess.json")["channels"]
+        encoder_cfg = {"name": a.encoder, "img_size": int(tr.images.shape[-1]), "overrides": overrides}
+        meta = {"method": "supervised_ceiling", "channels": channels, "input_channels": "per_window",
+                "input_dtype": str(tr.images.dtype), "config": {"encoder": encoder_cfg}, "steps": a.steps}  # fmt: skip
+        export_encoder(enc.cpu(), a.export, meta)
+        enc.to(a.device)
+        print(f"exported the supervised encoder to {a.export}")
     prob = np.zeros((len(a.windows), len(ev.images), N_LESION_TYPES), np.float32)
     with torch.no_grad():
         for w in range(len(a.windows)):
