@@ -41,11 +41,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from lesion_signal import N_LESION_TYPES
 from sklearn.metrics import roc_auc_score
 
 from slicefm.models.encoders import create_encoder
 from slicefm.preprocess.shards import StackReader
+from slicefm.ssl.views import cell_class_counts
 from slicefm.tracking.store import open_store
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, to_float, typed_lesion_mask
 from slicefm.train.export import export_encoder
@@ -58,6 +60,7 @@ class Cohort:
     typed: np.ndarray  # [N, H, W] uint8 lesion-type map (0 = none)
     scan_of: np.ndarray  # [N] index into `scans`
     scans: pd.DataFrame  # one row per scan with its label_location_* columns
+    channels: list[str]  # the preprocess output's windows (in stack order)
 
 
 def load_cohort(uri: str, windows: list[str], max_scans: int | None) -> Cohort:
@@ -72,38 +75,38 @@ def load_cohort(uri: str, windows: list[str], max_scans: int | None) -> Cohort:
     stacks = pre.read_parquet("slices.parquet").groupby("scan_id")["stack"].first()
     type_of = lesion_type_lookup(pre.read_parquet("lesions.parquet"))
     reader = StackReader(pre)
-    images, typed, scan_of = [], [], []
+    images, typed, types, scan_of = [], [], [], []
     for i, scan_id in enumerate(scans["scan_id"]):
         images.append(reader.read_stack(stacks[scan_id])[:, c])
         with np.load(io.BytesIO(pre.read_bytes(f"masks/{scan_id}.npz"))) as npz:
             typed.append(typed_lesion_mask(npz["lesion"], type_of.get(scan_id)))
+        types.append(cell_targets(typed[-1], 1)[:, 0])  # the whole slice as one cell
         scan_of.append(np.full(len(images[-1]), i))
-    typed_all = np.concatenate(typed)
-    types = np.stack([(typed_all == t).any(axis=(1, 2)) for t in range(1, N_LESION_TYPES + 1)], axis=1)
-    return Cohort(np.concatenate(images), types.astype(np.float32), typed_all, np.concatenate(scan_of), scans)
+    return Cohort(
+        np.concatenate(images),
+        np.concatenate(types),
+        np.concatenate(typed),
+        np.concatenate(scan_of),
+        scans,
+        channels,
+    )
 
 
 def cell_targets(typed: np.ndarray, grid: int) -> np.ndarray:
-    """Type maps [B, S, S] -> [B, grid*grid, 8]: 1 where the cell covers any pixel of that lesion type."""
-    b, s = typed.shape[0], typed.shape[-1]
-    if s % grid:
-        raise SystemExit(f"image size {s} is not divisible by the encoder's token grid {grid}")
-    one_hot = np.stack([typed == t for t in range(1, N_LESION_TYPES + 1)], axis=-1)
-    cells = one_hot.reshape(b, grid, s // grid, grid, s // grid, N_LESION_TYPES).any(axis=(2, 4))
-    return cells.reshape(b, grid * grid, N_LESION_TYPES).astype(np.float32)
+    """Type maps [B, S, S] -> [B, grid*grid, 8]: 1 where the cell covers any pixel of that lesion type
+    (the same cell partition as the 2S aux targets of pretraining)."""
+    if typed.shape[-1] % grid:
+        raise SystemExit(f"image size {typed.shape[-1]} is not divisible by the encoder's token grid {grid}")
+    counts = cell_class_counts(torch.from_numpy(typed), N_LESION_TYPES + 1, grid)[..., 1:]  # drop "no lesion"
+    return (counts > 0).numpy().astype(np.float32)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """'key=value' -> (key, int | float | str value), for timm.create_model kwargs."""
+    """'key=value' -> (key, value read as YAML, like `encoder.overrides` in a config), for timm kwargs."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise SystemExit(f"--overrides: expected key=value, got {item!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
+    return key, yaml.safe_load(value)
 
 
 def main() -> None:
@@ -176,9 +179,8 @@ def main() -> None:
 
     enc.eval()
     if a.export:
-        channels = open_store(a.train).read_json("preprocess.json")["channels"]
         encoder_cfg = {"name": a.encoder, "img_size": int(tr.images.shape[-1]), "overrides": overrides}
-        meta = {"method": "supervised_ceiling", "channels": channels, "input_channels": "per_window",
+        meta = {"method": "supervised_ceiling", "channels": tr.channels, "input_channels": "per_window",
                 "input_dtype": str(tr.images.dtype), "config": {"encoder": encoder_cfg}, "steps": a.steps}  # fmt: skip
         export_encoder(enc.cpu(), a.export, meta)
         enc.to(a.device)

@@ -331,7 +331,7 @@ def lejepa_views(
     return LeJEPAViews(g_views, l_views, rows, slice_index, centres, kinds, boxes, targets)
 
 
-def _cell_class_counts(labels: torch.Tensor, n_classes: int, grid: int) -> torch.Tensor:
+def cell_class_counts(labels: torch.Tensor, n_classes: int, grid: int) -> torch.Tensor:
     """Label maps [N, S, S] -> pixel counts [N, grid*grid, n_classes] per cell of a grid x grid partition.
 
     One bincount instead of one-hot maps (the one-hot version was most of a CPU LeJEPA step at 128 px).
@@ -368,9 +368,9 @@ def aux_targets(
         raise ValueError(f"crop size {s} is not divisible by the token grid {grid}")
     n_find = n_abnormal - n_lesion_classes
     lesion_labels = (lesion > 0).long() if n_lesion_classes == 1 else lesion
-    organ_n = _cell_class_counts(organ, n_organs, grid)  # [N, g*g, n_organs]
-    find_n = _cell_class_counts(finding, n_find + 1, grid)[..., 1:]  # drop class 0 (no finding)
-    les_n = _cell_class_counts(lesion_labels, n_lesion_classes + 1, grid)[..., 1:]
+    organ_n = cell_class_counts(organ, n_organs, grid)  # [N, g*g, n_organs]
+    find_n = cell_class_counts(finding, n_find + 1, grid)[..., 1:]  # drop class 0 (no finding)
+    les_n = cell_class_counts(lesion_labels, n_lesion_classes + 1, grid)[..., 1:]
     abn_patch = (torch.cat([find_n, les_n], dim=-1) > 0).float()
     out = {"organ_cls": organ_n.sum(dim=1) / (s * s), "abn_cls": abn_patch.amax(dim=1)}
     if token_grid is not None:
