@@ -82,6 +82,7 @@ _FOV_CIRCLE = 0.53  # reconstruction circle radius / FOV: only the corners fall 
 _FINDING_PROBABILITY = 0.3
 _EXTRA_PROBABILITY = 0.15
 _SOFT_TISSUE_HU = 40.0  # reference for lesions embedded in fat, bowel or muscle
+_FLUID_HU = (0.0, 20.0)  # necrotic / cystic lesion cores: the darkest a soft-tissue lesion gets
 
 
 @dataclass(frozen=True)
@@ -895,8 +896,12 @@ def _lesion_hu(
         lytic = rng.random() < 0.6
         return 250.0, float(rng.uniform(-220.0, -120.0) if lytic else rng.uniform(180.0, 350.0)), 0.0
     reference = {"liver": 95.0 if contrast_phase else 60.0, "kidney": 150.0 if contrast_phase else 32.0}
-    contrast = rng.uniform(-150.0, -70.0) if rng.random() < 0.5 else rng.uniform(70.0, 160.0)
-    return reference.get(lesion_type, _SOFT_TISSUE_HU), float(contrast), float(rng.uniform(90.0, 160.0))
+    ref = reference.get(lesion_type, _SOFT_TISSUE_HU)
+    if rng.random() < 0.5:  # hypodense: a necrotic or cystic core, fluid density, never fat
+        contrast = max(rng.uniform(-150.0, -70.0), rng.uniform(*_FLUID_HU) - ref)
+    else:
+        contrast = rng.uniform(70.0, 160.0)
+    return ref, float(contrast), float(rng.uniform(90.0, 160.0))
 
 
 def _lesion_diameter_mm(rng: np.random.Generator, lesion_type: str, stage: int) -> float:
