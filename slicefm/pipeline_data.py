@@ -26,6 +26,11 @@ def ensure_demo_data(cfg: DataConfig, out: Path | None = None, force: bool = Fal
         raise FileNotFoundError(
             f"dataset {path} is missing: run `dvc pull` (or enable data.phantom_if_missing)"
         )
+    if cfg.format not in ("auto", cfg.phantom_format):
+        raise ValueError(
+            f"data.format {cfg.format!r} cannot read the phantom dataset it would generate at {path} "
+            f"(data.phantom_format {cfg.phantom_format!r}): set data.format to 'auto' or {cfg.phantom_format!r}"
+        )
     log.info(
         "generating the phantom dataset at %s (%d scans, %s)", path, cfg.phantom_scans, cfg.phantom_format
     )

@@ -189,6 +189,18 @@ def test_forced_regeneration_replaces_an_existing_dataset(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "fresh"]
 
 
+def test_a_phantom_the_ingest_format_cannot_read_is_refused_before_generating(tmp_path):
+    cfg = runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml").data.model_copy(
+        update={"phantom_scans": 2, "phantom_size": 32, "phantom_format": "nifti"}
+    )
+    assert cfg.format == "dicom"
+    with pytest.raises(ValueError, match="data.format 'dicom' cannot read .*phantom_format 'nifti'"):
+        ensure_demo_data(cfg, tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
+    ensure_demo_data(cfg.model_copy(update={"format": "auto"}), tmp_path / "demo")
+    assert sorted(p.suffix for p in (tmp_path / "demo").glob("scan_*")) == [".gz", ".gz"]
+
+
 def _check_pretrain_branch(comps, dag, find, branch: dict, producer: str, train_slices_from: str) -> None:  # noqa: ANN001
     """One pretraining branch: the producer reads the pretraining cohort's slices, extraction fans out, evaluate
     and the external cohort follow."""
