@@ -886,7 +886,8 @@ def _lesion_hu(
     """(reference HU of the host tissue, core contrast, rim enhancement) for a new lesion.
 
     DeepLesion's lesions are the ones radiologists measured: conspicuous against their host tissue.
-    Soft-tissue metastases are drawn rim-enhancing (a brighter shell around a hypo- or hyperdense core),
+    Soft-tissue metastases are drawn rim-enhancing (a brighter shell around a hypo- or hyperdense core;
+    a hypodense core is necrotic or cystic, 0-20 HU, never fat density, so a lesion in fat shows whole),
     the texture that tells them apart from bowel loops and vessels; lung and bone lesions stand out
     against air and cancellous bone on their own.
     """
