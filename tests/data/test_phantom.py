@@ -161,12 +161,17 @@ def test_lesions_sit_in_their_host_with_tight_boxes(lesion_cohort):
     assert n_lesions >= 3 * len(lesion_cohort)
 
 
+def _scan_with_lesion(lesion_type: str, seed: int, shape_xy: int, n_slices: int) -> tuple[PhantomScan, int]:
+    """A scan with one lesion of this type required (no findings) and that lesion's mask number."""
+    scan = generate_scan(
+        np.random.default_rng(seed), shape_xy=shape_xy, n_slices=n_slices, lesion_types=(lesion_type,), findings=()
+    )
+    return scan, next(i for i, les in enumerate(scan.lesions, start=1) if les.lesion_type == lesion_type)
+
+
 @pytest.mark.parametrize("lesion_type", LESION_TYPES)
 def test_every_lesion_type_can_be_placed_and_is_visible(lesion_type):
-    scan = generate_scan(
-        np.random.default_rng(3), shape_xy=96, n_slices=48, lesion_types=(lesion_type,), findings=()
-    )
-    number = next(i for i, les in enumerate(scan.lesions, start=1) if les.lesion_type == lesion_type)
+    scan, number = _scan_with_lesion(lesion_type, seed=3, shape_xy=96, n_slices=48)
     assert scan.location_labels[lesion_type] == 1
     lesion = scan.lesion_mask == number
     # Visible: the lesion differs from the host tissue right around it.
@@ -182,10 +187,7 @@ def test_lesions_in_fat_are_soft_tissue_dense_to_the_core():
     whole lesion, core included, stands out, not only its enhancing rim."""
     contrasts = []
     for seed in range(8):
-        scan = generate_scan(
-            np.random.default_rng(seed), shape_xy=128, n_slices=48, lesion_types=("soft_tissue",), findings=()
-        )
-        number = next(i for i, les in enumerate(scan.lesions, start=1) if les.lesion_type == "soft_tissue")
+        scan, number = _scan_with_lesion("soft_tissue", seed, shape_xy=128, n_slices=48)
         contrasts.append(scan.lesions[number - 1].contrast_hu)
         key = scan.lesions[number - 1].key_slice
         lesion, hu = scan.lesion_mask[key] == number, scan.hu[key].astype(float)
@@ -201,10 +203,7 @@ def test_soft_tissue_lesions_are_rim_enhancing(lesion_type):
     """A brighter shell around the core: the texture that tells a metastasis from bowel or vessels."""
     differences = []
     for seed in range(6):
-        scan = generate_scan(
-            np.random.default_rng(seed), shape_xy=128, n_slices=64, lesion_types=(lesion_type,), findings=()
-        )
-        number = next(i for i, les in enumerate(scan.lesions, start=1) if les.lesion_type == lesion_type)
+        scan, number = _scan_with_lesion(lesion_type, seed, shape_xy=128, n_slices=64)
         key = scan.lesions[number - 1].key_slice
         lesion, hu = scan.lesion_mask[key] == number, scan.hu[key]  # in-plane: slices are thicker than pixels
         core = ndimage.binary_erosion(lesion, iterations=2)
