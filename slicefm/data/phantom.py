@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import ndimage
+
+from slicefm.data import portable_math
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +339,20 @@ def _cells(shape: tuple[int, ...], spacing: Sequence[float], cell_mm: float) -> 
     return [int(math.ceil(n * d / cell_mm)) + 1 for n, d in zip(shape, spacing, strict=True)]
 
 
+def _cos_7theta_plus(y: np.ndarray, x: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """cos(7 * atan2(y, x) + phase) from Chebyshev polynomials of the angle's cosine and sine.
+
+    Basic arithmetic only: numpy's arctan2 / cos round differently per CPU (see portable_math).
+    """
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    r = np.maximum(np.sqrt(x * x + y * y), 1e-12)
+    c, s = x / r, y / r
+    c2 = c * c
+    cos7 = (((64.0 * c2 - 112.0) * c2 + 56.0) * c2 - 7.0) * c  # T7(cos)
+    sin7 = (((64.0 * c2 - 80.0) * c2 + 24.0) * c2 - 1.0) * s  # sin * U6(cos)
+    return cos7 * portable_math.cos(phase) - sin7 * portable_math.sin(phase)
+
+
 # --- the builder ---------------------------------------------------------------------------------
 
 _Shape = tuple[tuple[slice, slice, slice], np.ndarray] | None  # (bounding box, mask on it)
@@ -471,7 +487,7 @@ class _Builder:
         loops = _smooth_field(self.rng, sub.shape, _cells(sub.shape, self.spacing_anat, 18.0))
         gas = _smooth_field(self.rng, sub.shape, _cells(sub.shape, self.spacing_anat, 14.0))
         fat_fraction = float(np.clip(0.15 + self.h.fat_mm / 60.0, 0.15, 0.55))
-        is_fat = loops < float(special.ndtri(fat_fraction))
+        is_fat = loops < portable_math.ndtri(fat_fraction)
         hu = np.where(is_fat, np.float32(-100.0), np.float32(25.0) + 6.0 * loops)
         hu = np.where(~is_fat & (gas > 2.0), np.float32(-950.0), hu)
         box = (zs, slice(None), slice(None))
@@ -624,10 +640,9 @@ class _Builder:
         inner = (X / (A[:, None, None] + 0.5)) ** 2 + (Y / (B[:, None, None] + 0.5)) ** 2 <= 1.0
         k, i, j = np.nonzero(outer & ~inner)  # the chest-wall ring the ribs live in
         X, Y = X[0, 0, j], Y[0, i, 0]
-        theta = np.arctan2(Y / B[k], np.abs(X) / A[k])
         # Ribs slope caudally towards the front, so their cross-sections move round with z.
-        phase = 2 * np.pi * g.z[zs][k] / 30.0
-        keep = (np.cos(7.0 * theta + phase) > 0.6) & (np.abs(X) > self.r_v + 14.0)
+        phase = (2.0 * np.pi / 30.0) * g.z[zs]
+        keep = (_cos_7theta_plus(Y / B[k], np.abs(X) / A[k], phase[k]) > 0.6) & (np.abs(X) > self.r_v + 14.0)
         keep &= (np.abs(X) > 28.0) | (Y > 0)  # costal cartilage gap beside the sternum
         rib = np.zeros_like(outer)
         rib[k[keep], i[keep], j[keep]] = True
@@ -825,7 +840,9 @@ class _Builder:
             for _ in range(int(self.rng.integers(2, 6))):
                 # Coronary arteries run on the heart's anterior and left surface.
                 theta, phi = self.rng.uniform(0.2, 1.3) * np.pi, self.rng.uniform(-0.4, 0.4)
-                direction = np.array([np.sin(phi), -np.sin(theta), np.cos(theta)])
+                direction = np.array(
+                    [portable_math.sin(phi), -portable_math.sin(theta), portable_math.cos(theta)]
+                )
                 self._speck(np.asarray(self.heart_c) + 0.95 * np.asarray(self.heart_r) * direction)
         zs = self.slab(0.25, self.s_arch)
         if self.extra["arterial_calcification"] and zs is not None:
@@ -833,7 +850,11 @@ class _Builder:
                 z = float(self.g.z[int(self.rng.integers(zs.start, zs.stop))])
                 a = self.rng.uniform(0.0, 2 * np.pi)
                 self._speck(
-                    (z, self.desc_ao[1] + self.r_ao * np.sin(a), self.desc_ao[0] + self.r_ao * np.cos(a))
+                    (
+                        z,
+                        self.desc_ao[1] + self.r_ao * float(portable_math.sin(a)),
+                        self.desc_ao[0] + self.r_ao * float(portable_math.cos(a)),
+                    )
                 )
 
     def _medical_material(self) -> None:
@@ -937,14 +958,14 @@ def _place_lesion(b: _Builder, lesion_type: str, diameter_mm: float) -> PhantomL
     _, voxel, radii, where, mask, r2 = best  # type: ignore[misc]
     number = int(b.lesion.max()) + 1
     reference, contrast, rim = _lesion_hu(b.rng, lesion_type, b.contrast)
-    b.hu[where][mask] = reference + contrast + rim * (r2[mask] > _LESION_CORE**2)
+    b.hu[where][mask] = reference + contrast + rim * (r2[mask] > _LESION_CORE * _LESION_CORE)
     b.lesion[where][mask] = number
     rows, cols = np.nonzero(b.lesion[voxel[0]] == number)
     return PhantomLesion(
         lesion_type=lesion_type,
         type_index=LESION_TYPES.index(lesion_type) + 1,
         centre_zyx=voxel,
-        radius_mm=float(np.exp(np.log(radii).mean())),
+        radius_mm=portable_math.geometric_mean(radii),
         contrast_hu=contrast,
         key_slice=voxel[0],
         box_xyxy=(int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())),
@@ -1000,21 +1021,30 @@ def _scanner_effects(
     rng: np.random.Generator, hu: np.ndarray, profile: ScannerProfile, fov_circle: np.ndarray
 ) -> np.ndarray:
     """Kernel blur with kernel-correlated noise, calibration offset, 12-bit clip, FOV padding."""
-    sigma = profile.blur_sigma_px
-    noise_sd = profile.noise_sd_hu
-    if sigma > 0:
-        # Noise is added before the kernel so it comes out correlated like real CT noise; scale
-        # it up by 1 / ||kernel||_2 so its sd after the blur is still noise_sd_hu.
-        impulse = np.zeros((1, 15, 15), np.float32)
-        impulse[0, 7, 7] = 1.0
-        noise_sd /= float(np.sqrt((ndimage.gaussian_filter(impulse, (0.0, sigma, sigma)) ** 2).sum()))
-    hu += noise_sd * rng.standard_normal(hu.shape, dtype=np.float32)
-    if sigma > 0:
-        hu = ndimage.gaussian_filter(hu, sigma=(0.0, sigma, sigma), mode="nearest")
-    hu += profile.hu_offset
+    hu = scanner_signal(rng, hu, profile)
     out = np.clip(np.rint(hu), *HU_RANGE).astype(np.int16)
     out[:, ~fov_circle] = OUTSIDE_FOV_HU
     return out
+
+
+def scanner_signal(rng: np.random.Generator, hu: np.ndarray, profile: ScannerProfile) -> np.ndarray:
+    """The float32 image a scanner reconstructs from `hu` (which it may overwrite): noise, in-plane blur,
+    calibration offset; still unrounded, so its bits show any platform dependence of the arithmetic."""
+    sigma = profile.blur_sigma_px
+    noise_sd = profile.noise_sd_hu
+    # scipy's gaussian_filter builds its weights with numpy's exp, whose last bits depend on the CPU:
+    # the same separable blur with portable weights (see portable_math).
+    kernel = portable_math.gaussian_kernel(sigma) if sigma > 0 else None
+    if kernel is not None:
+        # Noise is added before the kernel so it comes out correlated like real CT noise; scale it up by
+        # 1 / ||kernel||_2 so its sd after the blur is still noise_sd_hu (||k x k||_2 = sum(k**2)).
+        noise_sd /= float((kernel * kernel).sum())
+    hu += noise_sd * rng.standard_normal(hu.shape, dtype=np.float32)
+    if kernel is not None:
+        for axis in (1, 2):  # in-plane only, like the reconstruction kernel
+            hu = ndimage.correlate1d(hu, kernel, axis=axis, mode="nearest")
+    hu += profile.hu_offset
+    return hu
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -1103,7 +1133,8 @@ def generate_scan(
     for lesion in lesions:
         lesion.radius_mm *= scale
     radius_px = _FOV_CIRCLE * shape_xy
-    fov_circle = np.hypot(*np.meshgrid(centred, centred, indexing="ij")) * (scale / pixel) <= radius_px
+    rows, cols = np.meshgrid(centred, centred, indexing="ij")
+    fov_circle = np.sqrt(rows * rows + cols * cols) * (scale / pixel) <= radius_px
     hu = _scanner_effects(rng, builder.hu, profile, fov_circle)
     builder.organ[:, ~fov_circle] = 0
 
