@@ -60,6 +60,8 @@ class DataConfig(Strict):
 
 class IngestConfig(Strict):
     workers: int = Field(2, ge=1)
+    # Tilted-gantry series are kept unresampled up to this tilt (deg) and quarantined above it.
+    max_tilt_deg: float = Field(1.0, ge=0, lt=90)
 
 
 class PreprocessConfig(Strict):

@@ -35,6 +35,9 @@ class ScansSchema(pa.DataFrameModel):
     spacing_x_mm: Series[float] = pa.Field(gt=0, le=10)
     split: Series[str] = pa.Field(isin=list(SPLITS))
     scanner: Series[str]
+    # Gantry tilt (deg) measured from DICOM slice positions, not resampled; 0.0 for other formats.
+    # Optional so that manifests written before it existed still read.
+    tilt_deg: Optional[Series[float]] = pa.Field(ge=0, lt=90)  # noqa: UP045
     # Targets: any number of label_<name> columns; 1 present, 0 absent, -1 unknown.
     labels: Optional[Series[int]] = pa.Field(alias=rf"^{LABEL_PREFIX}.+", regex=True, isin=[-1, 0, 1])  # noqa: UP045
 

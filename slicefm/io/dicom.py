@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,15 @@ AXIAL_MIN_ABS_NZ = 0.9  # |normal . (0, 0, 1)| of an axial series
 DUPLICATE_POSITION_MM = 1e-2  # two slices closer than this along the normal are the same position
 SPACING_REL_TOLERANCE = 0.10
 SPACING_ABS_TOLERANCE_MM = 0.1
+# Below this the positions follow the normal (DS rounding noise): a tilt of 0.01 deg shears 0.05 mm over 300 mm.
+TILT_TOLERANCE_DEG = 0.01
 
 # Tags the tree walk needs: the grouping key and what sizes the pixel data (truncation check).
-_SCAN_TAGS = ["SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"]
+_SCAN_TAGS = [
+    "SeriesInstanceUID", "SOPClassUID", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"
+]  # fmt: skip
 _INFO_TEXT = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
-_INFO_FLOAT = ("KVP", "SliceThickness")
+_INFO_FLOAT = ("KVP", "SliceThickness", "GantryDetectorTilt")
 _IDENTIFIERS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _NO_PIXEL_DATA = "truncated/corrupt DICOM: no pixel data (file cut short or not an image object)"
@@ -63,8 +67,12 @@ class DicomTree:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
-def scan_dicom_tree(root: Path) -> DicomTree:
-    """Walk `root` (any file names; DICOMDIR skipped), read headers only and group files by series."""
+def scan_dicom_tree(root: Path, skip: Callable[[Path], bool] | None = None) -> DicomTree:
+    """Walk `root` (any file names; DICOMDIR skipped), read headers only and group files by series.
+
+    `skip` leaves out files another reader owns (the NIfTI volumes of a mixed tree): neither grouped nor
+    rejected.
+    """
     root = Path(root)
     tree = DicomTree()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -73,6 +81,8 @@ def scan_dicom_tree(root: Path) -> DicomTree:
             if name.upper() == "DICOMDIR":
                 continue
             path = Path(dirpath) / name
+            if skip is not None and skip(path):
+                continue
             uid, reason = _scan_file(path)
             if reason is not None:
                 rel = path.relative_to(root).as_posix()
@@ -84,6 +94,16 @@ def scan_dicom_tree(root: Path) -> DicomTree:
         series_files.sort()
     logger.info("DICOM scan of %s: %d series, %d files rejected", root, len(tree.series), len(tree.rejected))
     return tree
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Cheap sniff (first 132 bytes): a Part 10 'DICM' marker, or a preamble-less group 0008 start."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or head[:2] == b"\x08\x00"
 
 
 def read_dicom_header(path: Path, specific_tags: Sequence[str] | None = None) -> Dataset:
@@ -141,6 +161,7 @@ def read_dicom_series(files: list[Path], root: Path | None = None) -> Volume:
         identifiers={k: str(first.get(k)) for k in _IDENTIFIERS if first.get(k) not in (None, "")},
         info=_acquisition_info(first),
         z_mm=geometry.z_mm,
+        tilt_deg=geometry.tilt_deg,
     )
 
 
@@ -181,7 +202,7 @@ def _pixel_data_problem(fh: Any, ds: Dataset, offset: int, size: int) -> str | N
         return None
     implicit_vr, little_endian = ds.original_encoding
     if implicit_vr is None or offset >= size:
-        return _NO_PIXEL_DATA
+        return _no_pixel_data_reason(ds)
     fh.seek(offset)
     header = fh.read(12)
     endian = "<" if little_endian else ">"
@@ -189,7 +210,7 @@ def _pixel_data_problem(fh: Any, ds: Dataset, offset: int, size: int) -> str | N
         return "truncated/corrupt DICOM: file ends inside the pixel data header"
     (group,) = struct.unpack(endian + "H", header[:2])
     if group != 0x7FE0:
-        return _NO_PIXEL_DATA
+        return _no_pixel_data_reason(ds)
     if implicit_vr:
         (length,) = struct.unpack(endian + "I", header[4:8])
         header_len = 8
@@ -215,6 +236,27 @@ def _pixel_data_problem(fh: Any, ds: Dataset, offset: int, size: int) -> str | N
         if length < expected:
             return f"truncated/corrupt DICOM: pixel data has {length} bytes, image needs {expected}"
     return None
+
+
+def _no_pixel_data_reason(ds: Dataset) -> str:
+    """Why a file without pixel data is set aside: a valid non-image object, or a file cut short.
+
+    RT structure sets, RT plans, structured reports ... legitimately carry no pixels and are named as
+    such. An image SOP class, or a header with Rows/Columns (RT Dose, Segmentation), promises pixels:
+    their absence means truncation. Without a SOP class, or with an unregistered one, both stay possible.
+    """
+    sop_class = _sop_class(ds)
+    if sop_class is None or sop_class.name == str(sop_class):  # unregistered: name is the UID
+        return _NO_PIXEL_DATA
+    if "Image Storage" in sop_class.name or ("Rows" in ds and "Columns" in ds):
+        return _NO_PIXEL_DATA
+    return f"not an image: {sop_class.name}"
+
+
+def _sop_class(ds: Dataset) -> UID | None:
+    """SOPClassUID of the dataset, else MediaStorageSOPClassUID of its file meta (None when neither)."""
+    value = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return UID(str(value).strip()) if value else None
 
 
 def _dcmread(path_or_file: Any, **kwargs: Any) -> Dataset:
@@ -298,6 +340,7 @@ class _SeriesGeometry:
     pixel_spacing: np.ndarray  # (between rows, between columns) as in DICOM PixelSpacing
     origin: np.ndarray  # ImagePositionPatient of the first (most inferior) slice
     slice_spacing_mm: float
+    tilt_deg: float = 0.0  # angle between the normal and the line of slice positions (gantry tilt)
 
     @classmethod
     def from_slices(cls, slices: list[tuple[str, Dataset]], source: str) -> _SeriesGeometry:
@@ -362,13 +405,15 @@ class _SeriesGeometry:
             pixel_spacing=spacings[0],
             origin=ipps[order[0]],
             slice_spacing_mm=median,
+            tilt_deg=_tilt_deg(ipps[order], z_mm, normal),
         )
 
     def affine(self) -> np.ndarray:
         """Voxel (column, row, slice) -> LPS mm, per DICOM PS3.3 C.7.6.2.1.1.
 
         The slice axis uses the normal times the median spacing: a gantry tilt (IPP drifting in y)
-        is ignored rather than resampled, as the canonical frame allows flips/permutations only.
+        is not resampled, as the canonical frame allows flips/permutations only; `tilt_deg` measures
+        it so that ingestion can report it and refuse large ones.
         """
         affine = np.eye(4)
         affine[:3, 0] = self.row_cosine * self.pixel_spacing[1]
@@ -376,6 +421,21 @@ class _SeriesGeometry:
         affine[:3, 2] = self.normal * self.slice_spacing_mm
         affine[:3, 3] = self.origin
         return affine
+
+
+def _tilt_deg(ipps: np.ndarray, z_mm: np.ndarray, normal: np.ndarray) -> float:
+    """Angle (deg, >= 0) between the slice normal and the line the slice positions follow.
+
+    Measured from the geometry, not from GantryDetectorTilt (absent, 0 or nominal in many exports):
+    the least-squares drift of ImagePositionPatient per mm along the normal has a component across
+    the normal of tan(tilt), the shear a tilted gantry leaves in a stack of axial-looking slices.
+    """
+    z = z_mm - z_mm.mean()
+    drift = (z @ (ipps - ipps.mean(axis=0))) / float(z @ z)  # mm of IPP per mm along the normal
+    along = float(drift @ normal)
+    across = float(np.linalg.norm(drift - along * normal))
+    tilt = float(np.degrees(np.arctan2(across, along)))
+    return tilt if tilt >= TILT_TOLERANCE_DEG else 0.0
 
 
 def _slice_hu(ds: Dataset, rel: str, source: str, out: np.ndarray) -> None:

@@ -39,6 +39,8 @@ class Volume:
     info: dict[str, str | float] = field(default_factory=dict)
     # z position (mm) of every slice along the slice normal, ascending; len == hu.shape[0].
     z_mm: np.ndarray | None = None
+    # Gantry tilt (deg, >= 0) measured from DICOM slice positions; left unresampled. 0.0 otherwise.
+    tilt_deg: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:

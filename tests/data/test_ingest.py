@@ -269,3 +269,176 @@ def test_radchest_and_nsclc_adapters(tmp_path):
     assert sorted(scans["label_stage"]) == expected
     summary = json.loads((tmp_path / "out_ns" / "dataset.json").read_text())
     assert summary["n_scans"] == 3 and summary["labels"] == ["label_stage"]
+
+
+# --- mixed NIfTI + DICOM trees ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_source(dicom_source, tmp_path_factory) -> Path:
+    """The 4-series DICOM tree plus 2 NIfTI volumes in a subfolder; one labels/lesions table, one masks/."""
+    root = tmp_path_factory.mktemp("mixed") / "src"
+    shutil.copytree(dicom_source, root)
+    nii = generate_dataset(tmp_path_factory.mktemp("nii") / "nii", 2, "nifti", seed=9, shape_xy=64)
+    (root / "exports").mkdir()
+    for path in nii.glob("*.nii.gz"):
+        shutil.copy(path, root / "exports" / path.name)
+    for path in (nii / "masks").glob("*.npz"):
+        shutil.copy(path, root / "masks" / path.name)
+    for table in ("labels.csv", "lesions.csv"):
+        merged = pd.concat([pd.read_csv(root / table, dtype=str), pd.read_csv(nii / table, dtype=str)])
+        merged.to_csv(root / table, index=False)
+    (root / "notes.txt").write_text("export log, neither DICOM nor NIfTI")
+    return root
+
+
+def test_mixed_tree_ingests_both_formats(mixed_source, tmp_path, caplog):
+    from slicefm.data.adapters import detect_format
+
+    caplog.set_level(logging.INFO)
+    assert detect_format(mixed_source) == "dicom+nifti"
+    res = ingest(mixed_source, str(tmp_path / "out"), KEY, workers=1)  # --format auto
+    assert res.fmt == "dicom+nifti" and res.n_scans == 6
+    q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    assert list(q["file"]) == ["notes.txt"] and list(q["reason"]) == ["not a DICOM file"]
+    scans = read_scans(open_store(str(tmp_path / "out")))
+    assert scans["format"].value_counts().to_dict() == {"dicom": 4, "nifti": 2}
+    assert set(scans.loc[scans["format"] == "nifti", "source"]) == {
+        f"exports/{p.name}" for p in (mixed_source / "exports").iterdir()
+    }
+    # One label table serves both formats: every scan found its row, none is reported unmatched.
+    labels = scans.filter(like="label_")
+    assert labels.shape[1] > 0 and (labels >= 0).all().all()
+    lesions = read_lesions(open_store(str(tmp_path / "out")))
+    assert len(lesions) == len(pd.read_csv(mixed_source / "lesions.csv"))
+    assert len(list((tmp_path / "out" / "masks").glob("S*.npz"))) == 6
+    summary = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert summary["source_format"] == "dicom+nifti"
+    assert summary["n_scans_by_format"] == {"dicom": 4, "nifti": 2}
+    assert "4 DICOM series and 2 NIfTI volumes" in caplog.text
+
+
+@pytest.mark.parametrize(("fmt", "n_scans", "other", "reason"), [
+    ("dicom", 4, ".nii.gz", "not a DICOM file"),
+    ("nifti", 2, ".dcm", "not a NIfTI file"),
+])  # fmt: skip
+def test_explicit_format_on_a_mixed_tree_keeps_quarantining_the_other(
+    mixed_source, tmp_path, fmt, n_scans, other, reason
+):
+    res = ingest(mixed_source, str(tmp_path / "out"), KEY, fmt, workers=1)
+    assert res.fmt == fmt and res.n_scans == n_scans
+    q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    files = q[q["file"].str.endswith(other)]
+    n_other = sum(1 for p in mixed_source.rglob(f"*{other}") if "masks" not in p.parts)
+    assert len(files) == n_other > 0 and files["reason"].str.startswith(reason).all()
+    assert set(read_scans(open_store(str(tmp_path / "out")))["format"]) == {fmt}
+
+
+def test_plain_trees_keep_their_format(dicom_source, tmp_path):
+    from slicefm.data.adapters import detect_format
+
+    nii = generate_dataset(tmp_path / "nii", 2, "nifti", seed=10, shape_xy=64)
+    (nii / "notes.txt").write_text("not an image")  # a stray non-DICOM file does not make it mixed
+    assert detect_format(nii) == "nifti"
+    assert detect_format(dicom_source) == "dicom"
+
+
+# --- tilted gantry, non-image DICOM objects ----------------------------------------------------------
+
+
+def _tilt(drift_y_mm: float, rank: dict[str, int], tag: str | None = None):
+    """_rewrite edit shifting ImagePositionPatient in y by k * drift (k = rank[file name] along z)."""
+
+    def edit(ds, i):
+        ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient[1] += rank[Path(ds.filename).name] * drift_y_mm
+        if tag is not None:
+            ds.GantryDetectorTilt = tag
+        return ds
+
+    return edit
+
+
+@pytest.fixture(scope="module")
+def tilted_source(dicom_source, tmp_path_factory) -> Path:
+    """One straight series and two copies with a y drift: 0.5 deg (kept) and 12 deg (quarantined)."""
+    root = tmp_path_factory.mktemp("tilt") / "src"
+    files = sorted(p for p in _series_dirs(dicom_source)[0].iterdir())
+    ordered = _sorted_by_z(files)
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in ordered]
+    spacing = float(np.median(np.diff(z)))
+    rank = {f.name: k for k, f in enumerate(ordered)}
+    for name, deg, tag in (("small", 0.5, "0"), ("large", 12.0, None)):
+        _rewrite(files, root / "tilted" / name, _tilt(spacing * np.tan(np.radians(deg)), rank, tag))
+    _rewrite(files, root / "straight", lambda ds, i: ds)
+    return root
+
+
+def test_tilted_series_kept_with_angle_or_quarantined(tilted_source, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    res = ingest(tilted_source, str(tmp_path / "out"), KEY, "dicom", workers=1)
+    assert res.n_scans == 2
+    scans = read_scans(open_store(str(tmp_path / "out"))).set_index("source")
+    assert scans.loc["straight", "tilt_deg"] == 0.0
+    assert scans.loc["tilted/small", "tilt_deg"] == pytest.approx(0.5, abs=1e-3)
+    q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    assert q.to_dict("records") == [
+        {
+            "file": "tilted/large",
+            "reason": "gantry tilt 12.00 deg exceeds max_tilt_deg 1; resample onto axial slices before "
+            "ingestion or raise ingest.max_tilt_deg",
+        }
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "tilted/small" in r.getMessage()]
+    assert len(warnings) == 1 and "gantry tilt 0.50 deg kept" in warnings[0]
+    assert "GantryDetectorTilt says 0 deg" in warnings[0]  # the header disagrees with the geometry
+    assert not any("straight" in r.getMessage() for r in caplog.records)
+
+
+def test_max_tilt_from_config_and_cli(tilted_source, tmp_path, monkeypatch):
+    from slicefm.config import config_from_yaml
+
+    root = tilted_source
+    assert config_from_yaml("ingest: {max_tilt_deg: 15}").ingest.max_tilt_deg == 15.0
+    res = ingest(root, str(tmp_path / "out"), KEY, "dicom", max_tilt_deg=15.0)
+    assert res.n_scans == 3 and res.n_quarantined == 0
+    monkeypatch.setenv("SLICEFM_PSEUDONYM_KEY", KEY.decode())
+    args = ["ingest", "--source", str(root), "--out", str(tmp_path / "cli"), "--format", "dicom"]
+    assert cli_main([*args, "--max-tilt-deg", "0.1"]) == 0
+    q = pd.read_csv(tmp_path / "cli" / "quarantine.csv")
+    assert sorted(q["file"]) == ["tilted/large", "tilted/small"]
+    assert read_scans(open_store(str(tmp_path / "cli")))["tilt_deg"].tolist() == [0.0]
+
+
+def _non_image(path: Path, sop_class: str, modality: str) -> None:
+    """A minimal valid non-image DICOM object (no pixel data), written as a Part 10 file."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.Modality, ds.PatientID = modality, "PHA-RT-0001"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_non_image_objects_are_named_not_called_truncated(dicom_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(dicom_source, src)
+    series = _series_dirs(src)[0]
+    raw = next(series.glob("*.dcm")).read_bytes()
+    _non_image(series / "rtstruct.dcm", "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")
+    _non_image(src / "rt" / "plan.dcm", "1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN")
+    _non_image(src / "rt" / "report.dcm", "1.2.840.10008.5.1.4.1.1.88.11", "SR")
+    (src / "rt" / "cut.dcm").write_bytes(raw[: raw.index(b"\xe0\x7f\x10\x00")])  # CT header, no pixels
+    res = ingest(src, str(tmp_path / "out"), KEY, workers=1)
+    assert res.fmt == "dicom" and res.n_scans == 4
+    q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    reasons = {Path(f).name: r for f, r in zip(q["file"], q["reason"], strict=True)}
+    assert reasons == {
+        "rtstruct.dcm": "not an image: RT Structure Set Storage",
+        "plan.dcm": "not an image: RT Plan Storage",
+        "report.dcm": "not an image: Basic Text SR Storage",
+        "cut.dcm": "truncated/corrupt DICOM: no pixel data (file cut short or not an image object)",
+    }

@@ -211,6 +211,49 @@ def test_z_spacing_comes_from_positions_and_tolerates_jitter(tmp_path: Path, rng
     assert vol.info["SliceThickness"] == 5.0  # header thickness is reported, not used as spacing
 
 
+def drift_positions(files: list[Path], drift_mm: Sequence[float], tag: str | None = None) -> None:
+    """Shift each slice's ImagePositionPatient by k * drift_mm (k = rank along z): a tilted gantry."""
+    by_z = sorted(
+        files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    for k, path in enumerate(by_z):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [
+            f"{float(v) + k * d:.4f}" for v, d in zip(ds.ImagePositionPatient, drift_mm, strict=True)
+        ]
+        if tag is not None:
+            ds.GantryDetectorTilt = tag
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("iop", [STANDARD_IOP, (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)], ids=["hfs", "ffs"])
+@pytest.mark.parametrize("drift_y", [0.01, 0.05, -0.5, 0.7])  # mm per slice at 2.5 mm: 0.23 to 15.6 deg
+def test_gantry_tilt_is_measured_from_positions(tmp_path: Path, rng, iop, drift_y: float) -> None:
+    truth = make_truth(rng, shape=(7, 8, 8))
+    files = write_series(tmp_path, truth, rng, iop=iop)
+    drift_positions(files, (0.0, drift_y, 0.0))
+    vol = read_dicom_series(files)
+    expected = np.degrees(np.arctan(abs(drift_y) / SLICE_SPACING))
+    assert vol.tilt_deg == pytest.approx(expected, abs=1e-3)
+    assert vol.spacing_mm[0] == pytest.approx(SLICE_SPACING)
+    np.testing.assert_array_equal(vol.hu, truth)  # measured, not resampled
+    assert "GantryDetectorTilt" not in vol.info
+
+
+def test_tilt_is_zero_for_straight_positions_whatever_the_tag_says(tmp_path: Path, rng) -> None:
+    files = write_series(tmp_path / "a", make_truth(rng, shape=(5, 8, 8)), rng)
+    assert read_dicom_series(files).tilt_deg == 0.0
+    drift_positions(files, (0.0, 0.0, 0.0), tag="15")  # nominal tag, positions already axial
+    vol = read_dicom_series(files)
+    assert vol.tilt_deg == 0.0 and vol.info["GantryDetectorTilt"] == 15.0
+    files = write_series(tmp_path / "b", make_truth(rng, shape=(5, 8, 8)), rng)
+    drift_positions(files, (0.0002, 0.0, 0.0))  # 0.005 deg: below the numerical tolerance
+    assert read_dicom_series(files).tilt_deg == 0.0
+    files = write_series(tmp_path / "c", make_truth(rng, shape=(5, 8, 8)), rng)
+    drift_positions(files, (0.1, 0.0, 0.0))  # drift along x: still a shear of atan(0.1 / 2.5)
+    assert read_dicom_series(files).tilt_deg == pytest.approx(np.degrees(np.arctan(0.04)), abs=1e-3)
+
+
 # --- HU -----------------------------------------------------------------------------------------
 
 
@@ -299,6 +342,57 @@ def test_scan_rejects_non_dicom_and_truncated_files_with_reasons(tmp_path: Path,
     assert rejected["a/cut_in_pixels"].startswith("truncated/corrupt DICOM: pixel data declares")
     assert rejected["a/cut_in_header"].startswith("truncated/corrupt DICOM")
     assert rejected["a/no_uid"] == "missing SeriesInstanceUID"
+
+
+def non_image_object(path: Path, sop_class: str, *, in_dataset: bool = True, **extra: Any) -> Path:
+    """A minimal valid DICOM object without pixel data (RT structure set, plan, SR ...), Part 10 file."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if in_dataset:
+        ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID = PHI["PatientID"]
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_scan_names_valid_non_image_objects_and_keeps_truncation_apart(tmp_path: Path, rng) -> None:
+    files = write_series(tmp_path / "ct", make_truth(rng, shape=(3, 16, 16)), rng)
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    non_image_object(objects / "rtstruct", "1.2.840.10008.5.1.4.1.1.481.3", Modality="RTSTRUCT")
+    non_image_object(objects / "sr", "1.2.840.10008.5.1.4.1.1.88.11", Modality="SR")
+    non_image_object(objects / "plan_meta_only", "1.2.840.10008.5.1.4.1.1.481.5", in_dataset=False)
+    non_image_object(objects / "private", "1.2.3.4.5.6.7.8")  # unregistered class: cannot tell
+    non_image_object(objects / "dose_no_pixels", "1.2.840.10008.5.1.4.1.1.481.2", Rows=4, Columns=4)
+    raw = files[0].read_bytes()
+    (objects / "ct_cut_before_pixels").write_bytes(raw[: raw.index(b"\xe0\x7f\x10\x00")])
+
+    rejected = dict(scan_dicom_tree(tmp_path).rejected)
+    assert rejected["objects/rtstruct"] == "not an image: RT Structure Set Storage"
+    assert rejected["objects/sr"] == "not an image: Basic Text SR Storage"
+    assert rejected["objects/plan_meta_only"] == "not an image: RT Plan Storage"  # file meta fallback
+    for name in ("private", "dose_no_pixels", "ct_cut_before_pixels"):  # pixels promised or unknown
+        assert rejected[f"objects/{name}"].startswith("truncated/corrupt DICOM: no pixel data"), name
+    assert len(rejected) == 6
+
+
+def test_scan_names_bundled_rt_objects(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    names = {"rtstruct.dcm": "RT Structure Set Storage", "rtplan.dcm": "RT Plan Storage"}
+    paths = {name: get_testdata_file(name, download=False) for name in names}
+    if None in paths.values():
+        pytest.skip("pydicom RT test files not bundled")
+    for name, source in paths.items():  # preamble-less / implicit VR files from real systems
+        (tmp_path / name).write_bytes(Path(source).read_bytes())
+    assert dict(scan_dicom_tree(tmp_path).rejected) == {n: f"not an image: {c}" for n, c in names.items()}
 
 
 def test_truncated_file_inside_a_series_fails_the_read(tmp_path: Path, rng) -> None:
@@ -501,7 +595,9 @@ def test_bundled_real_ct_small(tmp_path: Path) -> None:
         "ConvolutionKernel": "STANDARD",
         "KVP": 120.0,
         "SliceThickness": 5.0,
+        "GantryDetectorTilt": 0.0,
     }
+    assert vol.tilt_deg == 0.0
     assert vol.identifiers["PatientID"] == "1CT1"
 
 

@@ -33,6 +33,7 @@ class ScanCandidate:
     lesions: list[LesionAnnotation] = field(default_factory=list)
     split: str = ""
     mask_file: Path | None = None  # organ/lesion masks (npz: organ, lesion) when the source has them
+    fmt: str = ""  # format of this scan when the adapter reads several (mixed trees); "" = the adapter's
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pydicom
 
 from slicefm.data.adapters.base import AdapterResult, ScanCandidate, rel
 from slicefm.data.adapters.masks import mask_for
-from slicefm.data.adapters.sidecar import is_sidecar, read_sidecars
+from slicefm.data.adapters.sidecar import Sidecars, is_sidecar, read_sidecars
 from slicefm.io.dicom import read_dicom_series, scan_dicom_tree
 
 
@@ -23,9 +24,14 @@ def series_patient_ref(first_file: Path) -> str | None:
     return value or None
 
 
-def series_candidates(root: Path) -> tuple[list[ScanCandidate], list[tuple[str, str]]]:
-    """Walk a DICOM tree; candidates carry the SeriesInstanceUID as ref and PatientID as patient_ref."""
-    tree = scan_dicom_tree(root)
+def series_candidates(
+    root: Path, skip: Callable[[Path], bool] | None = None
+) -> tuple[list[ScanCandidate], list[tuple[str, str]]]:
+    """Walk a DICOM tree; candidates carry the SeriesInstanceUID as ref and PatientID as patient_ref.
+
+    `skip`: files the walk leaves to another adapter (see scan_dicom_tree).
+    """
+    tree = scan_dicom_tree(root, skip)
     rejected = [(rel(Path(p), root), reason) for p, reason in tree.rejected if not is_sidecar(Path(p), root)]
     cands = []
     for uid, files in sorted(tree.series.items()):
@@ -42,9 +48,8 @@ def series_candidates(root: Path) -> tuple[list[ScanCandidate], list[tuple[str, 
     return cands, rejected
 
 
-def discover(source: Path, cohort: str | None = None) -> AdapterResult:
-    cands, rejected = series_candidates(source)
-    side = read_sidecars(source)
+def attach_sidecars(source: Path, cands: list[ScanCandidate], side: Sidecars) -> set[str]:
+    """Give each series its labels, lesions and mask; returns the label-table keys that matched."""
     used: set[str] = set()
     for cand in cands:
         labels, lesions, key = side.lookup(cand.ref, cand.patient_ref)
@@ -52,5 +57,12 @@ def discover(source: Path, cohort: str | None = None) -> AdapterResult:
         cand.mask_file = mask_for(source, cand.ref)
         if key is not None:
             used.add(key)
+    return used
+
+
+def discover(source: Path, cohort: str | None = None) -> AdapterResult:
+    cands, rejected = series_candidates(source)
+    side = read_sidecars(source)
+    used = attach_sidecars(source, cands, side)
     rejected += side.rejected + side.unmatched(used)
     return AdapterResult(cohort or source.name, "dicom", cands, rejected, side.label_names)

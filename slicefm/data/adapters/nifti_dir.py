@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slicefm.data.adapters.base import AdapterResult, ScanCandidate, rel
 from slicefm.data.adapters.masks import mask_for
-from slicefm.data.adapters.sidecar import is_sidecar, read_sidecars
+from slicefm.data.adapters.sidecar import Sidecars, is_sidecar, read_sidecars
 from slicefm.io.nifti import read_nifti
 
 
@@ -16,18 +16,17 @@ def nifti_stem(path: Path) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
 
 
-def discover(source: Path, cohort: str | None = None) -> AdapterResult:
-    side = read_sidecars(source)
-    files = sorted(
-        p
-        for p in source.rglob("*")
-        if p.is_file() and (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
-    )
-    rejected = [
-        (rel(p, source), "not a NIfTI file (.nii/.nii.gz expected)")
-        for p in sorted(source.rglob("*"))
-        if p.is_file() and p not in files and not is_sidecar(p, source) and not p.name.startswith(".")
-    ]
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(".nii") or path.name.endswith(".nii.gz")
+
+
+def nifti_files(source: Path) -> list[Path]:
+    """Every .nii / .nii.gz file under the source, sorted."""
+    return sorted(p for p in source.rglob("*") if p.is_file() and is_nifti(p))
+
+
+def file_candidates(source: Path, files: list[Path], side: Sidecars) -> tuple[list[ScanCandidate], set[str]]:
+    """One candidate per NIfTI file with its labels, lesions and mask; also the label keys that matched."""
     cands, used = [], set()
     for path in files:
         stem = nifti_stem(path)
@@ -40,5 +39,17 @@ def discover(source: Path, cohort: str | None = None) -> AdapterResult:
         if key is not None:
             used.add(key)
         cands.append(cand)
+    return cands, used
+
+
+def discover(source: Path, cohort: str | None = None) -> AdapterResult:
+    side = read_sidecars(source)
+    files = nifti_files(source)
+    rejected = [
+        (rel(p, source), "not a NIfTI file (.nii/.nii.gz expected)")
+        for p in sorted(source.rglob("*"))
+        if p.is_file() and p not in files and not is_sidecar(p, source) and not p.name.startswith(".")
+    ]
+    cands, used = file_candidates(source, files, side)
     rejected += side.rejected + side.unmatched(used)
     return AdapterResult(cohort or source.name, "nifti", cands, rejected, side.label_names)
