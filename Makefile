@@ -42,6 +42,7 @@ run-pipeline: setup  ## run the whole pipeline (local, or on KFP_HOST)
 	@if [ -n "$$KFP_HOST" ]; then \
 	  $(PY) -m slicefm.cli pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	else \
+	  $(PY) -m slicefm.cli key init --if-missing && \
 	  $(PY) -m slicefm.cli pipeline run --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	fi
 

@@ -32,8 +32,6 @@ def ingest(
     Returns:
         Number of usable scans.
     """
-    import os
-
     from slicefm.config import config_from_yaml
     from slicefm.data.pseudonym import load_key
     from slicefm.kfp_io import URI_KEY, output_location
@@ -42,7 +40,7 @@ def ingest(
     cfg = config_from_yaml(config_yaml)
     stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
     out = output_location(scans.path, store_uri, run_name, stage)
-    key = load_key(None, dict(os.environ))
+    key = load_key()  # $SLICEFM_PSEUDONYM_KEY from the slicefm-pseudonym Secret
     res = ingest_stage(
         cfg, data_source, out, key, tracking_uri, parent_run_id, data_version or None, cohort=cohort
     )

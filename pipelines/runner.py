@@ -100,8 +100,9 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
     source = _local_source(cfg.data)
     external = str(_local_source(cfg.external.data).resolve()) if cfg.external.enabled else ""
     pretrain = _local_source(cfg.pretrain_data) if cfg.pretrain_data is not None else None
-    # Components read the key from the environment, as they would from a Kubernetes Secret.
-    os.environ[KEY_ENV] = load_key(state / "pseudonym.key").decode()
+    # Components read the key from the environment, as they would from a Kubernetes Secret. It is never
+    # created here (`slicefm key init`; `make run-pipeline` does that for the demo).
+    os.environ[KEY_ENV] = load_key().decode()
     run_name = run_name or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"), raise_on_error=True

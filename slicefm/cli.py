@@ -13,18 +13,15 @@ from slicefm.config import PipelineConfig, dump_config, load_config
 log = logging.getLogger("slicefm")
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("SLICEFM_HOME") or (Path.cwd() / ".slicefm")).resolve()
-
-
 def _config(path: str | None) -> PipelineConfig:
     return load_config(path) if path else PipelineConfig()  # type: ignore[return-value]
 
 
 def _key() -> bytes:
+    """The pseudonymisation key by slicefm.data.pseudonym's rule (never created here: see `slicefm key init`)."""
     from slicefm.data.pseudonym import load_key
 
-    return load_key(state_dir() / "pseudonym.key")
+    return load_key()
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -38,6 +35,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         cfg.data.cohort = args.cohort
     if args.workers:
         cfg.ingest.workers = args.workers
+    if args.max_tilt_deg is not None:
+        cfg.ingest.max_tilt_deg = args.max_tilt_deg
     try:
         res = ingest_stage(cfg, args.source, args.out, _key())
     except NoUsableScansError as err:
@@ -147,6 +146,31 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_init(args: argparse.Namespace) -> int:
+    from slicefm.data.pseudonym import KEY_ENV, create_key, key_file_path, key_fingerprint, load_key
+
+    if os.environ.get(KEY_ENV):
+        print(
+            f"${KEY_ENV} is set: it is the key (fingerprint {key_fingerprint(load_key())}); no file written"
+        )
+        return 0
+    path = key_file_path()
+    if path.exists():
+        print(f"pseudonymisation key already at {path} (fingerprint {key_fingerprint(load_key())})")
+        return 0 if args.if_missing else 1
+    key = create_key(path)
+    print(f"created a new pseudonymisation key at {path} (fingerprint {key_fingerprint(key)})")
+    print("  back it up with your data: re-ingesting with another key gives every patient new IDs")
+    return 0
+
+
+def cmd_key_show(args: argparse.Namespace) -> int:
+    from slicefm.data.pseudonym import key_fingerprint, key_origin, load_key
+
+    print(f"pseudonymisation key from {key_origin()}: fingerprint {key_fingerprint(load_key())}")
+    return 0
+
+
 def cmd_config_default(args: argparse.Namespace) -> int:
     text = "# slicefm default configuration (every key; unknown keys are rejected)\n" + dump_config(
         PipelineConfig()
@@ -211,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory or s3:// URI")
     s.add_argument("--cohort", help="cohort name (default: from the layout)")
     s.add_argument("--workers", type=int)
+    s.add_argument("--max-tilt-deg", type=float, help="quarantine gantry tilts above this (default 1.0)")
     s.add_argument("--config", help="pipeline YAML (data/ingest sections)")
     s.set_defaults(func=cmd_ingest)
 
@@ -282,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_demo_data)
 
+    key = sub.add_parser(
+        "key",
+        help="the pseudonymisation key",
+        description="The key comes from $SLICEFM_PSEUDONYM_KEY, else the file $SLICEFM_PSEUDONYM_KEY_FILE, "
+        "else $XDG_CONFIG_HOME/slicefm/pseudonym.key (~/.config/slicefm/pseudonym.key).",
+    ).add_subparsers(dest="key_verb", required=True)
+    s = key.add_parser("init", help="create the key file where the rule says it lives")
+    s.add_argument("--if-missing", action="store_true", help="succeed quietly when a key already exists")
+    s.set_defaults(func=cmd_key_init)
+    s = key.add_parser("show", help="where the key comes from and its fingerprint (never the key)")
+    s.set_defaults(func=cmd_key_show)
+
     cfg = sub.add_parser("config", help="configuration files").add_subparsers(
         dest="config_verb", required=True
     )
@@ -319,7 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    from slicefm.data.pseudonym import KeyMismatchError, MissingKeyError
+
+    try:
+        return int(args.func(args) or 0)
+    except (MissingKeyError, KeyMismatchError) as err:
+        log.error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from slicefm.config import DataConfig, PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
+from slicefm.data.pseudonym import key_fingerprint
 from slicefm.kfp_reports import headline_scalars
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
@@ -66,12 +67,15 @@ def ingest_stage(
     params = {
         "source_format": data.format,
         "workers": cfg.ingest.workers,
+        "max_tilt_deg": cfg.ingest.max_tilt_deg,
         "data_version": data_version or "",
+        "pseudonym_key_fingerprint": key_fingerprint(key),
     }
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = ingest(
-            Path(source), out_uri, key, data.format, data.cohort, cfg.ingest.workers, data_version
-        )
+            Path(source), out_uri, key, data.format, data.cohort, cfg.ingest.workers, data_version,
+            max_tilt_deg=cfg.ingest.max_tilt_deg,
+        )  # fmt: skip
         open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
         _log_metrics(
             {"n_scans": result.n_scans, "n_quarantined": result.n_quarantined, "n_lesions": result.n_lesions}

@@ -27,6 +27,25 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+@pytest.fixture(scope="session")
+def session_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pseudonymisation key file for the whole test session (the user's own key is never touched)."""
+    from slicefm.data.pseudonym import create_key
+
+    path = tmp_path_factory.mktemp("key") / "pseudonym.key"
+    create_key(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_pseudonym_key(session_key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test resolves the key by the product's rule, from the session's key file."""
+    from slicefm.data.pseudonym import KEY_ENV, KEY_FILE_ENV
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv(KEY_FILE_ENV, str(session_key_file))
+
+
 def free_port() -> int:
     """A loopback TCP port the OS just handed out and released: nothing listens on it (yet)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

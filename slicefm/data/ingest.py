@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 AIR_HU = -1024
 MAX_HU = 32767
+# Gantry tilt is not resampled: it leaves tan(tilt) * z of shear, 5 mm over a 300 mm scan at 1 deg.
+DEFAULT_MAX_TILT_DEG = 1.0  # config ingest.max_tilt_deg
+TILT_TAG_TOLERANCE_DEG = 0.1  # GantryDetectorTilt is nominal: only a larger difference is worth a mention
 
 
 class NoUsableScansError(RuntimeError):
@@ -78,6 +81,25 @@ def check_volume(vol: Volume) -> None:
         raise InvalidScanError(vol.source, f"invalid voxel spacing {vol.spacing_mm}")
 
 
+def check_tilt(vol: Volume, max_tilt_deg: float) -> None:
+    """Refuse a tilted-gantry series whose uncorrected shear would exceed what the config accepts."""
+    if vol.tilt_deg > max_tilt_deg:
+        raise InvalidScanError(
+            vol.source,
+            f"gantry tilt {vol.tilt_deg:.2f} deg exceeds max_tilt_deg {max_tilt_deg:g}; resample onto axial "
+            "slices before ingestion or raise ingest.max_tilt_deg",
+        )
+
+
+def _tilt_warning(res: _Loaded, max_tilt_deg: float) -> str:
+    """Log text for a kept tilted series (quoting GantryDetectorTilt when the header says otherwise)."""
+    text = f"gantry tilt {res.tilt_deg:.2f} deg kept without shear correction (max_tilt_deg {max_tilt_deg:g})"
+    tag = res.gantry_tilt_tag
+    if tag is not None and abs(abs(tag) - res.tilt_deg) > TILT_TAG_TOLERANCE_DEG:
+        text += f"; the header's GantryDetectorTilt says {tag:g} deg"
+    return text
+
+
 def _to_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), AIR_HU, MAX_HU).astype(np.int16)
 
@@ -95,16 +117,23 @@ class _Loaded:
     shape: tuple[int, int, int] = (0, 0, 0)
     spacing_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     scanner: str = ""
+    tilt_deg: float = 0.0
+    gantry_tilt_tag: float | None = None
 
 
 def _load_and_store(
-    index: int, cand: ScanCandidate, scan_key_fn_args: tuple[bytes, str], out_uri: str
+    index: int,
+    cand: ScanCandidate,
+    scan_key_fn_args: tuple[bytes, str],
+    out_uri: str,
+    max_tilt_deg: float = DEFAULT_MAX_TILT_DEG,
 ) -> _Loaded:
     """Read one candidate, check it, write its canonical volume (runs in a worker process)."""
     key, cohort = scan_key_fn_args
     try:
         vol = cand.load()
         check_volume(vol)
+        check_tilt(vol, max_tilt_deg)
     except InvalidScanError as err:
         return _Loaded(index, False, err.reason, source=cand.source)
     except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
@@ -129,6 +158,8 @@ def _load_and_store(
         shape=vol.shape,
         spacing_mm=tuple(float(s) for s in vol.spacing_mm),  # type: ignore[arg-type]
         scanner=scanner,
+        tilt_deg=float(vol.tilt_deg),
+        gantry_tilt_tag=float(tag) if (tag := vol.info.get("GantryDetectorTilt")) is not None else None,
     )
 
 
@@ -140,8 +171,13 @@ def ingest(
     cohort: str | None = None,
     workers: int = 1,
     data_version: str | None = None,
+    max_tilt_deg: float = DEFAULT_MAX_TILT_DEG,
 ) -> IngestResult:
-    """Ingest one dataset. Raises NoUsableScansError (after writing quarantine.csv) when nothing is usable."""
+    """Ingest one dataset. Raises NoUsableScansError (after writing quarantine.csv) when nothing is usable.
+
+    DICOM series tilted by more than `max_tilt_deg` are quarantined (see check_tilt); milder tilts are kept
+    with their angle in scans.parquet and a warning.
+    """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"ingestion source {source} does not exist")
@@ -153,7 +189,7 @@ def ingest(
         "ingest %s (%s, cohort %s): %d candidate scans", source, fmt, cohort, len(adapter_result.candidates)
     )
 
-    loaded = _load_all(adapter_result.candidates, key, cohort, out_uri, workers)
+    loaded = _load_all(adapter_result.candidates, key, cohort, out_uri, workers, max_tilt_deg)
     quarantine = [(redact_uids(f, key), redact_uids(r, key)) for f, r in adapter_result.rejected]
     rows, lesion_rows = [], []
     for res in loaded:
@@ -163,12 +199,14 @@ def ingest(
             quarantine.append(entry)
             log.warning("quarantined %s: %s", *entry)
             continue
+        if res.tilt_deg > 0:
+            log.warning("%s: %s", redact_uids(res.source, key), _tilt_warning(res, max_tilt_deg))
         scan_id = res.scan_id
         row = {
             "scan_id": scan_id,
             "patient_id": pseudonym.patient_pseudonym(key, cohort, res.patient_ref),
             "cohort": cohort,
-            "format": fmt,
+            "format": cand.fmt or fmt,
             "source": redact_uids(cand.source, key),
             "volume": f"volumes/{scan_id}.npy",
             "modality": "CT",
@@ -180,6 +218,7 @@ def ingest(
             "spacing_x_mm": res.spacing_mm[2],
             "split": cand.split,
             "scanner": res.scanner,
+            "tilt_deg": res.tilt_deg,
         }
         for name in adapter_result.label_names:
             row[LABEL_PREFIX + label_slug(name)] = int(cand.labels.get(name, -1))
@@ -218,6 +257,7 @@ def ingest(
         "cohort": cohort,
         "data_version": data_version,
         "slicefm_version": __version__,
+        "pseudonym_key_fingerprint": pseudonym.key_fingerprint(key),
         "n_scans": len(scans),
         "n_patients": int(scans["patient_id"].nunique()) if len(scans) else 0,
         "n_slices": int(scans["n_slices"].sum()) if len(scans) else 0,
@@ -225,9 +265,16 @@ def ingest(
         "n_quarantined": len(quarantine_df),
         "labels": label_cols,
         "splits": scans["split"].value_counts().to_dict() if len(scans) else {},
+        "n_scans_by_format": scans["format"].value_counts().to_dict() if len(scans) else {},
     }
     store.write_bytes("dataset.json", json.dumps(summary, indent=2, sort_keys=True).encode())
-    log.info("ingested %d scans, %d lesions; %d quarantined", len(scans), len(lesions), len(quarantine_df))
+    log.info(
+        "ingested %d scans %s, %d lesions; %d quarantined",
+        len(scans),
+        summary["n_scans_by_format"],
+        len(lesions),
+        len(quarantine_df),
+    )
     if len(scans) == 0:
         reasons = quarantine_df["reason"].value_counts().head(5).to_dict()
         raise NoUsableScansError(
@@ -238,16 +285,18 @@ def ingest(
 
 
 def _load_all(
-    cands: list[ScanCandidate], key: bytes, cohort: str, out_uri: str, workers: int
+    cands: list[ScanCandidate], key: bytes, cohort: str, out_uri: str, workers: int, max_tilt_deg: float
 ) -> list[_Loaded]:
     args = (key, cohort)
     if workers <= 1 or len(cands) <= 1:
         return [
-            _load_and_store(i, c, args, out_uri)
+            _load_and_store(i, c, args, out_uri, max_tilt_deg)
             for i, c in enumerate(tqdm(cands, desc="ingest", unit="scan"))
         ]
     with process_pool(workers) as pool:
-        futures = [pool.submit(_load_and_store, i, c, args, out_uri) for i, c in enumerate(cands)]
+        futures = [
+            pool.submit(_load_and_store, i, c, args, out_uri, max_tilt_deg) for i, c in enumerate(cands)
+        ]
         return [f.result() for f in tqdm(futures, desc="ingest", unit="scan")]
 
 

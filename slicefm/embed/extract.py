@@ -355,6 +355,7 @@ def _write_index(
             "channels": list(meta["channels"]),
             "layout": meta.get("layout"),
             "preprocessed": pre.uri(""),
+            "pseudonym_key_fingerprint": meta.get("pseudonym_key_fingerprint"),
             "shards": [shard_index] if n_shards > 1 else [0],
             "n_shards": n_shards,
             "config": cfg.model_dump(mode="json"),

@@ -32,6 +32,8 @@ class EncoderInfo:
     method: str | None = None  # pretraining method, None for timm/random
     seed: int | None = None  # random init seed
     overrides: dict | None = None  # timm.create_model overrides the architecture was built with
+    # Pseudonymisation key fingerprint of the data it was pretrained on (None: not recorded, or no data).
+    data_key_fingerprint: str | None = None
 
 
 def _random_encoder(name: str, img_size: int, in_chans: int, seed: int, overrides: dict) -> Encoder:
@@ -111,6 +113,7 @@ def resolve_encoder(
     info = EncoderInfo(
         label, f"{spec} ({open_store(uri).uri('')})", meta["encoder"], input_channels, int(meta["in_chans"]),
         int(meta["embed_dim"]), int(meta["img_size"]), method=meta.get("method"), overrides=overrides,
+        data_key_fingerprint=meta.get("data_key_fingerprint"),
     )  # fmt: skip
     return encoder, info
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from slicefm.data.pseudonym import require_same_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.metrics import METRICS, Summary
 from slicefm.evaluate.protocols import run_external
@@ -21,8 +22,10 @@ from slicefm.evaluate.stage import (
     _metrics_rows,
     _summary_dict,
     _task_splits,
+    key_fingerprints,
     load_embedding_sets,
     load_heads,
+    results_key_fingerprint,
     task_data,
 )
 from slicefm.tracking.store import open_store
@@ -53,6 +56,9 @@ def run_external_stage(
     """For every external task and embedding set of cohort B: frozen (A's fold heads) vs retrained (new heads)."""
     out = open_store(out_uri)
     sets = load_embedding_sets(embedding_uris)
+    fingerprints = key_fingerprints(sets)
+    fingerprints[f"cohort A's evaluation ({source_eval_uri})"] = results_key_fingerprint(source_eval_uri)
+    key_fingerprint = require_same_key(fingerprints, "external")
     scans = _common_scans(sets)
     tasks = {t.name: t for t in cfg.tasks}
     unknown = [t for t in ext.tasks if t not in tasks]
@@ -109,6 +115,7 @@ def run_external_stage(
                 t: {r: {m: _summary_dict(s["macro"][m]) for m in METRICS} for r, s in rr.items()}
                 for t, rr in rows.items()
             },
+            "pseudonym_key_fingerprint": key_fingerprint,
         },
     )
     return ExternalStageResult(out.uri(""), md, head, headline, rows)

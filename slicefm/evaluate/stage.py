@@ -27,6 +27,7 @@ import pandas as pd
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from slicefm.data.pseudonym import require_same_key
 from slicefm.data.schemas import LABEL_PREFIX
 from slicefm.embed.reader import Bag, EmbeddingSet
 from slicefm.evaluate.config import EvaluateConfig, TaskConfig
@@ -125,6 +126,28 @@ def load_embedding_sets(uris: Sequence[str]) -> dict[str, EmbeddingSet]:
     return sets
 
 
+def key_fingerprints(sets: Mapping[str, EmbeddingSet]) -> dict[str, str | None]:
+    """The pseudonymisation keys behind the sets: each set's data, and its encoder's pretraining data when
+    recorded (a cohort pseudonymised with another key would give the same patients other IDs)."""
+    out: dict[str, str | None] = {}
+    for name, es in sets.items():
+        out[f"{name} embeddings ({es.store.uri('')})"] = es.meta.get("pseudonym_key_fingerprint")
+        pretrained_on = es.meta["encoder"].get("data_key_fingerprint")
+        if pretrained_on:
+            out[f"{name} encoder's pretraining cohort"] = pretrained_on
+    return out
+
+
+def results_key_fingerprint(evaluate_uri: str) -> str | None:
+    """The key fingerprint an earlier evaluate output recorded in results.json (None if absent)."""
+    store = open_store(evaluate_uri)
+    return (
+        store.read_json("results.json").get("pseudonym_key_fingerprint")
+        if store.exists("results.json")
+        else None
+    )
+
+
 def _common_scans(sets: Mapping[str, EmbeddingSet]) -> pd.DataFrame:
     """The first set's scans table, restricted to scans every set has embeddings for (same cohort, same folds)."""
     first = next(iter(sets.values()))
@@ -145,6 +168,10 @@ def run_evaluate(
     """
     out = open_store(out_uri)
     sets = load_embedding_sets(embedding_uris)
+    fingerprints = key_fingerprints(sets)
+    if splits_uri:
+        fingerprints[f"reused splits ({splits_uri})"] = results_key_fingerprint(splits_uri)
+    key_fingerprint = require_same_key(fingerprints, "evaluate")
     scans = _common_scans(sets)
     runs: list[RunResult] = []
     report_rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = {}
@@ -186,6 +213,7 @@ def run_evaluate(
             },
             "continuity": {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()},
             "models": {name: es.meta["encoder"] for name, es in sets.items()},
+            "pseudonym_key_fingerprint": key_fingerprint,
         },
     )
     return EvaluateResult(out.uri(""), md, head_task, headline, runs, continuity)

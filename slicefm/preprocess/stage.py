@@ -211,6 +211,7 @@ def run_preprocess(
         "n_scans": len(scans),
         "n_slices": len(slices),
         "source": in_store.uri(""),
+        "pseudonym_key_fingerprint": _key_fingerprint(in_store),
     }
     out.write_json("preprocess.json", meta)
     log.info(
@@ -220,6 +221,15 @@ def run_preprocess(
         len(slices),
     )
     return PreprocessResult(out.uri(""), len(scans), skipped, len(slices), meta["channels"])
+
+
+def _key_fingerprint(scans: Store) -> str | None:
+    """The pseudonymisation key fingerprint ingest recorded in dataset.json (None for older outputs)."""
+    return (
+        scans.read_json("dataset.json").get("pseudonym_key_fingerprint")
+        if scans.exists("dataset.json")
+        else None
+    )
 
 
 def _collect(out: Store, scan_ids: list[str]) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from kfp.dsl import ClassificationMetrics, Metrics
 
+from slicefm.data.pseudonym import KeyMismatchError
 from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.external_stage import run_external_stage
@@ -20,13 +21,25 @@ from slicefm.kfp_reports import log_headline_metrics, log_run_roc
 D = 16
 CLASSES = ["liver", "lung", "bone"]
 WINDOWS = ["abdomen", "lung"]
+KEY_A, KEY_B = "K" + "a" * 16, "K" + "b" * 16  # fingerprints of two pseudonymisation keys
 
 
 
 
-def write_set(root: Path, label: str, n_scans: int, seed: int, strength: float, shift: float = 0.0) -> str:
+def write_set(
+    root: Path,
+    label: str,
+    n_scans: int,
+    seed: int,
+    strength: float,
+    shift: float = 0.0,
+    key_fingerprint: str | None = KEY_A,
+    encoder_key_fingerprint: str | None = None,
+) -> str:
     """An extract output: per scan and window [n, D] float16; a positive class puts its direction on one
-    slice of the abdomen window (strength 0 = pure noise). Patients own 1-2 scans; stage = liver."""
+    slice of the abdomen window (strength 0 = pure noise). Patients own 1-2 scans; stage = liver.
+    `key_fingerprint`: the pseudonymisation key of its data; `encoder_key_fingerprint`: of the encoder's
+    pretraining data."""
     rng = np.random.default_rng(seed)
     scans, slices, index = [], [], []
     for i in range(n_scans):
@@ -55,10 +68,9 @@ def write_set(root: Path, label: str, n_scans: int, seed: int, strength: float, 
     pd.DataFrame(slices).to_parquet(root / "slices.parquet")
     pd.DataFrame(index).to_parquet(root / "embeddings.parquet")
     info = {"label": label, "source": label, "name": "synthetic", "input_channels": "per_window", "in_chans": 1,
-            "embed_dim": D, "img_size": 32}  # fmt: skip
-    (root / "extract.json").write_text(
-        json.dumps({"format_version": EXTRACT_FORMAT_VERSION, "encoder": info, "windows": WINDOWS})
-    )
+            "embed_dim": D, "img_size": 32, "data_key_fingerprint": encoder_key_fingerprint}  # fmt: skip
+    meta = {"format_version": EXTRACT_FORMAT_VERSION, "encoder": info, "windows": WINDOWS}
+    (root / "extract.json").write_text(json.dumps({**meta, "pseudonym_key_fingerprint": key_fingerprint}))
     return str(root)
 
 
@@ -175,6 +187,28 @@ def test_external_frozen_vs_retrained(evaluated, tmp_path):
     with pytest.raises(ValueError, match="not evaluate tasks"):
         run_external_stage(str(root / "out"), [cohort_b], str(tmp_path / "x"), small_config(),
                            ExternalConfig(tasks=["nope"]))  # fmt: skip
+
+
+def test_cohorts_pseudonymised_with_different_keys_are_refused(evaluated, tmp_path):
+    root, _ = evaluated
+    assert json.loads((root / "out" / "results.json").read_text())["pseudonym_key_fingerprint"] == KEY_A
+    other_key = write_set(tmp_path / "b", "random", 12, seed=3, strength=0.0, key_fingerprint=KEY_B)
+    cfg = small_config()
+    # Two embedding sets of data pseudonymised with different keys.
+    with pytest.raises(KeyMismatchError, match=rf"pretrained embeddings .*{KEY_A}.*random embeddings .*{KEY_B}"):
+        run_evaluate([str(root / "signal"), other_key], str(tmp_path / "o1"), cfg)
+    # An encoder pretrained on a cohort pseudonymised with another key.
+    foreign = write_set(tmp_path / "c", "pretrained", 12, seed=3, strength=1.0, encoder_key_fingerprint=KEY_B)
+    with pytest.raises(KeyMismatchError, match="encoder's pretraining cohort"):
+        run_evaluate([foreign], str(tmp_path / "o2"), cfg)
+    # Folds of an evaluation whose patients had other IDs.
+    with pytest.raises(KeyMismatchError, match="reused splits"):
+        run_evaluate([other_key], str(tmp_path / "o3"), cfg, splits_uri=str(root / "out"))
+    # Cohort A's heads carried over to a cohort B pseudonymised with another key.
+    ext = ExternalConfig(enabled=True, tasks=["location"], protocol="abmil")
+    with pytest.raises(KeyMismatchError, match="cohort A's evaluation"):
+        run_external_stage(str(root / "out"), [other_key], str(tmp_path / "o4"), cfg, ext)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # refused before writing anything
 
 
 def test_label_patterns_and_bad_tables():

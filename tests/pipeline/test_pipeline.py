@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
+from slicefm.data.pseudonym import key_fingerprint, load_key
 from slicefm.pipeline_data import dvc_dir_md5, ensure_demo_data
 from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
 from tests.pipeline.conftest import tiny_pipeline_config
@@ -129,9 +131,18 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     assert len(slices) == stages["preprocess"].data.metrics["n_slices"] > 0
     artifacts = {a.path for a in MlflowClient(tracking).list_artifacts(stages["ingest"].info.run_id)}
     assert {"dataset.json", "quarantine.csv", "config.yaml"} <= artifacts
-    assert (tmp_path / "state" / "pseudonym.key").exists()
+    # One key for every cohort: its fingerprint (never the key) travels ingest -> ... -> evaluate.
+    fingerprint = key_fingerprint(load_key())
+    assert not (tmp_path / "state" / "pseudonym.key").exists()  # the key lives by the rule, not in state
+    assert stages["ingest"].data.params["pseudonym_key_fingerprint"] == fingerprint
+    assert json.loads((out / "preprocess.json").read_text())["pseudonym_key_fingerprint"] == fingerprint
     encoder_dir = Path(stages["pretrain"].data.tags["slicefm.output_uri"])
     meta = yaml.safe_load((encoder_dir / "encoder.json").read_text())
+    assert meta["data_key_fingerprint"] == fingerprint
+    extracted = json.loads((Path(stages["extract"].data.tags["slicefm.output_uri"]) / "extract.json").read_text())
+    assert extracted["pseudonym_key_fingerprint"] == extracted["encoder"]["data_key_fingerprint"] == fingerprint
+    evaluated = json.loads((Path(stages["evaluate"].data.tags["slicefm.output_uri"]) / "results.json").read_text())
+    assert evaluated["pseudonym_key_fingerprint"] == fingerprint
     assert meta["method"] == "lejepa" and (encoder_dir / "encoder.safetensors").stat().st_size > 0
     # The encoder is a registered model version that loads and embeds preprocessed slices.
     assert stages["pretrain"].data.tags["slicefm.registered_model"] == "t-encoder"
