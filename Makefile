@@ -43,7 +43,7 @@ run-pipeline: setup  ## run the whole pipeline (local, or on KFP_HOST)
 	  $(PY) -m slicefm.cli pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	else \
 	  $(PY) -m slicefm.cli key init --if-missing && \
-	  $(PY) -m slicefm.cli pipeline run --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
+	  $(PY) -m slicefm.cli pipeline run --runner $(RUNNER) --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	fi
 
 submit: setup  ## compile + submit to KFP_HOST
@@ -56,26 +56,24 @@ clean-local:  ## remove local runs, MLflow db and kfp outputs (keeps .venv and d
 	rm -rf .slicefm
 
 # -- container images ----------------------------------------------------------------------------------
-# `make images IMAGE_REGISTRY=registry.example.org/team` builds $(IMAGE_REGISTRY)/slicefm:$(TAG) (CPU) and
-# .../slicefm-gpu:$(TAG) (CUDA). TAG defaults to the git short commit (+ "-dirty" with uncommitted tracked
-# changes, so an image never claims a commit it does not match). Point the pipeline at the pushed image
-# with SLICEFM_IMAGE=<registry>/slicefm:<tag> when compiling/submitting.
-DOCKER ?= docker
+# `make images` builds $(IMAGE_REGISTRY)/slicefm:$(VERSION) and :$(VERSION)-$(TAG) on this machine without a
+# registry (docker/build-images.sh: Docker Engine, base image, wheelhouse, dependency image, sources). One
+# image for CPU and GPU nodes (the lock's torch is the CUDA build; it runs on CPU when no GPU is visible).
+# TAG defaults to the git short commit (+ "-dirty" with uncommitted tracked changes). Point the pipeline at a
+# pushed image with SLICEFM_IMAGE=<registry>/slicefm:<version>-<tag> when compiling/submitting.
+RUNNER ?= subprocess
 IMAGE_REGISTRY ?=
 GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)$(shell git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)
 # From pyproject.toml (not the environment, where VERSION often means something else).
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-IMAGE_PREFIX = $(if $(IMAGE_REGISTRY),$(IMAGE_REGISTRY)/)
-IMAGE_CPU = $(IMAGE_PREFIX)slicefm:$(TAG)
-IMAGE_GPU = $(IMAGE_PREFIX)slicefm-gpu:$(TAG)
-IMAGE_BUILD_ARGS = --build-arg VERSION=$(VERSION) --build-arg GIT_COMMIT=$(GIT_COMMIT)
+IMAGE = $(if $(IMAGE_REGISTRY),$(IMAGE_REGISTRY)/)slicefm
 
 .PHONY: images push-images data-push data-pull
 
-images:  ## build the CPU and GPU images <IMAGE_REGISTRY>/slicefm[-gpu]:<TAG>
-	$(DOCKER) build -f docker/Dockerfile $(IMAGE_BUILD_ARGS) --build-arg IMAGE=$(IMAGE_CPU) -t $(IMAGE_CPU) .
-	$(DOCKER) build -f docker/Dockerfile.gpu $(IMAGE_BUILD_ARGS) --build-arg IMAGE=$(IMAGE_GPU) -t $(IMAGE_GPU) .
+images: setup  ## build the project image <IMAGE_REGISTRY>/slicefm:<VERSION>[-<TAG>] (no registry needed)
+	VERSION=$(VERSION) GIT_COMMIT=$(GIT_COMMIT) TAG=$(TAG) IMAGE_REGISTRY=$(IMAGE_REGISTRY) PYTHON=$(PY) \
+	  docker/build-images.sh
 
 # Checked when the Makefile is read, so nothing is built before the missing registry is reported.
 ifneq ($(filter push-images,$(MAKECMDGOALS)),)
@@ -84,10 +82,9 @@ $(error push-images needs IMAGE_REGISTRY, e.g. make push-images IMAGE_REGISTRY=r
 endif
 endif
 
-push-images: images  ## build and push both images to IMAGE_REGISTRY
-	$(DOCKER) push $(IMAGE_CPU)
-	$(DOCKER) push $(IMAGE_GPU)
-	@echo "pipeline image: SLICEFM_IMAGE=$(IMAGE_CPU)"
+push-images: images  ## build and push the image to IMAGE_REGISTRY
+	export DOCKER_HOST=$$(docker/engine.sh start) && docker push $(IMAGE):$(VERSION)-$(TAG) && docker push $(IMAGE):$(VERSION)
+	@echo "pipeline image: SLICEFM_IMAGE=$(IMAGE):$(VERSION)-$(TAG)"
 
 # -- data (DVC) ----------------------------------------------------------------------------------------
 # The remote is DVC_REMOTE when set, else the default remote in .dvc/config (`dvc remote add -d NAME

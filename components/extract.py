@@ -52,13 +52,15 @@ def extract(
         embeddings: output: embeddings/<window>/<scan>.npy (float16), embeddings.parquet, extract.json.
         accelerator, gpus: the GPU request of this task (recorded in the output's metadata; also what carries
             the pipeline's GPU parameters into the ParallelFor, where the task's resources refer to them).
+            With gpus > 0 the task fails at once when torch sees fewer GPUs.
     Returns:
         Number of slices embedded by this task.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
     from slicefm.stages import extract_stage
 
+    require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
     which = "random" if random_baseline else "pretrained"
     out = output_location(

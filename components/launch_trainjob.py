@@ -54,7 +54,7 @@ def launch_trainjob(
         tracking_uri: MLflow tracking URI of the stage run, also MLFLOW_TRACKING_URI of the training pods
             ("" = no tracking).
         parent_run_id: the pipeline's parent run; the stage run nests under it ("" = no stage run).
-        image: training image, the GPU build of the project image ("" = slicefm-gpu:0.1.0).
+        image: training image, the project image ("" = slicefm:0.1.0).
         namespace: namespace of the TrainJob (where the slicefm-s3 / slicefm-mlflow secrets are).
         num_nodes: training pods (one per node).
         gpus_per_node: GPUs per pod, also torchrun processes per pod (0 = CPU pods, one process each).

@@ -27,14 +27,16 @@ def pretrain(
         slices: the preprocess output.
         encoder: output: encoder.safetensors + encoder.json, checkpoints/.
         accelerator, gpus: this step's GPU request (recorded in the metadata; passing them as inputs is what
-            makes the pipeline's GPU parameters reach the task inside its condition).
+            makes the pipeline's GPU parameters reach the task inside its condition). With gpus > 0 the step
+            fails at once when torch sees fewer GPUs.
     Returns:
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
     from slicefm.stages import pretrain_stage
 
+    require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
     res = pretrain_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)

@@ -77,11 +77,18 @@ def _local_source(data) -> Path:  # noqa: ANN001
     return ensure_demo_data(data, ROOT / data.source if not Path(data.source).is_absolute() else None)
 
 
-def run_local(config_path: Path, run_name: str | None = None) -> int:
+RUNNERS = ("subprocess", "docker")
+
+
+def run_local(config_path: Path, run_name: str | None = None, runner: str = "subprocess") -> int:
     """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are.
 
-    Raises TrackingError / PreflightError before any data or step when MLflow / SLICEFM_STORE is unusable.
+    `runner`: "subprocess" (this Python environment) or "docker" (every step in the project image, as on a
+    cluster; `make images` first). Raises TrackingError / PreflightError before any data or step when
+    MLflow / SLICEFM_STORE is unusable.
     """
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; choose one of {RUNNERS}")
     from kfp import local
 
     from pipelines.slicefm_pipeline import slicefm_pipeline
@@ -104,20 +111,48 @@ def run_local(config_path: Path, run_name: str | None = None) -> int:
     # created here (`slicefm key init`; `make run-pipeline` does that for the demo).
     os.environ[KEY_ENV] = load_key().decode()
     run_name = run_name or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp"), raise_on_error=True
-    )
+    sources = [p for p in (source, Path(external) if external else None, pretrain) if p is not None]
+    if runner == "docker":
+        kfp_runner = _container_runner(state, sources, tracking_uri, store_uri)
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
     print(
-        f"running pipeline {cfg.name!r} locally (kfp.local) as {run_name}; data {source}; MLflow {tracking_uri}"
+        f"running pipeline {cfg.name!r} locally (kfp.local, {runner} runner) as {run_name}; data {source}; "
+        f"MLflow {tracking_uri}"
     )
-    slicefm_pipeline(
-        **_arguments(
-            cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external,
-            str(pretrain.resolve()) if pretrain else "", data_version(pretrain) if pretrain else "",
-        )  # fmt: skip
-    )
+    arguments = _arguments(
+        cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external,
+        str(pretrain.resolve()) if pretrain else "", data_version(pretrain) if pretrain else "",
+    )  # fmt: skip
+    # kfp.local ignores resource requests: ask the steps for the GPUs this machine has, so a GPU step never
+    # demands one that is not there (they fail at once when torch sees fewer than they were given).
+    gpus = _visible_gpus()
+    slicefm_pipeline(**arguments, pretrain_gpus=gpus, extract_gpus=gpus)
     print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
     return 0
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _container_runner(state: Path, sources: list[Path], tracking_uri: str, store_uri: str):  # noqa: ANN202
+    """kfp.local.DockerRunner over the project image, with the data and the state directory mounted."""
+    from components.settings import BASE_IMAGE
+    from pipelines.docker_runner import docker_runner, ensure_engine, require_image
+    from slicefm.data.pseudonym import KEY_ENV
+
+    ensure_engine()
+    require_image(BASE_IMAGE)
+    passed = (KEY_ENV, "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+              "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")  # fmt: skip
+    env = {k: os.environ[k] for k in passed if os.environ.get(k)} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    network = tracking_uri.startswith(("http:", "https:")) or store_uri.startswith("s3:")
+    (state / "kfp").mkdir(parents=True, exist_ok=True)  # else dockerd creates the mount source root-only
+    return docker_runner(state, [s.resolve() for s in sources], env, network)
 
 
 def submit(

@@ -180,7 +180,7 @@ def slicefm_pipeline(
         pretrain_gpus: GPUs of the pretraining step (per node for a TrainJob); extract_gpus: per extract task.
         gpu_node_selector: node labels of the GPU node pool (e.g. {"cloud.google.com/gke-accelerator":
             "nvidia-h100-80gb"}); gpu_tolerations: tolerations for the pool's taints.
-        trainer_namespace: namespace of the TrainJob; trainer_image: its image ("" = slicefm-gpu).
+        trainer_namespace: namespace of the TrainJob; trainer_image: its image ("" = the project image slicefm:0.1.0).
     """
     start = _on_cluster(
         start_tracking(

@@ -196,7 +196,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from slicefm.tracking.preflight import PreflightError, TrackingError
 
     try:
-        return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name)
+        return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name, runner=args.runner)
     except (TrackingError, PreflightError) as err:  # MLflow or the store unusable: nothing was run
         log.error("%s", err)
         return 1
@@ -329,9 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="the Kubeflow pipeline").add_subparsers(
         dest="pipeline_verb", required=True
     )
-    s = pl.add_parser("run", help="run locally with kfp.local (SubprocessRunner)")
+    s = pl.add_parser("run", help="run locally with kfp.local (SubprocessRunner, or DockerRunner with --runner docker)")
     s.add_argument("--config", default="pipelines/configs/demo-cpu.yaml")
     s.add_argument("--run-name")
+    s.add_argument(
+        "--runner",
+        choices=["subprocess", "docker"],
+        default=os.environ.get("RUNNER") or "subprocess",
+        help="subprocess: steps in this Python environment; docker: every step in the project image "
+        "(build it with `make images`). Default $RUNNER or subprocess",
+    )
     s.set_defaults(func=cmd_pipeline_run)
     s = pl.add_parser("compile", help="write the pipeline YAML")
     s.add_argument("--out", default="pipelines/slicefm_pipeline.yaml")

@@ -22,3 +22,23 @@ def output_location(artifact_path: str, store_uri: str, run_name: str, stage: st
 
 def input_location(artifact_path: str, metadata: dict | None) -> str:
     return str((metadata or {}).get(URI_KEY) or artifact_path)
+
+
+class MissingGPUError(RuntimeError):
+    """A step was given GPUs but torch sees fewer (no driver, no device plugin, a CPU-only torch)."""
+
+
+def require_gpus(requested: int) -> None:
+    """Fail at once when a step requested `requested` GPUs and torch sees fewer, instead of quietly
+    training on the CPU for hours. 0 requests nothing."""
+    if requested <= 0:
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < requested:
+        raise MissingGPUError(
+            f"this step requested {requested} GPU(s) but torch sees {visible} (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}): check the node's NVIDIA driver and device plugin, "
+            "or run it with 0 GPUs"
+        )

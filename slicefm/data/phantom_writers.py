@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import struct
 import tempfile
@@ -96,6 +97,8 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
         raise FileExistsError(f"{target} exists and is not an empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes it 0700: a dataset must be readable by the pipeline's user (uid 1000 in the image).
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if target.exists():
@@ -106,11 +109,19 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_bytes(path: Path, data: bytes) -> Path:
     """Write `data` to a temporary sibling file, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    # 0o666 minus the umask, not mkstemp's 0600: other users and containers read these files.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -90,7 +90,7 @@ class TrainJobConfig(Strict):
     """Where and how the TrainJob runs; every field maps to one launch_trainjob pipeline parameter."""
 
     namespace: str = "slicefm"
-    image: str = "slicefm-gpu:0.1.0"  # the project image, GPU build (docker/Dockerfile.gpu)
+    image: str = "slicefm:0.1.0"  # the project image (CPU and CUDA, docker/Dockerfile)
     runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.1.0
     num_nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=0)  # 0: CPU nodes, one process each (gloo)

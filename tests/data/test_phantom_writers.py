@@ -479,3 +479,21 @@ def test_demo_dataset_size(tmp_path):
     root = pw.generate_dataset(tmp_path / "demo", 40, "dicom", seed=0)
     _, rows = read_csv(root / "labels.csv")
     assert len(rows) == 40 and len(list((root / "masks").glob("*.npz"))) == 40
+
+
+def test_datasets_are_readable_by_other_users(tmp_path):
+    """The pipeline's containers run as uid 1000: a dataset written by another user must be readable."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        root = pw.generate_dataset(tmp_path / "ds", 2, "nsclc", seed=1, shape_xy=32)
+    finally:
+        os.umask(previous)
+    paths = [root, *root.rglob("*")]
+    assert any(p.suffix == ".npz" for p in paths) and any(p.suffix == ".csv" for p in paths)
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        wanted = 0o755 if path.is_dir() else 0o644
+        assert mode & wanted == wanted, f"{path.relative_to(tmp_path)}: {oct(mode)}"
