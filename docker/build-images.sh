@@ -78,6 +78,11 @@ step "project image $IMAGE:$VERSION"
 docker build -q -f docker/Dockerfile --build-arg "DEPS_IMAGE=$deps" --build-arg "VERSION=$VERSION" \
   --build-arg "GIT_COMMIT=$GIT_COMMIT" --build-arg "IMAGE=$IMAGE:$VERSION-$TAG" \
   -t "$IMAGE:$VERSION" -t "$IMAGE:$VERSION-$TAG" . >/dev/null
+# Older dependency images no tagged image uses any more (7 GB each) and dangling layers go.
+for old in $(docker images slicefm-deps --format '{{.Repository}}:{{.Tag}}' | grep -vx "$deps"); do
+  docker rmi "$old" >/dev/null 2>&1 || true
+done
+docker image prune -f >/dev/null
 step "done"
 for ref in "$IMAGE:$VERSION" "$IMAGE:$VERSION-$TAG"; do
   docker image inspect -f "{{index .RepoTags 0}} {{.Size}}" "$ref" | awk -v r="$ref" '{printf "%s  %.2f GB\n", r, $2 / 1e9}'

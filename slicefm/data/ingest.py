@@ -33,7 +33,7 @@ from slicefm.data.schemas import (
 )
 from slicefm.io.volume import InvalidScanError, Volume
 from slicefm.parallel import process_pool
-from slicefm.tracking.store import Store, open_store
+from slicefm.tracking.store import Store, open_store, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,32 @@ def ingest(
     """Ingest one dataset. Raises NoUsableScansError (after writing quarantine.csv) when nothing is usable.
 
     DICOM series tilted by more than `max_tilt_deg` are quarantined (see check_tilt); milder tilts are kept
-    with their angle in scans.parquet and a warning.
+    with their angle in scans.parquet and a warning. A new local output appears whole or not at all
+    (staged_output): a failure half-way leaves nothing behind.
     """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"ingestion source {source} does not exist")
+    with staged_output(out_uri) as work_uri:
+        result, no_usable = _ingest(source, work_uri, key, fmt, cohort, workers, data_version, max_tilt_deg)
+    out = open_store(out_uri)
+    if no_usable is not None:
+        raise NoUsableScansError(f"{no_usable} (see {out.uri('quarantine.csv')})")
+    result.out_uri = out.uri("")
+    return result
+
+
+def _ingest(
+    source: Path,
+    out_uri: str,
+    key: bytes,
+    fmt: str,
+    cohort: str | None,
+    workers: int,
+    data_version: str | None,
+    max_tilt_deg: float,
+) -> tuple[IngestResult, str | None]:
+    """ingest() into `out_uri`; also the NoUsableScansError message when every scan was quarantined."""
     fmt = detect_format(source) if fmt == "auto" else fmt
     adapter_result: AdapterResult = get_adapter(fmt)(source, cohort)
     cohort = adapter_result.cohort
@@ -277,11 +298,12 @@ def ingest(
     )
     if len(scans) == 0:
         reasons = quarantine_df["reason"].value_counts().head(5).to_dict()
-        raise NoUsableScansError(
-            f"no usable scan in {source}: {len(quarantine_df)} inputs quarantined "
-            f"(see {store.uri('quarantine.csv')}); most common reasons: {reasons}"
+        no_usable = (
+            f"no usable scan in {source}: {len(quarantine_df)} inputs quarantined; most common reasons: {reasons}"
         )
-    return IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt)
+    else:
+        no_usable = None
+    return IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt), no_usable
 
 
 def _load_all(

@@ -578,3 +578,30 @@ def open_store(uri: str | Path, **s3_options: Any) -> Store:
     if parts.scheme and "://" in text:
         raise ValueError(f"unsupported store URI scheme {parts.scheme!r} in {text} (use a path or s3://)")
     return LocalStore(Path(text))
+
+
+@contextmanager
+def staged_output(uri: str | Path) -> Iterator[str]:
+    """Yield where to write a whole output so that a failure leaves nothing half-written.
+
+    A new local directory is built as a hidden sibling and renamed into place when the block succeeds
+    (removed when it fails). An existing directory (resume) or an S3 prefix (no renames) is written in place;
+    there every object is still atomic on its own.
+    """
+    text = str(uri)
+    parts = urlsplit(text)
+    target = Path(parts.path) if parts.scheme == "file" else Path(text)
+    if (parts.scheme and "://" in text and parts.scheme != "file") or target.exists():
+        yield text
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)  # mkdtemp's 0700 would hide the output from other users and pods
+    try:
+        yield str(staging)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

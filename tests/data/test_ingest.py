@@ -442,3 +442,21 @@ def test_non_image_objects_are_named_not_called_truncated(dicom_source, tmp_path
         "report.dcm": "not an image: Basic Text SR Storage",
         "cut.dcm": "truncated/corrupt DICOM: no pixel data (file cut short or not an image object)",
     }
+
+
+def test_a_failure_half_way_leaves_no_output_behind(dicom_source, tmp_path, monkeypatch):
+    """Volumes are written as scans are read; a failure after that must not leave a half-written output."""
+    import slicefm.data.ingest as ingest_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ingest_module, "write_manifests", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ingest(dicom_source, str(tmp_path / "out"), KEY, "dicom")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
+    monkeypatch.undo()
+    res = ingest(dicom_source, str(tmp_path / "out"), KEY, "dicom")
+    assert res.out_uri.rstrip("/").endswith("out") and res.n_scans == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert len(list((tmp_path / "out" / "volumes").iterdir())) == 4

