@@ -2,15 +2,19 @@
 
 A class with no positives (or no negatives) among the known labels of a split has no defined AUROC/AUPRC:
 it is reported as "n/a: no positives" / "n/a: no negatives" and left out of the macro mean, never 0.5 or NaN.
+So is a class whose scores hold NaN or inf (a diverged head), with a warning, instead of a crash.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+log = logging.getLogger(__name__)
 
 METRICS = ("auroc", "auprc", "f1", "balanced_accuracy")
 
@@ -48,6 +52,12 @@ def score_class(y_true: np.ndarray, y_score: np.ndarray, threshold: float = 0.5)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     if n_pos == 0 or n_neg == 0:
         note = "n/a: no positives" if n_pos == 0 else "n/a: no negatives"
+        return ClassScores(n_pos, n_neg, threshold=float(threshold), note=note)
+    n_bad = int((~np.isfinite(s)).sum())
+    if n_bad:
+        # A diverged head (NaN/inf outputs) has no ranking to score: excluded from the macro mean, and said.
+        note = f"n/a: {n_bad} of {len(s)} scores are NaN or inf (diverged head?)"
+        log.warning("%s", note)
         return ClassScores(n_pos, n_neg, threshold=float(threshold), note=note)
     pred = (s >= threshold).astype(int)
     return ClassScores(

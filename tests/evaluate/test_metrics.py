@@ -40,6 +40,21 @@ def test_undefined_classes_are_reported_and_left_out_of_macro() -> None:
     assert macro({"b": table["b"]})["auroc"] is None
 
 
+def test_nan_or_inf_scores_are_noted_and_left_out_not_a_crash(caplog) -> None:
+    y, s = _data(4, c=2)
+    s[3, 1], s[5, 1] = np.nan, np.inf
+    y[3, 1], y[5, 1] = 1, 0  # known labels: these scores count
+    table = score_table(y, s, ["a", "b"])
+    n_known = int((y[:, 1] >= 0).sum())
+    assert table["b"].note == f"n/a: 2 of {n_known} scores are NaN or inf (diverged head?)"
+    assert table["b"].auroc is None
+    assert "NaN or inf" in caplog.text
+    known = y[:, 0] >= 0
+    assert macro(table)["auroc"] == pytest.approx(roc_auc_score(y[known, 0], s[known, 0]))
+    summary = summarise_folds([table, table])
+    assert summary["b"]["auroc"].mean is None and summary["macro"]["auroc"].mean is not None
+
+
 def test_fold_summary_mean_sd_and_notes() -> None:
     tables = []
     for seed in range(3):
