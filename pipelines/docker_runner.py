@@ -43,17 +43,24 @@ def require_image(image: str) -> None:
         client.close()
 
 
-def container_user(writable: Iterable[Path]) -> str:
+def container_user(state: Path) -> str:
     """The uid:gid the steps run as. As root: the image's user, whose group is 0 (the OpenShift convention),
-    so the writable trees become group-writable and this process's umask 002 keeps what kfp.local creates
-    for each run (root-owned run folders) writable by the steps too."""
+    so the state directory's folders (and its SQLite files) become group-writable, and this process's umask
+    002 keeps what kfp.local creates for each run (root-owned run folders) writable by the steps too.
+    Earlier runs' outputs are only read: the walk does not enter them."""
     uid = os.getuid()
     if uid != 0:
         return f"{uid}:0"
     os.umask(0o002)
-    for top in writable:
-        for path in (top, *top.rglob("*")):
-            if not path.is_symlink():
+    pipeline_root = state / "kfp"
+    for folder, subfolders, files in os.walk(state):
+        here = Path(folder)
+        here.chmod(here.stat().st_mode | 0o020)
+        if here == pipeline_root:
+            subfolders.clear()
+        for name in files:
+            if name.startswith("mlflow.db"):  # the tracking database (and its journal) is written in place
+                path = here / name
                 path.chmod(path.stat().st_mode | 0o020)
     return f"{IMAGE_UID}:0"
 
@@ -68,7 +75,7 @@ def docker_runner(
     mounts = [Mount(target=str(state), source=str(state), type="bind")]
     mounts += [Mount(target=str(p), source=str(p), type="bind", read_only=True) for p in sorted(set(read_only))]
     return local.DockerRunner(
-        user=container_user([state]),
+        user=container_user(state),
         environment=dict(environment),
         mounts=mounts,
         network_mode="host" if network else "none",

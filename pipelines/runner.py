@@ -125,9 +125,10 @@ def run_local(config_path: Path, run_name: str | None = None, runner: str = "sub
         cfg, str(source.resolve()), tracking_uri, store_uri, run_name, data_version(source), external,
         str(pretrain.resolve()) if pretrain else "", data_version(pretrain) if pretrain else "",
     )  # fmt: skip
-    # kfp.local ignores resource requests: ask the steps for the GPUs this machine has, so a GPU step never
-    # demands one that is not there (they fail at once when torch sees fewer than they were given).
-    gpus = _visible_gpus()
+    # kfp.local ignores resource requests: ask the steps for the GPUs they will see, so a GPU step never
+    # demands one that is not there (they fail at once when torch sees fewer than they were given). The
+    # DockerRunner's containers get no GPU devices.
+    gpus = 0 if runner == "docker" else _visible_gpus()
     slicefm_pipeline(**arguments, pretrain_gpus=gpus, extract_gpus=gpus)
     print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
     return 0

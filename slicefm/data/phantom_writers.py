@@ -19,11 +19,7 @@ import heapq
 import io
 import json
 import logging
-import os
-import secrets
-import shutil
 import struct
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
@@ -56,6 +52,7 @@ from slicefm.data.phantom import (
     generate_cohort,
 )
 from slicefm.io.png16 import write_png16
+from slicefm.tracking.store import open_store, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -95,41 +92,23 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not an empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    # mkdtemp makes it 0700: a dataset must be readable by the pipeline's user (uid 1000 in the image).
-    os.chmod(tmp, 0o777 & ~_umask())
+    existed = target.exists()
+    if existed:
+        target.rmdir()  # empty: the staged directory takes its place
     try:
-        yield tmp
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)
+        # staged_output: readable by other users (the pipeline's uid 1000), not mkdtemp's 0700
+        with staged_output(target) as tmp:
+            yield Path(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if existed:
+            target.mkdir(exist_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary sibling file, then rename it over `path`."""
+    """Write `data` atomically (the store's temp sibling + rename, mode by the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    # 0o666 minus the umask, not mkstemp's 0600: other users and containers read these files.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    open_store(path.parent).write_bytes(path.name, data)
     return path
 
 

@@ -44,6 +44,7 @@ class PretrainIndex:
     finding_classes: list[str] | None = None
     scans_with_masks: set[str] = field(default_factory=set)
     data_version: str | None = None
+    key_fingerprint: str | None = None  # pseudonymisation key of the data (preprocess.json)
     # CLEAR embeds every HU window separately (one single-channel image per window): with per_window each
     # slice row is repeated once per channel (`channel` column) and the encoder sees 1-channel images.
     per_window: bool = False
@@ -156,6 +157,7 @@ def load_index(
         finding_classes=finding,
         scans_with_masks=with_masks,
         data_version=meta.get("source"),
+        key_fingerprint=meta.get("pseudonym_key_fingerprint"),
         per_window=per_window,
         lesion_type_of=lesion_type_of,
     )

@@ -56,11 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _data_key_fingerprint(preprocessed_uri: str) -> str | None:
-    """The pseudonymisation key fingerprint of the pretraining data (preprocess.json; None if not recorded)."""
-    return open_store(preprocessed_uri).read_json("preprocess.json").get("pseudonym_key_fingerprint")
-
-
 def run_pretrain(
     preprocessed_uri: str,
     out_uri: str,
@@ -109,7 +104,7 @@ def run_pretrain(
             "input_dtype": index.dtype,
             "config": cfg.model_dump(mode="json"),
             "data_version": index.data_version,
-            "data_key_fingerprint": _data_key_fingerprint(preprocessed_uri),
+            "data_key_fingerprint": index.key_fingerprint,
             "git_commit": cfg.git_commit,
             "steps": outcome.step,
         }

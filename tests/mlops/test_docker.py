@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,6 @@ def parse_dockerfile(path: Path) -> tuple[list[tuple[str, str]], list[Stage]]:
     return preamble, stages
 
 
-def _labels(stage: Stage) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for arg in stage.args("LABEL"):
-        for token in shlex.split(arg):
-            key, _, value = token.partition("=")
-            out[key] = value
-    return out
-
-
 def _dockerignore() -> list[str]:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
@@ -108,17 +98,6 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy() -> None:
                 assert files and not [f for f in files if _ignored(f, patterns)], (
                     f"{src} excluded from context"
                 )
-
-
-def _make(*args: str) -> list[str]:
-    out = subprocess.run(
-        ["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    return [ln for ln in out.splitlines() if ln.startswith("docker ")]
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_make_push_images_requires_registry() -> None:

@@ -48,7 +48,7 @@ def discover(source: Path, cohort: str | None = None) -> AdapterResult:
     rejected = [
         (rel(p, source), "not a NIfTI file (.nii/.nii.gz expected)")
         for p in sorted(source.rglob("*"))
-        if p.is_file() and p not in files and not is_sidecar(p, source) and not p.name.startswith(".")
+        if p.is_file() and not is_nifti(p) and not is_sidecar(p, source) and not p.name.startswith(".")
     ]
     cands, used = file_candidates(source, files, side)
     rejected += side.rejected + side.unmatched(used)
