@@ -29,15 +29,17 @@ def evaluate(
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         embeddings: the pretrained encoder's embedding set; baseline: the random-weight twin's.
         results: output: splits, per-fold metrics, predictions, heads, plots, report.md/html, results.json.
-        metrics: macro metrics (mean and sd over folds) of the headline task, per model and protocol.
+        metrics: macro metrics (mean and sd over folds) of the headline task, per model and protocol; and
+            every task's macro headline metric per set with its paired difference vs random and 95% interval
+            ("<task>/<protocol>/<set>_vs_random/<metric>_diff|_ci_low|_ci_high", see comparison_scalars).
         roc: ROC curve and confusion matrix of the headline task's most frequent class (pretrained, pooled test).
         report_html: the report (tables like the papers'); report_md: the same as markdown.
     Returns:
-        The headline table (markdown).
+        The all-tasks comparison (caption and markdown table), also printed to the step's log.
     """
     from slicefm.config import config_from_yaml
     from slicefm.kfp_io import input_location, output_location
-    from slicefm.kfp_reports import log_headline_metrics, log_run_roc, publish_report
+    from slicefm.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc, publish_report
     from slicefm.stages import evaluate_stage
 
     cfg = config_from_yaml(config_yaml)
@@ -47,9 +49,13 @@ def evaluate(
         sets.append(input_location(baseline.path, baseline.metadata))
     res = evaluate_stage(cfg, sets, out, tracking_uri, parent_run_id)
     log_headline_metrics(metrics, res.headline, "macro")
+    for name, value in comparison_scalars(res.comparison).items():
+        metrics.log_metric(name, value)
     log_run_roc(roc, res.runs[0])
     publish_report(res, report_md, report_html, results)
-    return res.headline_table(cfg.evaluate.headline_metric)
+    summary = res.comparison.text()
+    print(summary)
+    return summary
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

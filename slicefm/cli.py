@@ -106,7 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args.config)
     res = evaluate_stage(cfg, args.embeddings, args.out, splits_uri=args.splits)
-    print(res.headline_table(cfg.evaluate.headline_metric))
+    print(res.comparison.text())
     print(f"report: {res.out_uri.rstrip('/')}/report.md (and report.html, results.json, plots)")
     return 0
 

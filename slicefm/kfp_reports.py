@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slicefm.evaluate.metrics import Summary
 from slicefm.evaluate.report import kfp_confusion_matrix, kfp_roc
+
+if TYPE_CHECKING:
+    from slicefm.evaluate.summary import Comparison
 
 
 def _safe(name: str) -> str:
@@ -33,6 +36,24 @@ def headline_scalars(
             out[base] = float(s.mean)
             if with_sd:
                 out[f"{base}_sd"] = float(s.sd or 0.0)
+    return out
+
+
+def comparison_scalars(comparison: Comparison) -> dict[str, float]:
+    """Every task's macro per set, "<task>/<protocol>/<set>/<metric>", and each paired difference from the
+    reference, "<task>/<protocol>/<set>_vs_<reference>/<metric>_diff|_ci_low|_ci_high"; n/a values omitted."""
+    out = {}
+    for task, protocols in comparison.macro.items():
+        for protocol, per in protocols.items():
+            base = f"{_safe(task)}/{_safe(protocol)}"
+            for s, summary in per.items():
+                if summary.mean is not None:
+                    out[f"{base}/{_safe(s)}/{comparison.metric}"] = float(summary.mean)
+            for s, d in comparison.paired.get(task, {}).get(protocol, {}).items():
+                key = f"{base}/{_safe(s)}_vs_{_safe(comparison.reference)}/{comparison.metric}"
+                for suffix, v in (("diff", d.mean_diff), ("ci_low", d.ci_low), ("ci_high", d.ci_high)):
+                    if v is not None:
+                        out[f"{key}_{suffix}"] = float(v)
     return out
 
 

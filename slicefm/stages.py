@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from slicefm.config import DataConfig, PipelineConfig, dump_config
 from slicefm.data.ingest import IngestResult, ingest
 from slicefm.data.pseudonym import key_fingerprint
-from slicefm.kfp_reports import headline_scalars
+from slicefm.kfp_reports import comparison_scalars, headline_scalars
 from slicefm.preprocess.stage import PreprocessResult, run_preprocess
 from slicefm.tracking import mlflow_runs
 from slicefm.tracking.store import open_store
@@ -237,7 +237,9 @@ def evaluate_stage(
     params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
     with _tracked(tracking_uri, parent_run_id, "evaluate", cfg, params):
         result = run_evaluate(embedding_uris, out_uri, cfg.evaluate, splits_uri)
-        _log_metrics(headline_scalars(result.headline, "macro", with_sd=False))
+        _log_metrics(
+            headline_scalars(result.headline, "macro", with_sd=False) | comparison_scalars(result.comparison)
+        )
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
         _log_tree(out_uri, ".png", "plots")
         _register_champion_heads(cfg, result)

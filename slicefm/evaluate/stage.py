@@ -9,7 +9,8 @@ Output layout (a directory or s3://):
     <task>/<model>/<protocol>/heads/fold-K.*        head weights (safetensors) + spec, thresholds, classes
     <task>/<model>/abmil/attention/*.png|npy        attention over z, first fold's test scans
     <task>/<model>/<protocol>/roc_pr/*.png          ROC + PR per class (test predictions pooled over folds)
-    report.md, report.html, results.json            tables laid out like the papers' (mean ± sd)
+    report.md, report.html, results.json            every task's macro per set with its paired difference vs
+                                                    random first, then tables laid out like the papers'
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from slicefm.evaluate.plots import plot_attention, plot_roc_pr
 from slicefm.evaluate.protocols import CVResult, run_abmil_cv, run_linear_probe
 from slicefm.evaluate.report import combine_pages, headline_markdown, render_report
 from slicefm.evaluate.splits import Splits, make_splits
+from slicefm.evaluate.summary import Comparison, build_comparison
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
 from slicefm.tracking.store import Store, open_store
 
@@ -103,6 +105,7 @@ class EvaluateResult:
     report_markdown: str
     headline_task: str
     headline: dict[str, dict[str, Summary]]  # "model · protocol" -> metric -> Summary (macro, headline task)
+    comparison: Comparison  # every task: macro headline metric per set, paired differences vs random
     runs: list[RunResult] = field(default_factory=list)
     continuity: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -196,7 +199,8 @@ def run_evaluate(
                 log.info("%s / %s / %s: %s", task.name, model, protocol, _macro_line(res.summary))
     continuity = _continuity(sets, scans["scan_id"].tolist(), cfg.continuity_metric)
     out.write_json("continuity.json", {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()})
-    md, page = _report(report_rows, class_names, notes, continuity, cfg, sets)
+    comparison = build_comparison([(r.task, r.protocol, r.model, r.result) for r in runs], cfg.headline_metric)
+    md, page = _report(report_rows, class_names, notes, continuity, cfg, sets, comparison)
     out.write_bytes("report.md", md.encode())
     out.write_bytes("report.html", page.encode())
     head_task = cfg.tasks[0].name
@@ -211,12 +215,15 @@ def run_evaluate(
                     (t, {r: v["macro"] for r, v in rr.items()}) for t, rr in report_rows.items()
                 )
             },
+            "paired_metric": comparison.metric,
+            "paired_reference": comparison.reference,
+            "paired": comparison.paired_json(),
             "continuity": {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()},
             "models": {name: es.meta["encoder"] for name, es in sets.items()},
             "pseudonym_key_fingerprint": key_fingerprint,
         },
     )
-    return EvaluateResult(out.uri(""), md, head_task, headline, runs, continuity)
+    return EvaluateResult(out.uri(""), md, head_task, headline, comparison, runs, continuity)
 
 
 def _summary_dict(s: Summary) -> dict:
@@ -368,10 +375,13 @@ def _report(
     continuity: Mapping[str, tuple[float, float]],
     cfg: EvaluateConfig,
     sets: Mapping[str, EmbeddingSet],
+    comparison: Comparison,
 ) -> tuple[str, str]:
+    """The all-tasks summary first, then per task its per-class tables."""
     models = [f"{n}: {es.meta['encoder']['source']} ({es.meta['encoder']['name']}, windows {es.windows})"
               for n, es in sets.items()]  # fmt: skip
-    mds, pages = [], []
+    md, page = comparison.report()
+    mds, pages = [md], [page]
     for i, (task, task_rows) in enumerate(rows.items()):
         md, page = render_report(
             task_rows, class_names[task], title=f"slicefm evaluation · {task}",

@@ -74,13 +74,19 @@ def finish_parent_run(tracking_uri: str, experiment: str, run_name: str) -> str:
 
 
 def headline_report(stage: str, uri: str, metric: str = "auroc") -> str:
-    """The headline table of an evaluate / external output (results.json), as markdown."""
+    """The summary of an evaluate / external output (results.json), as markdown: an evaluate output's
+    all-tasks comparison (every task, paired differences vs random); otherwise (external, or an evaluate
+    output from before the comparison) the headline task's table."""
+    from slicefm.evaluate.summary import Comparison
     from slicefm.tracking.store import open_store
 
     store = open_store(uri)
     if not store.exists("results.json"):
         return f"\n{stage}: no results.json under {uri}"
     res = store.read_json("results.json")
+    if "paired" in res:
+        summary = Comparison.from_results(res)
+        return f"\n{stage} · every task\n{summary.text()}\nfull report: {store.uri('report.md')}"
     task = res["headline_task"]
     head = f"\n{stage} · task {task} · macro {metric.upper()} (mean ± sd over folds)"
     rows = [
@@ -99,7 +105,8 @@ def headline_report(stage: str, uri: str, metric: str = "auroc") -> str:
 
 
 def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Path | None = None) -> str:
-    """Human summary of a finished pipeline run: stage outputs, headline metrics, where to look."""
+    """Human summary of a finished pipeline run: stage outputs, the evaluate stage's all-tasks comparison and
+    the external cohort's headline table, where to look."""
     parent = find_parent_run(tracking_uri, experiment, run_name)
     if parent is None:
         return f"no MLflow pipeline run {run_name!r} in experiment {experiment!r} at {tracking_uri}"
@@ -108,7 +115,7 @@ def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Pa
     for run in sorted(child_runs(tracking_uri, parent.info.run_id), key=lambda r: r.info.start_time):
         stage = run.data.tags.get("slicefm.stage", run.info.run_name)
         items = sorted(run.data.metrics.items())
-        if stage in ("evaluate", "external"):  # dozens of metrics: the table below shows the headline
+        if stage in ("evaluate", "external"):  # dozens of metrics: the tables below show them
             items = [(k, v) for k, v in items if k.endswith("_auroc")]
         metrics = ", ".join(f"{k}={v:g}" for k, v in items)
         lines.append(f"  {stage:<19} {run.info.status:<9} {metrics}")

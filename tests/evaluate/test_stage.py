@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from kfp.dsl import ClassificationMetrics, Metrics
+from mlflow.tracking import MlflowClient
+from scipy import stats
 
+from slicefm.config import PipelineConfig
 from slicefm.data.pseudonym import KeyMismatchError
 from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.external_stage import run_external_stage
+from slicefm.evaluate.paired import NOT_RESOLVED
 from slicefm.evaluate.splits import Splits
 from slicefm.evaluate.stage import load_heads, resolve_label_columns, run_evaluate
-from slicefm.kfp_reports import log_headline_metrics, log_run_roc
+from slicefm.evaluate.summary import Comparison
+from slicefm.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc
+from slicefm.stages import evaluate_stage
+from slicefm.tracking import mlflow_runs
 
 D = 16
 CLASSES = ["liver", "lung", "bone"]
@@ -143,6 +151,76 @@ def test_outputs_report_plots_and_heads(evaluated):
     results = json.loads((out / "results.json").read_text())
     assert results["headline_task"] == "location"
     assert set(results["macro"]["stage"]) == {"pretrained · abmil", "random · abmil"}
+
+
+def _hand_paired(out: Path, task: str, protocol: str) -> tuple[float, float, float]:
+    """pretrained − random per fold from the test rows of metrics.csv (n/a classes are empty cells, skipped):
+    mean and the t-interval."""
+    macro = {}
+    for s in ("pretrained", "random"):
+        rows = pd.read_csv(out / task / s / protocol / "metrics.csv")
+        macro[s] = rows[rows["split"] == "test"].groupby("fold")["auroc"].mean()
+    d = (macro["pretrained"] - macro["random"]).dropna().to_numpy()
+    assert len(d) == 3
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def test_summary_of_every_task_with_paired_differences(evaluated):
+    root, res = evaluated
+    out = root / "out"
+    cmp = res.comparison
+    assert res.headline_task == "location"  # the headline stays; the summary holds every task
+    assert {t: list(p) for t, p in cmp.macro.items()} == {"location": ["abmil", "probe"], "stage": ["abmil"]}
+    text = cmp.text()
+    rows = {
+        tuple(cells[:2]): cells
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[3:])
+    }
+    assert rows[("task", "protocol")] == ["task", "protocol", "folds", "pretrained", "random",
+                                          "pretrained − random [95% CI]"]  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for task, protocol in [("location", "abmil"), ("location", "probe"), ("stage", "abmil")]:
+        mean, low, high = _hand_paired(out, task, protocol)
+        d = cmp.paired[task][protocol]["pretrained"]
+        assert (d.mean_diff, d.ci_low, d.ci_high) == pytest.approx((mean, low, high), abs=1e-12)
+        assert d.verdict == ("holds" if low > 0 else "worse than random" if high < 0 else NOT_RESOLVED)
+        pre, rand = (cmp.macro[task][protocol][s] for s in ("pretrained", "random"))
+        assert pre.mean - rand.mean == pytest.approx(mean)  # no fold n/a: the difference of the means
+        cell = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] {d.verdict}"
+        assert rows[(task, protocol)] == [task, protocol, "3", f"{pre.mean:.3f} ± {pre.sd:.3f}",
+                                          f"{rand.mean:.3f} ± {rand.sd:.3f}", cell]  # fmt: skip
+        assert cell in md and cell in page
+        assert results["paired"][task][protocol]["pretrained"] == d.to_dict()
+    assert cmp.paired["location"]["probe"]["pretrained"].verdict == "holds"  # 1.000 vs 0.565 on every fold
+    # The summary comes first in the report; the pipeline's final print rebuilds it from results.json.
+    assert md.startswith("# slicefm evaluation · every task")
+    assert md.index(text) < md.index("| model / setting |")
+    assert page.index("pretrained − random [95% CI]") < page.index("<h1>slicefm evaluation · location</h1>")
+    assert Comparison.from_results(results).text() == text
+    # MLflow / KFP scalars: every task's macro per set and the paired difference with its interval.
+    scalars = comparison_scalars(cmp)
+    assert len(scalars) == 3 * 2 + 3 * 3 and all(re.fullmatch(r"[A-Za-z0-9_\-. /]+", k) for k in scalars)
+    assert scalars["stage/abmil/random/auroc"] == cmp.macro["stage"]["abmil"]["random"].mean
+    probe = cmp.paired["location"]["probe"]["pretrained"]
+    key = "location/probe/pretrained_vs_random/auroc"
+    logged = [scalars[f"{key}_{k}"] for k in ("diff", "ci_low", "ci_high")]
+    assert logged == [probe.mean_diff, probe.ci_low, probe.ci_high]
+
+
+def test_evaluate_stage_logs_every_task_to_mlflow(evaluated, tmp_path, monkeypatch):
+    root, res = evaluated
+    monkeypatch.setattr("slicefm.evaluate.stage.run_evaluate", lambda *args: res)
+    monkeypatch.setattr("slicefm.stages._register_champion_heads", lambda cfg, result: None)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = mlflow_runs.start_pipeline_run(tracking, "e", "r", {})
+    evaluate_stage(PipelineConfig(), [], str(root / "out"), tracking, parent)
+    (run,) = MlflowClient(tracking).search_runs([MlflowClient(tracking).get_run(parent).info.experiment_id],
+                                               "tags.slicefm.stage = 'evaluate'")  # fmt: skip
+    logged = run.data.metrics
+    assert {k: logged[k] for k in comparison_scalars(res.comparison)} == comparison_scalars(res.comparison)
+    assert logged["macro_pretrained_abmil_auroc"] == res.headline["pretrained · abmil"]["auroc"].mean
 
 
 def test_fixed_seed_reproduces_metrics_exactly(evaluated, tmp_path):

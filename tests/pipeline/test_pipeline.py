@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import runner
 from slicefm.data.pseudonym import key_fingerprint, load_key
 from slicefm.pipeline_data import dvc_dir_md5, ensure_demo_data
-from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
+from slicefm.tracking.pipeline_runs import child_runs, describe_run, find_parent_run, headline_report
 from tests.pipeline.conftest import tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
     assert dvc_dir_md5(tmp_path / "data") == recorded
 
 
-def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
+def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
     """Every stage, with the encoder pretrained on its own cohort (P, 6 scans) and evaluated on A (8 scans)."""
     config_path = tiny_pipeline_config(tmp_path, pretrain_cohort=True)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -112,6 +113,15 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     monkeypatch.delenv("SLICEFM_STORE", raising=False)
     assert runner.run_local(config_path, run_name="run-1") == 0
+    # The end-of-run summary: every evaluated task once (with its paired difference), the external cohort.
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("\npipeline run run-1: FINISHED") :]
+    assert summary.count("evaluate · every task") == 1
+    assert [r[:2] for r in _table_rows(summary) if r[0] in ("location", "findings")] == [
+        ["location", "abmil"],
+        ["findings", "probe"],
+    ]
+    assert "pretrained − random [95% CI]" in summary and "external · task location" in summary
     parent = find_parent_run(tracking, "pipeline-test", "run-1")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["preprocess.size"] == "32"
@@ -174,6 +184,108 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch):
     kfp_root = tmp_path / "state" / "kfp"
     html = list(kfp_root.rglob("report_html"))
     assert html and "<table>" in html[0].read_text()
+    # The evaluate component's KFP Metrics: the headline task's, and every task's paired difference vs random.
+    (executor_output,) = (
+        p for p in kfp_root.rglob("executor_output.json") if re.fullmatch(r"evaluate(-\d+)?", p.parent.name)
+    )
+    outputs = json.loads(executor_output.read_text())
+    (kfp_metrics,) = outputs["artifacts"]["metrics"]["artifacts"]
+    logged = kfp_metrics["metadata"]
+    assert "macro_pretrained_abmil_auroc" in logged
+    assert logged["findings/probe/pretrained_vs_random/auroc_diff"] == pytest.approx(
+        results["paired"]["findings"]["probe"]["pretrained"]["mean_diff"]
+    )
+    assert outputs["parameterValues"]["Output"].startswith("Macro AUROC of every task")
+
+
+def _summary(mean: float, sd: float) -> dict:
+    return {"mean": mean, "sd": sd, "n": 5, "note": None}
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")
+    ]
+
+
+def test_end_of_run_summary_shows_every_task_once(tmp_path):
+    """run_local's last print (describe_run): the evaluate stage's all-tasks comparison with its paired
+    differences, once, and the external cohort's headline table."""
+
+    def auroc(mean: float, sd: float) -> dict:
+        return {"auroc": _summary(mean, sd)}
+
+    def diff(mean: float, low: float, high: float, verdict: str) -> dict:
+        return {"mean_diff": mean, "ci_low": low, "ci_high": high, "n_folds": 5, "verdict": verdict}
+
+    evaluated = {
+        "headline_task": "lesion_location",
+        "macro": {
+            "lesion_location": {
+                "pretrained · abmil": auroc(0.512, 0.03),
+                "random · abmil": auroc(0.505, 0.02),
+            },
+            "chest_findings": {
+                "pretrained · probe": auroc(0.567, 0.023),
+                "random · probe": auroc(0.502, 0.015),
+            },
+        },
+        "paired_metric": "auroc",
+        "paired_reference": "random",
+        "paired": {
+            "lesion_location": {
+                "abmil": {"pretrained": diff(0.007, -0.02, 0.034, "not resolved (interval includes 0)")}
+            },
+            "chest_findings": {"probe": {"pretrained": diff(0.065, 0.031, 0.099, "holds")}},
+        },
+    }
+    external = {
+        "headline_task": "lesion_location",
+        "macro": {
+            "lesion_location": {
+                row: {"auroc": _summary(a, 0.05), "auprc": _summary(0.4, 0.04), "f1": _summary(0.3, 0.03)}
+                for row, a in (("pretrained · frozen", 0.6), ("pretrained · retrained", 0.55))
+            }
+        },
+    }
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="r1", tags={"slicefm.role": "pipeline"})
+    for stage, results in (("evaluate", evaluated), ("external", external)):
+        out = tmp_path / stage
+        out.mkdir()
+        (out / "results.json").write_text(json.dumps(results))
+        tags = {
+            "mlflow.parentRunId": parent.info.run_id,
+            "slicefm.stage": stage,
+            "slicefm.output_uri": str(out),
+        }
+        client.create_run(exp, run_name=stage, tags=tags)
+    text = describe_run(tracking, "e", "r1")
+    evaluate_part, external_part = text.split("\nexternal · ")
+    assert "evaluate · every task" in evaluate_part
+    assert _table_rows(evaluate_part) == [
+        ["task", "protocol", "folds", "pretrained", "random", "pretrained − random [95% CI]"],
+        ["lesion_location", "abmil", "5", "0.512 ± 0.030", "0.505 ± 0.020",
+         "+0.007 [-0.020, +0.034] not resolved (interval includes 0)"],
+        ["chest_findings", "probe", "5", "0.567 ± 0.023", "0.502 ± 0.015", "+0.065 [+0.031, +0.099] holds"],
+    ]  # fmt: skip
+    assert f"full report: {tmp_path / 'evaluate' / 'report.md'}" in evaluate_part
+    # The external cohort's figures stay: its headline task, frozen vs retrained.
+    assert external_part.startswith("task lesion_location · macro AUROC")
+    assert _table_rows(external_part) == [
+        ["model · setting", "AUROC", "AUPRC", "F1"],
+        ["pretrained · frozen", "0.600 ± 0.050", "0.400 ± 0.040", "0.300 ± 0.030"],
+        ["pretrained · retrained", "0.550 ± 0.050", "0.400 ± 0.040", "0.300 ± 0.030"],
+    ]
+    # An evaluate output from before the paired comparison: its headline table, as before.
+    del evaluated["paired"]
+    (tmp_path / "evaluate" / "results.json").write_text(
+        json.dumps({**evaluated, "macro": {"lesion_location": external["macro"]["lesion_location"]}})
+    )
+    old = headline_report("evaluate", str(tmp_path / "evaluate"))
+    assert old.startswith("\nevaluate · task lesion_location") and "every task" not in old
 
 
 def test_submit_requires_a_host(tmp_path):
