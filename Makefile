@@ -31,6 +31,9 @@ test: setup  ## fast test suite (the CI command)
 test-all: setup  ## every test, slow ones included
 	$(PY) -m pytest -q tests
 
+gpu-check: setup  ## issue-15 GPU check (lesion location pretrained vs random at 224 px, ViT-B MFU); SMOKE=1 on CPU
+	benchmarks/gpu_check.sh $(if $(SMOKE),--smoke)
+
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check slicefm components pipelines tests benchmarks
 
