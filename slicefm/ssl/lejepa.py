@@ -19,7 +19,7 @@ from slicefm.models.encoders import Encoder
 from slicefm.models.heads import AuxHeads, MLPHead
 from slicefm.ssl.aux_loss import AuxSupervisionLoss
 from slicefm.ssl.invariance import InvarianceLoss, lejepa_loss
-from slicefm.ssl.sigreg import SIGReg
+from slicefm.ssl.sigreg import SIGReg, _dist_world
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class LeJEPA(nn.Module):
 
     Defaults: lam 0.02 and alpha 0.1 (DALE-CT code); projector Linear-BN-ReLU x 2 -> Linear as the
     LeJEPA minimal example. `aux` and `aux_loss` go together (both or neither).
+
+    `reference_batch` (None = the papers' formula): SIGReg's statistic is N x a per-sample term, so lam's
+    real strength grows with the global batch N. With a reference batch R, L_SIGReg = EP * R / N: lam then
+    weighs the regulariser exactly as it would at global batch R (e.g. lam 0.02 at R = 512, DALE-CT's 8 x 64),
+    whatever the batch this run can afford.
     """
 
     def __init__(
@@ -42,18 +47,22 @@ class LeJEPA(nn.Module):
         aux_loss: AuxSupervisionLoss | None = None,
         proj_hidden: int = 2048,
         proj_layers: int = 3,
+        reference_batch: int | None = None,
     ) -> None:
         super().__init__()
         if (aux is None) != (aux_loss is None):
             raise ValueError("aux heads and aux_loss must be given together")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if reference_batch is not None and reference_batch < 1:
+            raise ValueError(f"reference_batch must be >= 1, got {reference_batch}")
         self.encoder = encoder
         self.projector = MLPHead(encoder.embed_dim, proj_hidden, proj_dim, proj_layers, last_bn=False)
         self.invariance = InvarianceLoss()
         self.sigreg = SIGReg(**(sigreg_kwargs or {}))
         self.aux, self.aux_loss = aux, aux_loss
         self.lam, self.alpha = float(lam), float(alpha)
+        self.reference_batch = reference_batch
 
     def _needs_patches(self) -> bool:
         return self.aux_loss is not None and self.aux_loss.mode == "2S"
@@ -66,7 +75,8 @@ class LeJEPA(nn.Module):
         aux_targets: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """global_views [G, B, C, H, W], local_views [L, B, C, h, w] or None, global step ->
-        dict(loss, inv, sigreg, aux, global_emb [G, B, D]).
+        dict(loss, inv, sigreg (the raw EP statistic at this global batch), sigreg_collapse (where EP lies between
+        Gaussian projections, 0, and a collapse to a point, 1: the same scale at every N), aux, global_emb [G, B, D]).
 
         aux_targets (when aux heads are set): organ_cls [G, B, C_o], abn_cls [G, B, C_a] and for 2S
         organ_patch [G, B, N, C_o], abn_patch [G, B, N, C_a], aligned with the global views.
@@ -85,7 +95,9 @@ class LeJEPA(nn.Module):
         proj = self.projector(torch.cat(embs, dim=0)).view(-1, batch, self.projector.out_dim)
         inv = self.invariance(proj, n_global)
         sig = self.sigreg(proj, step)
-        loss = lejepa_loss(inv, sig, self.lam)
+        n = batch * _dist_world()
+        scale = 1.0 if self.reference_batch is None else self.reference_batch / n
+        loss = lejepa_loss(inv, sig * scale, self.lam)
         aux_value = torch.zeros((), device=loss.device)
         if self.aux is not None and self.aux_loss is not None:
             if aux_targets is None:
@@ -98,6 +110,7 @@ class LeJEPA(nn.Module):
             "loss": loss,
             "inv": inv.detach(),
             "sigreg": sig.detach(),
+            "sigreg_collapse": torch.tensor(self.sigreg.collapse_fraction(sig.detach(), n)),
             "aux": aux_value.detach(),
             "global_emb": g_emb.detach().view(n_global, batch, -1),
         }

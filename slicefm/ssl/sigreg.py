@@ -10,6 +10,13 @@ over `num_knots` knots t on [0, t_max]; w = trapezoid weights, doubled because t
 in t (the official code integrates the half-line), times the Gaussian window exp(-t^2/2).
 SIGReg = mean over directions. In DDP the ECF is averaged across ranks with a differentiable
 all-reduce and N is the global batch, so every rank holds the global-batch statistic.
+
+Scale: EP is N times a per-sample discrepancy. Samples drawn from N(0, 1) give E[EP] = sum_t w(t)(1 - phi(t)^2)
+~ 1.06 at any N (`gaussian_value`); N identical samples at 0 (full collapse) give N * sum_t w(t)(1 - phi(t))^2
+~ 0.41 N (`collapse_value`). So the regulariser's real weight in lam * SIGReg is ~lam * N.
+`collapse_fraction` places EP between the two, (EP - gaussian) / (collapse - gaussian): 0 for Gaussian
+projections, 1 for a collapse to a point, at every N (EP / collapse alone has a floor of ~2.6 / N).
+Projections too small in scale also score near 1 (their ECF is ~1 at every knot, like a point mass).
 """
 
 from __future__ import annotations
@@ -84,6 +91,22 @@ class SIGReg(nn.Module):
         self.register_buffer("t", t, persistent=False)
         self.register_buffer("phi", phi, persistent=False)
         self.register_buffer("weights", trapezoid * phi, persistent=False)
+
+    def collapse_value(self, n: int) -> float:
+        """EP of n identical samples at 0 (every direction collapsed): n * sum_t w(t) (1 - phi(t))^2."""
+        return float(n * (self.weights * (1.0 - self.phi).square()).sum())
+
+    def gaussian_value(self) -> float:
+        """Expected EP of N(0, 1) samples, any n: sum_t w(t) (1 - phi(t)^2)."""
+        return float((self.weights * (1.0 - self.phi.square())).sum())
+
+    def collapse_fraction(self, ep: torch.Tensor | float, n: int) -> float:
+        """Scale-free SIGReg: (EP - gaussian_value) / (collapse_value(n) - gaussian_value); NaN for n < 8,
+        where the Gaussian and the collapsed values are too close to tell apart."""
+        if n < 8:
+            return float("nan")
+        gauss = self.gaussian_value()
+        return (float(ep) - gauss) / (self.collapse_value(n) - gauss)
 
     def directions(self, dim: int, step: int) -> torch.Tensor:
         """The M unit directions [dim, M] of `step`: the same on every rank and device.

@@ -7,9 +7,12 @@ method-specific parts (LECL lambda, LeJEPA crops, auxiliary supervision, ViT-L s
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -73,6 +76,10 @@ class LECLConfig(_Strict):
 
 class LeJEPAConfig(_Strict):
     lam: float = Field(0.02, ge=0, le=1)  # DALE-CT code / LeJEPA minimal recipe
+    # SIGReg's statistic grows ~linearly with the global batch N, so lam alone means a different strength at
+    # every batch size. reference_batch R states lam at global batch R (loss uses SIGReg * R / N); None = the
+    # papers' formula as is (their lam assumes their batch: DALE-CT 512, LeJEPA's recipes ~hundreds).
+    reference_batch: int | None = Field(None, ge=1)
     n_global: int = Field(2, ge=1)
     n_local: int = Field(8, ge=0)
     global_size: int | None = Field(None, ge=8)  # None = encoder.img_size
@@ -128,11 +135,23 @@ class CheckpointConfig(_Strict):
 class LoggingConfig(_Strict):
     every_steps: int = Field(50, ge=1)
     collapse_every: int = Field(200, ge=1)
-    collapse_batch: int = Field(64, ge=2)
-    collapse_min_std: float = Field(1e-5, ge=0)  # mean per-dim std of L2-normalised embeddings (SimSiam)
-    collapse_min_rank: float = Field(2.0, ge=0)  # effective rank (exp of singular-value entropy)
+    # Whole slices the backbone's effective rank is measured on (RankMe needs many more rows than dims).
+    collapse_batch: int = Field(256, ge=2)
+    collapse_min_rank: float = Field(2.0, ge=0)  # effective rank of the backbone (exp of singular-value entropy)
+    # LeJEPA: where SIGReg lies between Gaussian projections (0) and a collapse to a point (1), averaged over the
+    # steps since the last check (`SIGReg.collapse_fraction`).
+    collapse_max_sigreg: float = Field(0.5, gt=0)
     collapse_patience: int = Field(3, ge=1)
     collapse_action: Literal["error", "warn"] = "error"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_std(cls, data: Any) -> Any:
+        """`collapse_min_std` (older configs) is ignored: a layer-scale ViT's CLS std is ~0 at random init."""
+        if isinstance(data, dict) and "collapse_min_std" in data:
+            logger.warning("logging.collapse_min_std is no longer used (embedding std flags nothing); ignored")
+            data = {k: v for k, v in data.items() if k != "collapse_min_std"}
+        return data
 
 
 class LoaderConfig(_Strict):

@@ -147,6 +147,11 @@ class Method(Protocol):
     encoder: Encoder  # backbone that is exported / checked for collapse
     dataset: Dataset
 
+    @property
+    def projector(self) -> nn.Module:
+        """The head on the backbone whose output the SSL loss sees (its effective rank is logged)."""
+        ...
+
     def forward(
         self,
         model: nn.Module,
@@ -201,6 +206,24 @@ class MoCoMethod:
             self.bank = LesionKeyBank(len(self.key_items), mc.proj_dim).to(device)
         self.lesion_keys: torch.Tensor | None = None
 
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.base_projector
+
+    @torch.no_grad()
+    def _bank_keys(self, key_ids: np.ndarray) -> torch.Tensor:
+        """Momentum-branch encodings of key slices in eval mode: a refresh of a few lesion crops must neither
+        be normalised by its own batch statistics nor move the BatchNorm running statistics."""
+        branch = (self.model.momentum_encoder, self.model.momentum_projector)
+        modes = [m.training for m in branch]
+        for m in branch:
+            m.eval()
+        try:
+            return self.model.encode_keys(self._key_slices(key_ids))
+        finally:
+            for m, mode in zip(branch, modes, strict=True):
+                m.train(mode)
+
     def _key_slices(self, key_ids: np.ndarray) -> torch.Tensor:
         items = [self.dataset[int(self.key_items[j])] for j in key_ids]
         images = torch.from_numpy(np.stack([it["image"] for it in items])).to(self.device)
@@ -218,7 +241,7 @@ class MoCoMethod:
         n_rounds = math.ceil(len(self.key_items) / ctx.world / chunk)
         for r in range(n_rounds):
             part = ids[r * chunk : (r + 1) * chunk]
-            keys = self.model.encode_keys(self._key_slices(part)) if len(part) else None
+            keys = self._bank_keys(part) if len(part) else None
             if keys is None:
                 keys = torch.zeros(0, self.bank.bank.shape[1], device=self.device)
             self.bank.update(keys, torch.from_numpy(part).to(self.device))
@@ -252,7 +275,7 @@ class MoCoMethod:
         if k:
             n = len(self.key_items)
             part = (step * k * ctx.world + ctx.rank * k + np.arange(k)) % n
-            self.bank.update(self.model.encode_keys(self._key_slices(part)).float(), torch.from_numpy(part))
+            self.bank.update(self._bank_keys(part).float(), torch.from_numpy(part))
 
     def extra_state(self) -> dict[str, Any]:
         return {"bank": self.bank.state_dict()} if self.bank is not None else {}
@@ -313,10 +336,15 @@ class LeJEPAMethod:
             encoder, proj_dim=lc.proj_dim, lam=lc.lam,
             sigreg_kwargs={"num_directions": lc.num_directions, "num_knots": lc.num_knots, "seed": cfg.seed},
             aux=aux, alpha=ac.alpha, aux_loss=aux_loss, proj_hidden=lc.proj_hidden, proj_layers=lc.proj_layers,
+            reference_batch=lc.reference_batch,
         )  # fmt: skip
         self.encoder = encoder
         self.label_guided = lc.guidance == "volume" and lc.abnormal_prob > 0
         self.dataset = SlabDataset(index, depth_aware=lc.depth_aware, label_guided=self.label_guided)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.projector
 
     def redirect(self) -> tuple[float, list[np.ndarray]] | None:
         """The sampler's label-guided swap (DALE-CT, guidance "volume"), None otherwise."""
@@ -367,6 +395,7 @@ class TrainOutcome:
     compute_s: float
     collapse: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    collapse_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def held_images(index: PretrainIndex, n: int, size: int, seed: int) -> torch.Tensor:
@@ -438,7 +467,7 @@ def train(
     wd_sched = WarmupCosine(base=oc.weight_decay, final=wd_end, warmup=0, total=total, start=oc.weight_decay)
     lc = cfg.logging
     monitor = CollapseMonitor(
-        lc.collapse_min_std, lc.collapse_min_rank, lc.collapse_patience, lc.collapse_action
+        lc.collapse_min_rank, lc.collapse_max_sigreg, lc.collapse_patience, lc.collapse_action
     )
     identity = run_identity(cfg, ctx)
     step, losses = 0, []
@@ -463,7 +492,7 @@ def train(
     win_wait = win_compute = 0.0
     win_steps = 0
     n_done_at_start = step
-    collapse: dict[str, float] = {}
+    sigreg_window: list[float] = []  # LeJEPA's scale-free SIGReg since the last collapse check
     model.train()
     logger.info(
         "pretraining %s/%s: %d steps (%d per epoch), global batch %d, warm-up %d, %d rank(s) on %s",
@@ -501,6 +530,8 @@ def train(
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {step}")
             losses.append(loss)
+            if "sigreg_collapse" in out and math.isfinite(float(out["sigreg_collapse"])):
+                sigreg_window.append(float(out["sigreg_collapse"]))
             step += 1
             t2 = time.perf_counter()
             win_wait += t1 - t0
@@ -513,7 +544,7 @@ def train(
                     "data_wait_s": win_wait / win_steps, "compute_s": win_compute / win_steps,
                     "memory_mb": _memory_mb(ctx.device),
                 }  # fmt: skip
-                for key in ("inv", "sigreg", "aux"):
+                for key in ("inv", "sigreg", "sigreg_collapse", "aux"):
                     if key in out:
                         metrics[key] = float(out[key])
                 if grad_norm is not None:
@@ -526,7 +557,10 @@ def train(
                 win_wait = win_compute = 0.0
                 win_steps = 0
             if step % lc.collapse_every == 0 or step == total:
-                collapse = monitor.check(method.encoder, held, step)
+                ratio = float(np.mean(sigreg_window)) if sigreg_window else None
+                peak = {"sigreg_collapse_max": max(sigreg_window)} if sigreg_window else None
+                collapse = monitor.check(method.encoder, held, step, method.projector, ratio, peak)
+                sigreg_window.clear()
                 _log_metrics(collapse, step, ctx.rank)
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 _save(store, ctx, model, optimizer, method, monitor, step, epoch, losses, identity, cfg)
@@ -535,16 +569,18 @@ def train(
             t0 = time.perf_counter()
         if stop_after is not None and step >= stop_after and step < total:
             return _outcome(
-                step, total, losses, wait_s, compute_s, n_done_at_start, batch, ctx, collapse, True
+                step, total, losses, wait_s, compute_s, n_done_at_start, batch, ctx, monitor, True
             )
     wait_s, compute_s = wait_s + win_wait, compute_s + win_compute
-    return _outcome(step, total, losses, wait_s, compute_s, n_done_at_start, batch, ctx, collapse, False)
+    return _outcome(step, total, losses, wait_s, compute_s, n_done_at_start, batch, ctx, monitor, False)
 
 
-def _outcome(step, total, losses, wait_s, compute_s, start, batch, ctx, collapse, stopped) -> TrainOutcome:
+def _outcome(step, total, losses, wait_s, compute_s, start, batch, ctx, monitor, stopped) -> TrainOutcome:
     elapsed = wait_s + compute_s
     rate = (step - start) * batch * ctx.world / elapsed if elapsed > 0 else 0.0
-    return TrainOutcome(step, total, losses, rate, wait_s, compute_s, collapse, stopped)
+    last = dict(monitor.history[-1]) if monitor.history else {}
+    last.pop("step", None)
+    return TrainOutcome(step, total, losses, rate, wait_s, compute_s, last, stopped, list(monitor.history))
 
 
 def _save(store, ctx, model, optimizer, method, monitor, step, epoch, losses, identity, cfg) -> None:

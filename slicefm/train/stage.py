@@ -31,7 +31,8 @@ class PretrainResult:
     slices_per_s: float
     data_wait_s: float = 0.0  # mean per step
     compute_s: float = 0.0  # mean per step
-    collapse: dict[str, float] = field(default_factory=dict)
+    collapse: dict[str, float] = field(default_factory=dict)  # the last collapse check
+    collapse_history: list[dict[str, float]] = field(default_factory=list)  # every check (step + metrics)
     encoder_uri: str | None = None
     n_train_scans: int = 0  # scans of the pretraining data (lineage: which cohort the encoder saw)
 
@@ -92,6 +93,7 @@ def run_pretrain(
         data_wait_s=outcome.data_wait_s / max(1, len(outcome.losses)),
         compute_s=outcome.compute_s / max(1, len(outcome.losses)),
         collapse=outcome.collapse,
+        collapse_history=outcome.collapse_history,
         n_train_scans=int(index.slices["scan_id"].nunique()),
     )
     if outcome.stopped_early:

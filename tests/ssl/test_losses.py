@@ -173,6 +173,52 @@ def test_sigreg_small_for_gaussian_large_for_collapse_or_shift() -> None:
     assert collapsed > 500 and shifted > 100 and scaled > 100
 
 
+@pytest.mark.parametrize("n", [8, 16, 512])
+def test_sigreg_collapse_and_gaussian_values_and_scale_free_fraction(n: int) -> None:
+    sig = SIGReg(num_directions=64)
+    t = np.linspace(0.0, 3.0, 17)
+    w = np.full(17, 2 * 3.0 / 16) * np.exp(-0.5 * t**2)
+    w[[0, -1]] /= 2
+    phi = np.exp(-0.5 * t**2)
+    # Closed forms on the module's own quadrature: collapse to 0 = n sum w (1 - phi)^2, Gaussian = sum w (1 - phi^2).
+    assert sig.collapse_value(n) == pytest.approx(n * (w * (1 - phi) ** 2).sum(), rel=1e-12)
+    assert sig.collapse_value(n) == pytest.approx(0.402 * n, rel=0.01)
+    assert sig.gaussian_value() == pytest.approx((w * (1 - phi**2)).sum(), rel=1e-12)
+    collapsed = sig(torch.zeros(n, 32, dtype=torch.float64), step=0)
+    assert collapsed.item() == pytest.approx(sig.collapse_value(n), rel=1e-9)
+    assert sig.collapse_fraction(collapsed, n) == pytest.approx(1.0, abs=1e-9)
+    # Gaussian projections sit near 0 at every n (the raw ratio EP / collapse would be ~2.6 / n).
+    g = torch.Generator().manual_seed(n)
+    gauss = np.mean([sig.collapse_fraction(sig(torch.randn(n, 32, generator=g), s), n) for s in range(200)])
+    assert abs(gauss) < 0.06, gauss
+
+
+def test_sigreg_collapse_fraction_is_undefined_below_8_samples() -> None:
+    assert math.isnan(SIGReg().collapse_fraction(1.0, 7))
+
+
+def test_lejepa_reference_batch_rescales_sigreg_only() -> None:
+    from slicefm.models.encoders import create_encoder
+    from slicefm.ssl.lejepa import LeJEPA
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 12, 2, 32, 32)
+    losses = {}
+    for ref in (None, 12, 48):
+        torch.manual_seed(1)
+        model = LeJEPA(create_encoder("vit_tiny_test", 32, 2), proj_dim=8, proj_hidden=16, lam=0.1, reference_batch=ref)
+        out = model(x, None, step=3)
+        losses[ref] = out
+    plain = losses[None]
+    assert losses[12]["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)  # R = N: the papers' loss
+    # R = 4N: lam * SIGReg counts four times, the invariance term is unchanged.
+    expected = 0.9 * plain["inv"] + 0.1 * 4 * plain["sigreg"]
+    assert losses[48]["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses[48]["sigreg"].item() == pytest.approx(plain["sigreg"].item(), rel=1e-6)  # logged raw
+    sig = SIGReg(num_directions=256)
+    assert plain["sigreg_collapse"].item() == pytest.approx(sig.collapse_fraction(plain["sigreg"], 12), rel=1e-6)
+
+
 def test_sigreg_directions_depend_only_on_step() -> None:
     sig = SIGReg(num_directions=8)
     torch.testing.assert_close(sig.directions(5, 3), SIGReg(num_directions=8).directions(5, 3))

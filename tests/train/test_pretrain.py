@@ -11,11 +11,13 @@ import yaml
 
 from slicefm.config import PipelineConfig
 from slicefm.models.encoders import create_encoder
+from slicefm.tracking.store import open_store
 from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
-from slicefm.train.collapse import CollapseError, CollapseMonitor, collapse_metrics
+from slicefm.train.collapse import CollapseError, CollapseMonitor, effective_rank
 from slicefm.train.config import PretrainConfig, load_pretrain_config
+from slicefm.train.data import load_index
 from slicefm.train.export import load_encoder
-from slicefm.train.loop import LARS
+from slicefm.train.loop import LARS, build_method
 from slicefm.train.stage import run_pretrain
 from tests.train.conftest import tiny_config
 
@@ -33,7 +35,8 @@ PRESETS = [
     ("method", "name", "steps", "extra"),
     [
         ("moco", "vit_conv_tiny_test", 40, {}),
-        ("lecl", "mambaout_tiny_test", 40, {}),
+        # 80 steps: eval-mode bank keys make the lesion term bite first (the loss rises for ~40 steps).
+        ("lecl", "mambaout_tiny_test", 80, {}),
         ("lejepa", "vit_tiny_test", 16, {}),
         ("lejepa", "vit_tiny_test", 30, {"aux": {"mode": "2S"}}),
     ],
@@ -72,20 +75,54 @@ def test_resume_after_kill_is_bitwise_identical(preprocessed: str, tmp_path: Pat
 
 def test_collapse_detection_fires_on_constant_encoder() -> None:
     encoder = create_encoder("vit_tiny_test", 32, 2)
-    x = torch.rand(16, 2, 32, 32, generator=torch.Generator().manual_seed(0))
-    healthy = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=2)
-    assert healthy.check(encoder, x, 1)["eff_rank"] > 2
+    x = torch.rand(48, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    projector = torch.nn.Linear(encoder.embed_dim, 16)
+    healthy = CollapseMonitor(min_rank=2.0, max_sigreg=0.5, patience=2)
+    metrics = healthy.check(encoder, x, 1, projector, sigreg_collapse=0.1)
+    assert metrics["eff_rank"] > 2 and metrics["proj_eff_rank"] > 2 and healthy.consecutive == 0
+    assert encoder.training and projector.training  # modes restored after the eval-mode check
+    # A high scale-free SIGReg alone marks a check collapsed.
+    assert healthy.check(encoder, x, 2, sigreg_collapse=0.9) and healthy.consecutive == 1
     with torch.no_grad():  # final LayerNorm with zero gain: every slice maps to its bias
         encoder.trunk.norm.weight.zero_()
         encoder.trunk.norm.bias.normal_()
-    assert collapse_metrics(encoder(x)) == {"emb_std": pytest.approx(0.0, abs=1e-6), "eff_rank": 0.0}
-    monitor = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=2)
+    assert effective_rank(encoder(x)) == 0.0
+    monitor = CollapseMonitor(min_rank=2.0, max_sigreg=0.5, patience=2)
     monitor.check(encoder, x, 1)
-    with pytest.raises(CollapseError, match="collapse at step 2"):
+    with pytest.raises(CollapseError, match="collapse at step 2: backbone effective rank 0.00"):
         monitor.check(encoder, x, 2)
-    warn = CollapseMonitor(min_std=1e-5, min_rank=2.0, patience=1, action="warn")
+    warn = CollapseMonitor(min_rank=2.0, max_sigreg=0.5, patience=1, action="warn")
     warn.check(encoder, x, 1)
     assert warn.consecutive == 1
+
+
+def test_effective_rank_counts_spread_directions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # k orthogonal directions with equal spread (and a large shared constant, like a ViT's CLS): rank ~k.
+    for k in (1, 4, 16):
+        basis = torch.linalg.qr(torch.randn(64, k, generator=gen))[0]
+        emb = 1.0 + torch.randn(2048, k, generator=gen) @ basis.T * 0.05  # normalised std ~0.005
+        assert effective_rank(emb) == pytest.approx(k, rel=0.08), k
+    assert effective_rank(torch.randn(2048, 64, generator=gen)) > 55
+
+
+def test_lecl_bank_keys_are_encoded_in_eval_mode(preprocessed: str) -> None:
+    cfg = tiny_config("lecl", "vit_tiny_test")
+    index = load_index(open_store(preprocessed), cfg.loader.exclude_splits)
+    method = build_method(cfg, index, torch.device("cpu"))
+    assert method.bank is not None and len(method.key_items) >= 3
+    method.model.train()
+    bn = [m for m in method.model.momentum_projector.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    before = [m.running_mean.clone() for m in bn]
+    alone = method._bank_keys(np.array([0]))
+    with_others = method._bank_keys(np.array([0, 1, 2]))
+    # A key does not depend on the other slices of its refresh batch, and the running statistics stay put.
+    torch.testing.assert_close(alone[0], with_others[0])
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bn, before, strict=True))
+    assert method.model.momentum_projector.training  # train mode restored
+    # The training keys themselves stay train-mode (batch statistics), as moco-v3 trains them.
+    trained = method.model.encode_keys(method._key_slices(np.array([0, 1, 2])))
+    assert not torch.allclose(trained[0], with_others[0])
 
 
 def test_export_load_round_trip_gives_identical_embeddings(preprocessed: str, out_dir: str) -> None:
