@@ -9,6 +9,12 @@ on another. With `--cells` every patch token / feature-map cell is also supervis
 covers (segmentation-strength supervision, like DALE-CT's 2S patch term) and the slice score is the max over
 cells.
 
+`--target findings` (issue 15) trains on the CHEST FINDINGS instead: the preprocess output's masks/<scan>.npz
+"finding" label maps, classes named by masks/finding_classes.json (class 0 "none"); a slice is positive for
+finding c when its map contains c. Balanced batches then mean half the slices show some finding, and the scan
+figures use the scans' label_finding_* columns. The chest-findings task reads the lung window only, so train
+it with `--windows lung`.
+
 Printed figures:
 - slice presence AUROC (max type probability) and per-type slice AUROC. The per-type slice figure is mostly
   ANATOMY ("this slice shows liver": lesions of a type only occur where their organ is), so it overstates
@@ -18,13 +24,16 @@ Printed figures:
   the encoder cannot find that lesion type in a scan even when trained on the labels.
 
     .venv/bin/python benchmarks/supervised_ceiling.py --train PRE_P --eval PRE_A --encoder vit_tiny_test \\
-        [--cells] [--windows abdomen lung] [--steps 1500] [--batch 32] [--eval-scans 160] [--device cuda] \\
-        [--export DIR]
+        [--target lesions|findings] [--cells] [--windows abdomen lung] [--steps 1500] [--batch 32] \\
+        [--eval-scans 160] [--device cuda] [--export DIR]
 
 `--export DIR` writes the trained encoder like the pretrain stage does, so the product's own stages show what
 the lesion-location protocol makes of a supervised detector (its ceiling for "pretrained beats random"):
 `slicefm extract --preprocessed PRE_A --out E --encoder DIR` (and `--random-baseline` into R), then
-`slicefm evaluate --embeddings E R --out EV`.
+`slicefm evaluate --embeddings E R --out EV`. Extract labels an exported encoder by its directory's name, so
+export to a directory named `supervised` (e.g. `--export OUT/supervised`): evaluate treats the set named
+"supervised" as the ceiling in its summary. The export records the training cohort's pseudonymisation key
+fingerprint (`data_key_fingerprint`), as the pretrain stage's does.
 
 No asserts; prints the figures (record them in benchmarks/RESULTS.md).
 """
@@ -35,6 +44,7 @@ import argparse
 import io
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,35 +62,57 @@ from slicefm.tracking.store import open_store
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, to_float, typed_lesion_mask
 from slicefm.train.export import export_encoder
 
+# --target -> the scans.parquet column prefix of its scan-level labels
+TARGETS = {"lesions": "label_location_", "findings": "label_finding_"}
+
 
 @dataclass
 class Cohort:
     images: np.ndarray  # [N, n_windows, H, W] uint8 (or float16 z-scores)
-    types: np.ndarray  # [N, 8] 0/1: lesion types each slice shows
-    typed: np.ndarray  # [N, H, W] uint8 lesion-type map (0 = none)
+    types: np.ndarray  # [N, K] 0/1: classes (lesion types / chest findings) each slice shows
+    typed: np.ndarray  # [N, H, W] uint8 class map (0 = none)
     scan_of: np.ndarray  # [N] index into `scans`
-    scans: pd.DataFrame  # one row per scan with its label_location_* columns
+    scans: pd.DataFrame  # one row per scan with its label_location_* / label_finding_* columns
     channels: list[str]  # the preprocess output's windows (in stack order)
+    classes: list[str]  # the K class names (class map value k + 1)
+    key_fingerprint: str | None  # pseudonymisation key of the data (preprocess.json)
 
 
-def load_cohort(uri: str, windows: list[str], max_scans: int | None) -> Cohort:
-    """The first `max_scans` scans of a preprocess output: slices of `windows`, lesion types and type maps."""
+def load_cohort(uri: str, windows: list[str], max_scans: int | None, target: str = "lesions") -> Cohort:
+    """The first `max_scans` scans of a preprocess output: slices of `windows`, per-slice classes and class
+    maps (`target` "lesions": DeepLesion types from the lesion masks; "findings": the chest finding maps)."""
     pre = open_store(uri)
-    channels = pre.read_json("preprocess.json")["channels"]
+    info = pre.read_json("preprocess.json")
+    channels = info["channels"]
     missing = [w for w in windows if w not in channels]
     if missing:
         raise SystemExit(f"{uri}: no {missing} window (has {channels})")
     c = [channels.index(w) for w in windows]
     scans = pre.read_parquet("scans.parquet").head(max_scans).reset_index(drop=True)
     stacks = pre.read_parquet("slices.parquet").groupby("scan_id")["stack"].first()
-    type_of = lesion_type_lookup(pre.read_parquet("lesions.parquet"))
+    if target == "findings":
+        if not pre.exists("masks/finding_classes.json"):
+            raise SystemExit(f"{uri}: no masks/finding_classes.json (no chest finding maps)")
+        names = pre.read_json("masks/finding_classes.json")
+        if not names or names[0] != "none":
+            raise SystemExit(f"{uri}: masks/finding_classes.json should start with 'none', got {names[:1]}")
+        classes, type_of = list(names[1:]), {}
+    else:
+        classes, type_of = list(LESION_NAMES), lesion_type_lookup(pre.read_parquet("lesions.parquet"))
     reader = StackReader(pre)
     images, typed, types, scan_of = [], [], [], []
     for i, scan_id in enumerate(scans["scan_id"]):
         images.append(reader.read_stack(stacks[scan_id])[:, c])
         with np.load(io.BytesIO(pre.read_bytes(f"masks/{scan_id}.npz"))) as npz:
-            typed.append(typed_lesion_mask(npz["lesion"], type_of.get(scan_id)))
-        types.append(cell_targets(typed[-1], 1)[:, 0])  # the whole slice as one cell
+            if target == "findings":
+                typed.append(np.asarray(npz["finding"], np.uint8))
+            else:
+                typed.append(typed_lesion_mask(npz["lesion"], type_of.get(scan_id)))
+        if typed[-1].shape[0] != images[-1].shape[0]:
+            raise SystemExit(
+                f"{uri}: scan {scan_id} has {len(images[-1])} slices but {len(typed[-1])} mask slices"
+            )
+        types.append(cell_targets(typed[-1], 1, len(classes))[:, 0])  # the whole slice as one cell
         scan_of.append(np.full(len(images[-1]), i))
     return Cohort(
         np.concatenate(images),
@@ -89,15 +121,19 @@ def load_cohort(uri: str, windows: list[str], max_scans: int | None) -> Cohort:
         np.concatenate(scan_of),
         scans,
         channels,
+        classes,
+        info.get("pseudonym_key_fingerprint"),
     )
 
 
-def cell_targets(typed: np.ndarray, grid: int) -> np.ndarray:
-    """Type maps [B, S, S] -> [B, grid*grid, 8]: 1 where the cell covers any pixel of that lesion type
-    (the same cell partition as the 2S aux targets of pretraining)."""
+def cell_targets(typed: np.ndarray, grid: int, n_classes: int = N_LESION_TYPES) -> np.ndarray:
+    """Class maps [B, S, S] -> [B, grid*grid, K]: 1 where the cell covers any pixel of that class (the same
+    cell partition as the 2S aux targets of pretraining)."""
     if typed.shape[-1] % grid:
         raise SystemExit(f"image size {typed.shape[-1]} is not divisible by the encoder's token grid {grid}")
-    counts = cell_class_counts(torch.from_numpy(typed), N_LESION_TYPES + 1, grid)[..., 1:]  # drop "no lesion"
+    if int(typed.max(initial=0)) > n_classes:
+        raise SystemExit(f"class map value {int(typed.max())} beyond the {n_classes} classes")
+    counts = cell_class_counts(torch.from_numpy(typed), n_classes + 1, grid)[..., 1:]  # drop class 0 ("none")
     return (counts > 0).numpy().astype(np.float32)
 
 
@@ -114,6 +150,8 @@ def main() -> None:
     p.add_argument("--train", required=True, help="preprocess output to train on (the pretraining cohort)")
     p.add_argument("--eval", required=True, help="preprocess output to score on (the evaluated cohort)")
     p.add_argument("--encoder", default="vit_tiny_test", help="timm or slicefm registry name")
+    p.add_argument("--target", choices=sorted(TARGETS), default="lesions",
+                   help="per-slice labels to train on: typed lesions, or the chest finding maps")  # fmt: skip
     p.add_argument("--overrides", default="", help="timm overrides, e.g. 'global_pool=max,output_stride=8'")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
@@ -129,15 +167,23 @@ def main() -> None:
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     t0 = time.perf_counter()
-    tr, ev = load_cohort(a.train, a.windows, None), load_cohort(a.eval, a.windows, a.eval_scans)
+    tr = load_cohort(a.train, a.windows, None, a.target)
+    ev = load_cohort(a.eval, a.windows, a.eval_scans, a.target)
+    if ev.classes != tr.classes:
+        raise SystemExit(f"{a.eval}'s classes {ev.classes} differ from {a.train}'s {tr.classes}")
+    names, n_classes, what = tr.classes, len(tr.classes), a.target.removesuffix("s")
     pos, neg = np.flatnonzero(tr.types.max(1) > 0), np.flatnonzero(tr.types.max(1) == 0)
     if not len(pos) or not len(neg):
-        raise SystemExit(f"{a.train}: needs slices with and without lesions")
-    print(f"train {len(tr.images)} slices ({len(pos)} with a lesion), eval {len(ev.images)}; {a.windows}")
+        raise SystemExit(f"{a.train}: needs slices with and without a {what}")
+    print(f"train {len(tr.images)} slices ({len(pos)} with a {what}), eval {len(ev.images)}; {a.windows}")
+    print(
+        "train slices per class: "
+        + ", ".join(f"{n} {int(k)}" for n, k in zip(names, tr.types.sum(0), strict=True))
+    )
 
     overrides = dict(parse_override(kv) for kv in a.overrides.split(",") if kv)
     enc = create_encoder(a.encoder, tr.images.shape[-1], 1, **overrides).to(a.device)
-    head = torch.nn.Linear(enc.embed_dim, N_LESION_TYPES).to(a.device)
+    head = torch.nn.Linear(enc.embed_dim, n_classes).to(a.device)
     params = [*enc.parameters(), *head.parameters()]
     print(
         f"{a.encoder} {overrides}: {sum(q.numel() for q in params) / 1e6:.2f} M parameters, device {a.device}"
@@ -152,7 +198,7 @@ def main() -> None:
             return head(pooled), None
         if tokens is None:
             raise SystemExit(f"{a.encoder} has no patch tokens / feature map for --cells")
-        cells = head(tokens)  # [B, N, 8]
+        cells = head(tokens)  # [B, N, K]
         return torch.maximum(head(pooled), cells.amax(dim=1)), cells
 
     t_train = time.perf_counter()
@@ -167,7 +213,8 @@ def main() -> None:
         logits, cells = slice_logits(x)
         loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(tr.types[idx]).to(a.device))
         if cells is not None:
-            target = torch.from_numpy(cell_targets(typed, int(round(cells.shape[1] ** 0.5)))).to(a.device)
+            grid = int(round(cells.shape[1] ** 0.5))
+            target = torch.from_numpy(cell_targets(typed, grid, n_classes)).to(a.device)
             loss = loss + F.binary_cross_entropy_with_logits(cells, target, pos_weight=cell_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,11 +228,16 @@ def main() -> None:
     if a.export:
         encoder_cfg = {"name": a.encoder, "img_size": int(tr.images.shape[-1]), "overrides": overrides}
         meta = {"method": "supervised_ceiling", "channels": tr.channels, "input_channels": "per_window",
-                "input_dtype": str(tr.images.dtype), "config": {"encoder": encoder_cfg}, "steps": a.steps}  # fmt: skip
+                "input_dtype": str(tr.images.dtype), "config": {"encoder": encoder_cfg}, "steps": a.steps,
+                "target": a.target, "classes": names, "windows": a.windows, "train_data": a.train,
+                "data_key_fingerprint": tr.key_fingerprint}  # fmt: skip
         export_encoder(enc.cpu(), a.export, meta)
         enc.to(a.device)
-        print(f"exported the supervised encoder to {a.export}")
-    prob = np.zeros((len(a.windows), len(ev.images), N_LESION_TYPES), np.float32)
+        label = Path(a.export.rstrip("/")).name
+        print(
+            f"exported the supervised encoder to {a.export} (slicefm extract labels its embeddings {label!r})"
+        )
+    prob = np.zeros((len(a.windows), len(ev.images), n_classes), np.float32)
     with torch.no_grad():
         for w in range(len(a.windows)):
             for i in range(0, len(ev.images), 256):
@@ -194,18 +246,21 @@ def main() -> None:
     slice_prob = prob[0]  # first window for the slice figures
     present = ev.types.max(1) > 0
     print(
-        f"slice lesion presence AUROC (max type probability): {roc_auc_score(present, slice_prob.max(1)):.3f}"
+        f"slice {what} presence AUROC (max class probability): {roc_auc_score(present, slice_prob.max(1)):.3f}"
     )
     per_type = {
         name: roc_auc_score(ev.types[:, k], slice_prob[:, k])
-        for k, name in enumerate(LESION_NAMES)
+        for k, name in enumerate(names)
         if 0 < ev.types[:, k].sum() < len(ev.types)
     }
     print("slice per-type AUROC (mostly anatomy): " + ", ".join(f"{n} {v:.3f}" for n, v in per_type.items()))
-    scan_max = pd.DataFrame(prob.max(0)).groupby(ev.scan_of).max().to_numpy()  # [n_scans, 8]
+    scan_max = pd.DataFrame(prob.max(0)).groupby(ev.scan_of).max().to_numpy()  # [n_scans, K]
     per_scan = {}
-    for k, name in enumerate(LESION_NAMES):
-        label = ev.scans[f"label_location_{name}"].to_numpy()
+    for k, name in enumerate(names):
+        column = f"{TARGETS[a.target]}{name}"
+        if column not in ev.scans:
+            continue  # no scan-level label for this class
+        label = ev.scans[column].to_numpy()
         if 0 < label.sum() < len(label):
             per_scan[name] = roc_auc_score(label, scan_max[:, k])
     print("SCAN-level per-type AUROC (max over slices and windows): "

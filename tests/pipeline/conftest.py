@@ -37,6 +37,8 @@ def tiny_pipeline_config(tmp_path: Path, external: bool = True, pretrain_cohort:
     pretrain["encoder"]["img_size"] = 32
     pretrain["input_channels"] = "per_window"  # CLEAR: one single-channel image per HU window
     pretrain["lejepa"]["local_size"] = 16
+    # The demo pretrains without auxiliary supervision; the pipeline tests keep DALE-CT's typed 2S path covered.
+    pretrain["aux"] = {"mode": "2S", "alpha": 0.1, "lesion_classes": "typed", "freq_sample_scans": 16}
     pretrain["schedule"] = {"max_steps": 4, "warmup_steps": 1}
     pretrain["loader"] = {"batch_size": 8, "workers": 0}
     pretrain["logging"] = {"every_steps": 2, "collapse_every": 2, "collapse_batch": 8}
