@@ -30,6 +30,7 @@ from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
 from slicefm.models.encoders import Encoder, create_encoder
+from slicefm.preprocess.shards import stack_key
 from slicefm.tracking.store import open_store
 from slicefm.train.checkpoint import LATEST_KEY
 from slicefm.train.collapse import effective_rank
@@ -84,7 +85,7 @@ def write_shapes_dataset(
     for s in range(n_scans):
         scan_id = f"K{seed:03d}{s:05d}"
         factors = draw_factors(rng)
-        key = f"shards/shard-000/{scan_id}.npy"
+        key = stack_key(scan_id, 0)
         store.write_npy(key, shapes_volume(factors, slices_per_scan, size, rng))
         rows.append({"scan_id": scan_id, "patient_id": scan_id, "split": "train", **factors})
         z = np.arange(slices_per_scan) * SLICE_MM
@@ -115,7 +116,7 @@ def embed_scans(encoder: Encoder, uri: str, scans: pd.DataFrame) -> tuple[np.nda
     encoder.eval()
     embs, owner = [], []
     for i, scan_id in enumerate(scans["scan_id"]):
-        stack = torch.from_numpy(store.read_npy(f"shards/shard-000/{scan_id}.npy").astype(np.float32) / 255.0)
+        stack = torch.from_numpy(store.read_npy(stack_key(scan_id, 0)).astype(np.float32) / 255.0)
         embs.append(encoder(stack).double().numpy())
         owner.append(np.full(len(stack), i))
     return np.concatenate(embs), np.concatenate(owner)

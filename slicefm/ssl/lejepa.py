@@ -110,7 +110,7 @@ class LeJEPA(nn.Module):
             "loss": loss,
             "inv": inv.detach(),
             "sigreg": sig.detach(),
-            "sigreg_collapse": torch.tensor(self.sigreg.collapse_fraction(sig.detach(), n)),
+            "sigreg_collapse": self.sigreg.collapse_fraction(sig.detach(), n),
             "aux": aux_value.detach(),
             "global_emb": g_emb.detach().view(n_global, batch, -1),
         }

@@ -91,22 +91,24 @@ class SIGReg(nn.Module):
         self.register_buffer("t", t, persistent=False)
         self.register_buffer("phi", phi, persistent=False)
         self.register_buffer("weights", trapezoid * phi, persistent=False)
+        # Scale constants as Python floats, computed once on the CPU: no device sync when a step uses them.
+        self._collapse_per_sample = float((self.weights * (1.0 - phi).square()).sum())
+        self._gaussian = float((self.weights * (1.0 - phi.square())).sum())
 
     def collapse_value(self, n: int) -> float:
         """EP of n identical samples at 0 (every direction collapsed): n * sum_t w(t) (1 - phi(t))^2."""
-        return float(n * (self.weights * (1.0 - self.phi).square()).sum())
+        return n * self._collapse_per_sample
 
     def gaussian_value(self) -> float:
         """Expected EP of N(0, 1) samples, any n: sum_t w(t) (1 - phi(t)^2)."""
-        return float((self.weights * (1.0 - self.phi.square())).sum())
+        return self._gaussian
 
-    def collapse_fraction(self, ep: torch.Tensor | float, n: int) -> float:
-        """Scale-free SIGReg: (EP - gaussian_value) / (collapse_value(n) - gaussian_value); NaN for n < 8,
-        where the Gaussian and the collapsed values are too close to tell apart."""
+    def collapse_fraction(self, ep: torch.Tensor | float, n: int) -> torch.Tensor | float:
+        """Scale-free SIGReg: (EP - gaussian_value) / (collapse_value(n) - gaussian_value), of the same type as
+        `ep` (a tensor stays on its device); NaN for n < 8, where the two values are too close to tell apart."""
         if n < 8:
-            return float("nan")
-        gauss = self.gaussian_value()
-        return (float(ep) - gauss) / (self.collapse_value(n) - gauss)
+            return ep * float("nan")
+        return (ep - self._gaussian) / (self.collapse_value(n) - self._gaussian)
 
     def directions(self, dim: int, step: int) -> torch.Tensor:
         """The M unit directions [dim, M] of `step`: the same on every rank and device.

@@ -10,8 +10,9 @@ carries a large constant component, so its std is ~0.005 already at random init 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,20 @@ logger = logging.getLogger(__name__)
 
 class CollapseError(RuntimeError):
     """Embeddings collapsed for `patience` consecutive checks."""
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: object) -> Iterator[None]:
+    """The given nn.Modules in eval mode for the block, each restored to its own mode after (others ignored)."""
+    nets = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(nets, modes, strict=True):
+            m.train(mode)
 
 
 @torch.no_grad()
@@ -65,18 +80,11 @@ class CollapseMonitor:
     ) -> dict[str, float]:
         """Metrics of `held` slices: eff_rank (backbone), proj_eff_rank (when a projector is given) and the
         caller's sigreg_collapse (and `extra`, recorded only); modules run in eval mode and are restored."""
-        modules = [m for m in (encoder, projector) if isinstance(m, nn.Module)]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
+        with eval_mode(encoder, projector):
             emb = encoder(held)
             metrics = {"eff_rank": effective_rank(emb)}
             if projector is not None:
                 metrics["proj_eff_rank"] = effective_rank(projector(emb))
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
         if sigreg_collapse is not None:
             metrics["sigreg_collapse"] = float(sigreg_collapse)
         metrics.update(extra or {})

@@ -33,7 +33,7 @@ from slicefm.ssl.schedules import WarmupCosine, cosine_momentum
 from slicefm.ssl.views import crop_resize, lejepa_views, lesion_crop_boxes, moco_views
 from slicefm.tracking.store import Store
 from slicefm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from slicefm.train.collapse import CollapseMonitor
+from slicefm.train.collapse import CollapseMonitor, eval_mode
 from slicefm.train.config import OptimizerConfig, PretrainConfig
 from slicefm.train.data import EpochBatchSampler, PretrainIndex, SlabDataset, SliceDataset, make_loader
 
@@ -214,15 +214,8 @@ class MoCoMethod:
     def _bank_keys(self, key_ids: np.ndarray) -> torch.Tensor:
         """Momentum-branch encodings of key slices in eval mode: a refresh of a few lesion crops must neither
         be normalised by its own batch statistics nor move the BatchNorm running statistics."""
-        branch = (self.model.momentum_encoder, self.model.momentum_projector)
-        modes = [m.training for m in branch]
-        for m in branch:
-            m.eval()
-        try:
+        with eval_mode(self.model.momentum_encoder, self.model.momentum_projector):
             return self.model.encode_keys(self._key_slices(key_ids))
-        finally:
-            for m, mode in zip(branch, modes, strict=True):
-                m.train(mode)
 
     def _key_slices(self, key_ids: np.ndarray) -> torch.Tensor:
         items = [self.dataset[int(self.key_items[j])] for j in key_ids]

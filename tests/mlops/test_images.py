@@ -130,13 +130,10 @@ def test_pipeline_runs_every_step_in_the_image(project_image, tmp_path, monkeypa
     from pipelines import runner
     from slicefm.data.pseudonym import KEY_ENV
     from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
-    from tests.pipeline.conftest import tiny_pipeline_config
+    from tests.pipeline.conftest import local_run_env, tiny_pipeline_config
 
     config_path = tiny_pipeline_config(tmp_path, external=False)
-    tracking = f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
-    monkeypatch.setenv("SLICEFM_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    monkeypatch.delenv("SLICEFM_STORE", raising=False)
+    tracking = local_run_env(tmp_path, monkeypatch)
     monkeypatch.setenv(KEY_ENV, "")  # run_local exports the key for its steps: undone after the test
     assert runner.run_local(config_path, run_name="in-docker", runner="docker") == 0
     parent = find_parent_run(tracking, "pipeline-test", "in-docker")

@@ -27,6 +27,16 @@ def bucket_keys(s3_admin, bucket: str, prefix: str, relative: bool = False) -> l
     return sorted(k[len(prefix) :] if relative else k for k in keys)
 
 
+def local_run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A local pipeline run's environment under tmp_path (state folder, sqlite MLflow, local artifact store);
+    returns the tracking URI."""
+    tracking = f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+    monkeypatch.setenv("SLICEFM_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.delenv("SLICEFM_STORE", raising=False)
+    return tracking
+
+
 def tiny_pipeline_config(tmp_path: Path, external: bool = True, pretrain_cohort: bool = False) -> Path:
     """Write a CPU-sized pipeline config (demo-cpu's pretrain section, shrunk) under tmp_path; returns its path.
 

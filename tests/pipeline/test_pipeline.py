@@ -15,7 +15,7 @@ from pipelines import runner
 from slicefm.data.pseudonym import key_fingerprint, load_key
 from slicefm.pipeline_data import dvc_dir_md5, ensure_demo_data
 from slicefm.tracking.pipeline_runs import child_runs, describe_run, find_parent_run, headline_report
-from tests.pipeline.conftest import tiny_pipeline_config
+from tests.pipeline.conftest import local_run_env, tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,10 +108,7 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
     """Every stage, with the encoder pretrained on its own cohort (P, 6 scans) and evaluated on A (8 scans)."""
     config_path = tiny_pipeline_config(tmp_path, pretrain_cohort=True)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("SLICEFM_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    monkeypatch.delenv("SLICEFM_STORE", raising=False)
+    tracking = local_run_env(tmp_path, monkeypatch)
     assert runner.run_local(config_path, run_name="run-1") == 0
     # The end-of-run summary: every evaluated task once (with its paired difference), the external cohort.
     printed = capsys.readouterr().out

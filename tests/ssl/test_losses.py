@@ -216,7 +216,7 @@ def test_lejepa_reference_batch_rescales_sigreg_only() -> None:
     assert losses[48]["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert losses[48]["sigreg"].item() == pytest.approx(plain["sigreg"].item(), rel=1e-6)  # logged raw
     sig = SIGReg(num_directions=256)
-    assert plain["sigreg_collapse"].item() == pytest.approx(sig.collapse_fraction(plain["sigreg"], 12), rel=1e-6)
+    assert plain["sigreg_collapse"].item() == pytest.approx(sig.collapse_fraction(plain["sigreg"].item(), 12), rel=1e-6)
 
 
 def test_sigreg_directions_depend_only_on_step() -> None:
