@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
+from slicefm.data import adapters
 from slicefm.data import phantom_writers as pw
 from slicefm.data.phantom import (
     CHEST_FINDINGS,
@@ -25,6 +26,10 @@ from slicefm.data.phantom import (
     PhantomScan,
     generate_cohort,
 )
+from slicefm.io import dicom as dicom_io
+from slicefm.io import nifti as nifti_io
+from slicefm.io import npz as npz_io
+from slicefm.io import png16
 
 AIR_FLOOR = -1024  # readers map padding and anything below to air
 
@@ -131,7 +136,6 @@ def test_dicom_bytes_are_deterministic(tmp_path, scan):
 
 
 def test_dicom_reader_round_trip(tmp_path, scan):
-    dicom_io = pytest.importorskip("slicefm.io.dicom")
     paths = pw.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(7))
     volume = dicom_io.read_dicom_series(paths)
     np.testing.assert_array_equal(volume.hu, np.maximum(scan.hu, AIR_FLOOR))
@@ -190,7 +194,6 @@ def test_nifti_gz_is_deterministic(tmp_path, scan):
 
 
 def test_nifti_reader_round_trip(tmp_path, scan):
-    nifti_io = pytest.importorskip("slicefm.io.nifti")
     volume = nifti_io.read_nifti(pw.write_nifti(scan, tmp_path / "s.nii.gz"))
     np.testing.assert_array_equal(volume.hu, scan.hu)
     assert volume.spacing_mm == pytest.approx(scan.spacing_mm, abs=1e-4)
@@ -306,7 +309,6 @@ def test_deeplesion_layout(tmp_path, scans):
 
 
 def test_deeplesion_reader_round_trip(tmp_path, scan):
-    png16 = pytest.importorskip("slicefm.io.png16")
     root = pw.write_deeplesion([scan], tmp_path / "dl")
     files = sorted((root / "Images_png" / "000001_01_01").glob("*.png"), key=lambda p: int(p.stem))
     volume = png16.read_png_slices(files, scan.spacing_mm)
@@ -349,7 +351,6 @@ def test_ctrate_layout_stores_raw_values_and_wrong_header_spacing(tmp_path, scan
         assert int(label["Emphysema"]) == scan.findings["emphysema"]
         assert int(label["Lung nodule"]) == int(scan.findings["nodule"] or scan.location_labels["lung"])
         x, y = (float(v) for v in row["XYSpacing"].strip("[]").split(","))
-        nifti_io = pytest.importorskip("slicefm.io.nifti")
         volume = nifti_io.read_nifti(path, (float(row["ZSpacing"]), y, x), (1.0, -1024.0))
         np.testing.assert_array_equal(volume.hu, scan.hu)
         assert volume.spacing_mm == pytest.approx(scan.spacing_mm, abs=1e-4)
@@ -372,7 +373,6 @@ def test_radchest_layout(tmp_path):
     first = (root / "tst00001.npz").read_bytes()
     pw.write_radchest(scans, tmp_path / "again", split="tst")
     assert (tmp_path / "again" / "tst00001.npz").read_bytes() == first  # no zip timestamps
-    npz_io = pytest.importorskip("slicefm.io.npz")
     np.testing.assert_array_equal(npz_io.read_npz_volume(root / "tst00001.npz").hu, scans[0].hu)
 
 
@@ -463,7 +463,6 @@ def test_generate_dataset_masks_follow_adapter_keys(tmp_path):
 
 def test_generated_datasets_ingest_cleanly(tmp_path):
     """The adapters (written against the real layouts) accept every phantom layout without quarantine."""
-    adapters = pytest.importorskip("slicefm.data.adapters")
     for fmt in ("dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"):
         root = pw.generate_dataset(tmp_path / fmt, 2, fmt, seed=5, shape_xy=32)
         assert adapters.detect_format(root) == fmt
