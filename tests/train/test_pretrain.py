@@ -153,12 +153,36 @@ def test_lars_scales_weight_updates_by_trust_ratio() -> None:
     np.testing.assert_allclose(b.detach().numpy(), -2.0)
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a.b": value} for every non-mapping value of a nested mapping (`overrides` dicts included)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_validate(preset: str) -> None:
     data = yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text())
     assert set(data) == {"pretrain"}
     cfg = load_pretrain_config(data)
-    assert isinstance(cfg, PretrainConfig)
+    # Every value the preset sets reaches the config unchanged (none dropped or coerced to something else),
+    # and every field it leaves out takes PretrainConfig's default.
+    got, defaults = _leaves(cfg.model_dump(mode="json")), _leaves(PretrainConfig().model_dump(mode="json"))
+    set_by_preset = _leaves(data["pretrain"])
+    assert set_by_preset and set(set_by_preset) <= set(got)
+    # (PyYAML reads 1e-4 without a dot as a string; pydantic's number parsing of it is intended.)
+    expected = {
+        k: float(v) if isinstance(v, str) and isinstance(got[k], float) else v
+        for k, v in set_by_preset.items()
+    }
+    assert {k: got[k] for k in set_by_preset} == expected
+    assert {k: v for k, v in got.items() if k not in set_by_preset} == {
+        k: v for k, v in defaults.items() if k not in set_by_preset
+    }
     # A preset is also a whole pipeline config (other sections default), usable as CONFIG=... make run-pipeline.
     assert PipelineConfig.model_validate(data).pretrain == cfg
     with pytest.raises(ValueError):
