@@ -224,8 +224,15 @@ def test_sigreg_directions_depend_only_on_step() -> None:
     torch.testing.assert_close(sig.directions(5, 3), SIGReg(num_directions=8).directions(5, 3))
     assert not torch.allclose(sig.directions(5, 3), sig.directions(5, 4))
     torch.testing.assert_close(sig.directions(5, 3).norm(dim=0), torch.ones(8))
-    z = torch.randn(32, 5)
-    assert sig(z, 3).item() == sig(z, 3).item()
+    # The value of a step is the statistic on that step's directions, whatever the global RNG state: a fresh
+    # module after other draws gives it exactly (every rank agrees), another step projects elsewhere.
+    z = torch.randn(32, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    value = sig(z, 3).item()
+    assert value == pytest.approx(_ep_numpy((z @ sig.directions(5, 3).double()).numpy()).mean(), rel=1e-9)
+    torch.manual_seed(123)
+    torch.randn(1000)
+    assert SIGReg(num_directions=8)(z, 3).item() == value
+    assert sig(z, 4).item() != pytest.approx(value, rel=1e-6)
 
 
 def test_sigreg_gradients_flow_and_reduce_loss() -> None:
