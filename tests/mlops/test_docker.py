@@ -1,17 +1,25 @@
-"""The build context (.dockerignore) and `make push-images`, checked without building (see test_images.py)."""
+"""The build context (.dockerignore), the lock the images install and `make push-images`, checked without
+building (see test_images.py)."""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata as md
 import re
+import shlex
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"project": ROOT / "docker" / "Dockerfile"}  # Dockerfile.deps builds from a temp context
+LOCK = ROOT / "requirements.lock"
 
 
 @dataclass
@@ -111,3 +119,80 @@ def test_make_push_images_requires_registry() -> None:
     )
     assert res.returncode != 0 and "IMAGE_REGISTRY" in res.stderr
     assert "docker build" not in res.stdout, "nothing is built before the missing registry is reported"
+
+
+# --- requirements.lock: what the dependency image installs ----------------------------------------
+
+
+def _lock() -> dict[NormalizedName, Version]:
+    pins: dict[NormalizedName, Version] = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier  # one exact pin per line
+            assert spec.operator == "==" and not req.marker, line
+            name = canonicalize_name(req.name)
+            assert name not in pins, f"{req.name} pinned twice"
+            pins[name] = Version(spec.version)
+    return pins
+
+
+def test_deps_image_installs_exactly_the_lock() -> None:
+    """Dockerfile.deps copies requirements.lock in and pip-installs that file with --no-deps, so nothing
+    outside the lock (and no other version) reaches the image: the checks below are about the image."""
+    _, (stage,) = parse_dockerfile(ROOT / "docker" / "Dockerfile.deps")
+    (copied,) = [a.split()[-1] for a in stage.args("COPY") if a.split()[0] == "requirements.lock"]
+    installs = [
+        shlex.split(cmd)
+        for run in stage.args("RUN")
+        for cmd in run.split("&&")
+        if re.search(r"\bpip install\b", cmd)
+    ]
+    assert len(installs) == 1, installs
+    argv = installs[0]
+    assert argv[argv.index("-r") + 1] == copied and "--no-deps" in argv
+
+
+def test_lock_satisfies_pyproject() -> None:
+    """Every dependency pyproject declares (the test extra too) is pinned in the lock at a version its
+    specifier accepts: torch==2.14.1 and kfp==2.17.0 are what the images run."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _lock()
+    for line in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{line} is not in requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{line} vs lock {pins[name]}"
+
+
+def test_lock_is_closed_under_the_dependencies_it_installs() -> None:
+    """The image installs the lock with --no-deps, so the lock must hold the whole dependency closure of
+    pyproject's requirements (extras followed) at versions every requirer accepts: what `pip check` proves
+    in the image build, checked here from the metadata of this environment, which `make setup` installs
+    from the same lock (same Python and platform as the image, so the markers evaluate alike)."""
+    pins = _lock()
+    stale = {n: md.version(n) for n in pins if Version(md.version(n)) != pins[n]}
+    assert not stale, f"environment differs from requirements.lock (run make setup): {stale}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    problems = []
+    while todo:
+        req = todo.pop()
+        name, extras = canonicalize_name(req.name), frozenset(req.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        for dep in map(Requirement, md.distribution(name).requires or []):
+            if dep.marker and not any(dep.marker.evaluate({"extra": e}) for e in ["", *extras]):
+                continue
+            dep_name = canonicalize_name(dep.name)
+            if dep_name not in pins:
+                problems.append(f"{name} needs {dep}, not in the lock")
+            elif not dep.specifier.contains(pins[dep_name], prereleases=True):
+                problems.append(f"{name} needs {dep}, lock has {pins[dep_name]}")
+            else:
+                todo.append(dep)
+    assert not problems, problems
+    # The walk did follow extras (dvc[s3]) and platform markers (torch's CUDA wheels on Linux).
+    assert {"torch", "kfp", "mlflow", "dvc-s3", "nvidia-cudnn-cu13"} <= {n for n, _ in seen}
