@@ -195,14 +195,32 @@ def test_demo_pipeline_config_pretrains_a_tiny_encoder() -> None:
     assert (
         cfg.pretrain.encoder.img_size == cfg.preprocess.size
     )  # the encoder sees the preprocessed slices as is
+    # The channels pretraining gives the encoder (slicefm.train.data.PretrainIndex.in_chans): CLEAR's
+    # per_window embeds each HU window as its own 1-channel image, "stacked" has one channel per window.
+    channels = 1 if cfg.pretrain.input_channels == "per_window" else len(cfg.preprocess.windows)
     enc = create_encoder(
-        cfg.pretrain.encoder.name, cfg.pretrain.encoder.img_size, 2, **cfg.pretrain.encoder.overrides
+        cfg.pretrain.encoder.name, cfg.pretrain.encoder.img_size, channels, **cfg.pretrain.encoder.overrides
     )
-    assert enc.embed_dim > 0
+    with torch.no_grad():
+        emb = enc(torch.rand(2, channels, cfg.preprocess.size, cfg.preprocess.size))
+    assert emb.shape == (2, enc.embed_dim) and torch.isfinite(emb).all()
+
+
+# The papers' widths: ViT-L 1024, ViT-B 768, MambaOut-Tiny 576 (last stage).
+PRESET_WIDTHS = {
+    "clear-mambaout-lecl0": 576,
+    "clear-vitb-moco": 768,
+    "dale-vitl-lejepa-0": 1024,
+    "dale-vitl-lejepa-1s": 1024,
+    "dale-vitl-lejepa-2s": 1024,
+}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build_their_encoders(preset: str) -> None:
     cfg = load_pretrain_config(yaml.safe_load((CONFIGS / f"{preset}.yaml").read_text()))
     enc = create_encoder(cfg.encoder.name, cfg.encoder.img_size, 2, **cfg.encoder.overrides)
-    assert enc.embed_dim > 0
+    assert enc.embed_dim == PRESET_WIDTHS[preset]
+    if enc.is_vit:  # the slice size is a whole number of patches (ViT-L/14 at 252: 18 x 18)
+        patch = enc.trunk.patch_embed.patch_size
+        assert cfg.encoder.img_size % patch[0] == 0 and cfg.encoder.img_size % patch[1] == 0
