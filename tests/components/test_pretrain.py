@@ -1,0 +1,51 @@
+"""pretrain: preprocessed slices -> a pretrained encoder (safetensors + encoder.json), tracked and registered."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from components.pretrain import pretrain
+from slicefm.train.export import load_encoder
+from tests.components.conftest import component_config, dataset, stage_runs
+
+
+def test_pretrain_exports_a_loadable_encoder_and_registers_it(
+    preprocessed, tmp_path, tracking_uri, parent_run
+):
+    # LeJEPA with typed 2S auxiliary supervision, 4 steps at 32 px, one image per HU window.
+    config_yaml = component_config(tmp_path, "pretrain-test")
+    encoder = dataset(tmp_path, "encoder")
+    loss = pretrain.python_func(
+        config_yaml=config_yaml, tracking_uri=tracking_uri, parent_run_id=parent_run, store_uri="",
+        run_name="r", slices=dataset(tmp_path, "slices", uri=preprocessed), encoder=encoder,
+        accelerator="nvidia-tesla-t4",
+    )  # fmt: skip
+    out = Path(encoder.path)
+    result = json.loads((out / "pretrain_result.json").read_text())
+    assert math.isfinite(loss) and loss == result["loss_last"] and result["steps"] == 4
+    assert encoder.metadata == {
+        "uri": encoder.path, "method": "lejepa", "encoder": "vit_tiny_test", "steps": 4,
+        "accelerator": "nvidia-tesla-t4", "gpus": 0,
+    }  # fmt: skip
+    assert (out / "checkpoints" / "latest.pt").exists()  # what a retried step resumes from
+    model, meta = load_encoder(encoder.path)
+    assert (meta["method"], meta["input_channels"], meta["in_chans"]) == ("lejepa", "per_window", 1)
+    assert meta["channels"] == ["abdomen", "lung"]
+    with torch.no_grad():
+        emb = model(torch.rand(3, 1, 32, 32))
+    assert emb.shape == (3, meta["embed_dim"]) and torch.isfinite(emb).all()
+    # The stage run: the training's metrics, its config as params, and the encoder's registry version.
+    run = stage_runs(tracking_uri, parent_run)["pretrain"]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["steps"] == 4 and run.data.metrics["loss_last"] == loss
+    assert run.data.params["method"] == "lejepa" and run.data.params["aux.mode"] == "2S"
+    assert run.data.tags["slicefm.registered_model"] == "pretrain-test-encoder"
+    version = MlflowClient(tracking_uri).get_model_version(
+        "pretrain-test-encoder", run.data.tags["slicefm.model_version"]
+    )
+    assert version.run_id == run.info.run_id

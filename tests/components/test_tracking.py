@@ -1,0 +1,73 @@
+"""start_tracking / finish_tracking: the pipeline's parent MLflow run, opened and closed by name."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components.tracking import finish_tracking, start_tracking
+from slicefm.tracking import mlflow_runs
+from tests.components.conftest import component_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri(monkeypatch: pytest.MonkeyPatch):
+    """start_parent_run points mlflow's global tracking URI at its store (a step is its own process)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def test_start_tracking_opens_a_running_parent_run_with_config_and_lineage(
+    tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SLICEFM_GIT_COMMIT", "0123abcd" * 5)
+    monkeypatch.setenv("SLICEFM_IMAGE", "registry.example/slicefm:1.2.3")
+    config_yaml = component_config(tmp_path, "tracked")
+    run_id = start_tracking.python_func(
+        tracking_uri=tracking_uri, experiment="start-test", run_name="run-7", config_yaml=config_yaml,
+        data_version="md5:abc",
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "run-7"  # open until the exit handler
+    assert client.get_experiment(run.info.experiment_id).name == "start-test"
+    config = yaml.safe_load(config_yaml)
+    assert run.data.tags["slicefm.role"] == "pipeline"
+    assert run.data.tags["mlflow.source.git.commit"] == "0123abcd" * 5
+    assert run.data.tags["slicefm.image"] == "registry.example/slicefm:1.2.3"
+    assert run.data.tags["slicefm.data_version"] == "md5:abc"
+    assert run.data.tags["slicefm.config_hash"] == mlflow_runs.config_hash(config)
+    # The config as flattened params, and verbatim as an artifact.
+    assert run.data.params == mlflow_runs.flatten_params(config)
+    assert run.data.params["preprocess.size"] == "32" and run.data.params["name"] == "tracked"
+    logged = client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))
+    assert open(logged).read() == config_yaml
+
+
+def test_finish_tracking_closes_the_parent_by_name_with_the_stages_outcome(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    config_yaml = component_config(tmp_path, "tracked")
+
+    def start(run_name: str) -> str:
+        return start_tracking.python_func(
+            tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name, config_yaml=config_yaml,
+            data_version="",
+        )  # fmt: skip
+
+    def finish(run_name: str) -> str:
+        return finish_tracking.python_func(
+            tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name
+        )
+
+    ok, failed, empty = start("ok"), start("failed"), start("empty")
+    for parent in (ok, failed):
+        with mlflow_runs.stage_run(tracking_uri, parent, "ingest"):
+            pass
+    with pytest.raises(RuntimeError), mlflow_runs.stage_run(tracking_uri, failed, "preprocess"):
+        raise RuntimeError("stage failed")
+    assert (finish("ok"), finish("failed"), finish("empty")) == ("FINISHED", "FAILED", "FAILED")
+    assert [client.get_run(r).info.status for r in (ok, failed, empty)] == ["FINISHED", "FAILED", "FAILED"]
+    assert finish("never-started") == "MISSING"
