@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from slicefm.data import portable_math
+from slicefm.phantom import portable_math
 
 logger = logging.getLogger(__name__)
 

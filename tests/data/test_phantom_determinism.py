@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from slicefm.data import phantom, phantom_writers, portable_math
+from slicefm.data import phantom, phantom_writers
+from slicefm.phantom import portable_math
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,8 @@ _PROBE = r"""
 import hashlib, json, math, sys, tempfile
 from pathlib import Path
 import numpy as np
-from slicefm.data import phantom, portable_math as pm
+from slicefm.data import phantom
+from slicefm.phantom import portable_math as pm
 from slicefm.data.phantom_writers import generate_dataset
 
 def h(data):
@@ -165,7 +167,7 @@ def test_generator_calls_no_platform_dependent_function(module):
             exponent = node.right
             if not (isinstance(exponent, ast.Constant) and isinstance(exponent.value, int)):
                 found.append(f"line {node.lineno}: ** with a non-integer exponent (libm pow)")
-    assert not found, "use slicefm.data.portable_math instead: " + "; ".join(found)
+    assert not found, "use slicefm.phantom.portable_math instead: " + "; ".join(found)
 
 
 def test_npz_members_are_deflated_by_the_reference_zlib():
