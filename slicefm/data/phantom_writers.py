@@ -41,17 +41,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from slicefm.data.phantom import (
+from slicefm.io.png16 import write_png16
+from slicefm.phantom.generate import generate_cohort
+from slicefm.phantom.records import (
     CHEST_FINDINGS,
     FINDING_MASK_CLASSES,
     LESION_TYPES,
     ORGAN_CLASSES,
-    OUTSIDE_FOV_HU,
-    PROFILES,
     PhantomScan,
-    generate_cohort,
 )
-from slicefm.io.png16 import write_png16
+from slicefm.phantom.scanner import OUTSIDE_FOV_HU, PROFILES
 from slicefm.tracking.store import open_store, staged_output
 
 logger = logging.getLogger(__name__)

@@ -16,15 +16,15 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from slicefm.data import phantom_writers as pw
-from slicefm.data.phantom import (
+from slicefm.phantom.generate import generate_cohort
+from slicefm.phantom.records import (
     CHEST_FINDINGS,
     FINDING_MASK_CLASSES,
     LESION_TYPES,
     ORGAN_CLASSES,
-    OUTSIDE_FOV_HU,
     PhantomScan,
-    generate_cohort,
 )
+from slicefm.phantom.scanner import OUTSIDE_FOV_HU
 
 AIR_FLOOR = -1024  # readers map padding and anything below to air
 
