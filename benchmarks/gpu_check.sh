@@ -176,10 +176,9 @@ def cmd_phantom(out, n, seed, size, profile, fmt, workers):
     the files are byte-identical to the single-process generator's (tests/mlops/test_gpu_check.py checks)."""
     import multiprocessing
 
-    from slicefm.data import phantom_writers
-    from slicefm.phantom import generate
+    from slicefm.phantom import dataset, generate
 
-    real_cohort, real_scan = phantom_writers.generate_cohort, generate.generate_scan
+    real_cohort, real_scan = dataset.generate_cohort, generate.generate_scan
 
     def parallel_cohort(*args, **kwargs):
         calls = []
@@ -191,8 +190,8 @@ def cmd_phantom(out, n, seed, size, profile, fmt, workers):
         with multiprocessing.get_context("fork").Pool(int(workers)) as pool:
             return pool.starmap(_scan, calls, chunksize=1)
 
-    phantom_writers.generate_cohort = parallel_cohort
-    phantom_writers.generate_dataset(Path(out), int(n), fmt, seed=int(seed), shape_xy=int(size), profile=profile)
+    dataset.generate_cohort = parallel_cohort
+    dataset.generate_dataset(Path(out), int(n), fmt, seed=int(seed), shape_xy=int(size), profile=profile)
     print(f"wrote {n} phantom scans ({fmt}, {size} px, profile {profile}, seed {seed}, {workers} workers) -> {out}")
 
 

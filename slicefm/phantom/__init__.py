@@ -12,4 +12,8 @@ Generator modules, in the order a scan is made (generate.generate_scan / generat
   generate       one scan, or a cohort of patients' scans
   portable_math  elementary functions with the same bits on every x86-64 CPU (exp, log, sin, cos, normal
                  quantile, Gaussian kernel): the generator uses no CPU-dispatched transcendental function
+
+Writing (slicefm.phantom.writers: one module per file format or cohort layout; see its docstring):
+  dataset        generate a cohort and write it, with its masks, in one format's layout in one call
+                 (``slicefm data phantom``, the DVC-tracked demo data)
 """

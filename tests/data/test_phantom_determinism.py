@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from slicefm.data import phantom_writers
 from slicefm.phantom import anatomy, portable_math
+from slicefm.phantom.writers import files
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,8 +39,8 @@ _PROBE = r"""
 import hashlib, json, math, sys, tempfile
 from pathlib import Path
 import numpy as np
-from slicefm.data.phantom_writers import generate_dataset
 from slicefm.phantom import anatomy, generate, scanner, portable_math as pm
+from slicefm.phantom.dataset import generate_dataset
 
 def h(data):
     return hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()).hexdigest()
@@ -156,15 +156,14 @@ _PLATFORM_DEPENDENT = {
 # Every module of the generator and its writers (portable_math is the sanctioned implementation: exempt).
 PHANTOM_DIR = ROOT / "slicefm" / "phantom"
 GENERATOR_FILES = sorted(
-    path.relative_to(ROOT).as_posix()
-    for path in [*PHANTOM_DIR.rglob("*.py"), ROOT / "slicefm" / "data" / "phantom_writers.py"]
-    if path.name != "portable_math.py"
+    path.relative_to(ROOT).as_posix() for path in PHANTOM_DIR.rglob("*.py") if path.name != "portable_math.py"
 )
 
 
 def test_the_platform_check_sees_every_generator_module():
-    expected = {"anatomy", "canvas", "findings", "generate", "geometry", "lesions", "patient", "scanner"}
-    assert {Path(f).stem for f in GENERATOR_FILES} >= expected | {"phantom_writers"}
+    generator = {"anatomy", "canvas", "findings", "generate", "geometry", "lesions", "patient", "scanner"}
+    writers = {"dicom", "nifti", "plain", "deeplesion", "ctrate", "radchest", "nsclc", "masks", "files"}
+    assert {Path(f).stem for f in GENERATOR_FILES} >= generator | writers | {"dataset", "splits"}
 
 
 @pytest.mark.parametrize("path", GENERATOR_FILES)
@@ -188,7 +187,7 @@ def test_npz_members_are_deflated_by_the_reference_zlib():
     standardised: data.dvc assumes the reference zlib (as Debian/Ubuntu ship it), not zlib-ng or a vendor
     fork. If this fails, the demo data cannot match data.dvc on this machine: that is the cause."""
     payload = np.arange(4096, dtype=np.uint16).reshape(64, 64) % 37
-    npz = phantom_writers._npz_bytes({"organ": payload.astype(np.uint8)})
+    npz = files.npz_bytes({"organ": payload.astype(np.uint8)})
     assert zlib.ZLIB_RUNTIME_VERSION.startswith("1.")
     assert hashlib.sha256(npz).hexdigest() == NPZ_DIGEST, f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
 
