@@ -72,19 +72,19 @@ def paint_anatomy(canvas: Canvas) -> None:
 
 
 def _table(canvas: Canvas) -> None:
-    top = canvas.yc + float(canvas.B.max()) + 12.0
+    top = canvas.yc + float(canvas.body_ry.max()) + 12.0
     ys = span(canvas.g.y, top, top + 5.0)
     xs = span(canvas.g.x, canvas.xc - 0.9 * canvas.h.half_width, canvas.xc + 0.9 * canvas.h.half_width)
     canvas.hu[:, ys, xs] = 80.0  # carbon-fibre couch: thin and moderately dense; label background
 
 
 def _body_wall(canvas: Canvas) -> None:
-    all_z, xc, yc, A, B = slice(0, canvas.shape[0]), canvas.xc, canvas.yc, canvas.A, canvas.B
-    canvas.paint(canvas.ellipses(all_z, xc, yc, A, B), 40.0, "skin")
-    canvas.paint(canvas.ellipses(all_z, xc, yc, A - 2.0, B - 2.0), -100.0, "body_fat")
-    canvas.inner_wall = canvas.full(canvas.ellipses(all_z, xc, yc, A - canvas.wall, B - canvas.wall))
+    all_z, xc, yc, rx, ry = slice(0, canvas.shape[0]), canvas.xc, canvas.yc, canvas.body_rx, canvas.body_ry
+    canvas.paint(canvas.ellipses(all_z, xc, yc, rx, ry), 40.0, "skin")
+    canvas.paint(canvas.ellipses(all_z, xc, yc, rx - 2.0, ry - 2.0), -100.0, "body_fat")
+    canvas.inner_wall = canvas.full(canvas.ellipses(all_z, xc, yc, rx - canvas.wall, ry - canvas.wall))
     canvas.hu[canvas.inner_wall], canvas.organ[canvas.inner_wall] = 50.0, ORGAN_INDEX["muscle"]
-    canvas.cavity = canvas.full(canvas.ellipses(all_z, xc, yc, canvas.A_c, canvas.B_c))
+    canvas.cavity = canvas.full(canvas.ellipses(all_z, xc, yc, canvas.cavity_rx, canvas.cavity_ry))
     above = (canvas.g.s >= canvas.s_dia)[:, None, None]
     chest = canvas.cavity & above
     canvas.hu[chest], canvas.organ[chest] = -60.0, ORGAN_INDEX["mediastinum"]  # fat; lungs come later
@@ -111,12 +111,13 @@ def _bowel(canvas: Canvas, region: np.ndarray) -> None:
 
 def _abdominal_organs(canvas: Canvas) -> None:
     g, h, L, o, c = canvas.g, canvas.h, canvas.g.length_mm, canvas.h.organ_scale, canvas.contrast
-    liver = ((g.z_of(canvas.s_dia - 0.07), canvas.yc - 0.02 * canvas.Bc, canvas.xc - 0.33 * canvas.Ac),)
-    liver += ((0.12 * L * o, 0.85 * canvas.Bc, 0.62 * canvas.Ac * o),)
+    chest_rx, chest_ry = canvas.chest_cavity_rx, canvas.chest_cavity_ry
+    liver = ((g.z_of(canvas.s_dia - 0.07), canvas.yc - 0.02 * chest_ry, canvas.xc - 0.33 * chest_rx),)
+    liver += ((0.12 * L * o, 0.85 * chest_ry, 0.62 * chest_rx * o),)
     canvas.paint(g.ellipsoid(*liver), 95.0 if c else 60.0, "liver", within=canvas.cavity)
-    spleen = (g.z_of(canvas.s_dia - 0.06), canvas.yc + 0.45 * canvas.Bc, canvas.xc + 0.6 * canvas.Ac)
+    spleen = (g.z_of(canvas.s_dia - 0.06), canvas.yc + 0.45 * chest_ry, canvas.xc + 0.6 * chest_rx)
     canvas.paint(
-        g.ellipsoid(spleen, (0.06 * L * o, 0.3 * canvas.Bc, 0.2 * canvas.Ac)),
+        g.ellipsoid(spleen, (0.06 * L * o, 0.3 * chest_ry, 0.2 * chest_rx)),
         100.0 if c else 50.0,
         "spleen",
         within=canvas.cavity,
@@ -130,8 +131,8 @@ def _abdominal_organs(canvas: Canvas) -> None:
         canvas.paint(g.ellipsoid(centre, (0.1 * L * o, 24.0 * o, 22.0 * o)), 150.0 if c else 32.0, side)
     f = h.bladder_fill
     bladder = (
-        (g.z_of(0.07), canvas.yc - 0.3 * canvas.Bc, canvas.xc),
-        (0.07 * L * f, 0.35 * canvas.Bc * f, 0.28 * canvas.Ac * f),
+        (g.z_of(0.07), canvas.yc - 0.3 * chest_ry, canvas.xc),
+        (0.07 * L * f, 0.35 * chest_ry * f, 0.28 * chest_rx * f),
     )
     canvas.paint(g.ellipsoid(*bladder), 10.0, "bladder", within=canvas.cavity)
 
@@ -143,26 +144,13 @@ def _bone(canvas: Canvas, zs: slice | None, cx, cy, rx, ry, organ: str, cortex_m
 
 
 def _pelvic_bones(canvas: Canvas) -> None:
+    chest_rx, chest_ry = canvas.chest_cavity_rx, canvas.chest_cavity_ry
     wings, heads = canvas.slab(0.12, 0.26), canvas.slab(0.0, 0.12)
     for sign in (-1.0, 1.0):
-        _bone(
-            canvas,
-            wings,
-            canvas.xc + sign * 0.62 * canvas.Ac,
-            canvas.yc + 0.25 * canvas.Bc,
-            10.0,
-            0.42 * canvas.Bc,
-            "pelvic_bone",
-        )
-        _bone(
-            canvas,
-            heads,
-            canvas.xc + sign * 0.55 * canvas.Ac,
-            canvas.yc + 0.05 * canvas.Bc,
-            22.0,
-            22.0,
-            "pelvic_bone",
-        )
+        x_wing, y_wing = canvas.xc + sign * 0.62 * chest_rx, canvas.yc + 0.25 * chest_ry
+        _bone(canvas, wings, x_wing, y_wing, 10.0, 0.42 * chest_ry, "pelvic_bone")
+        x_head, y_head = canvas.xc + sign * 0.55 * chest_rx, canvas.yc + 0.05 * chest_ry
+        _bone(canvas, heads, x_head, y_head, 22.0, 22.0, "pelvic_bone")
 
 
 def _lungs(canvas: Canvas) -> None:
@@ -189,12 +177,13 @@ def _lungs(canvas: Canvas) -> None:
 
 
 def _mediastinum(canvas: Canvas) -> None:
+    chest_rx, chest_ry = canvas.chest_cavity_rx, canvas.chest_cavity_ry
     g, c = canvas.g, canvas.contrast
     zs = canvas.slab(canvas.s_dia, 1.0)
     if zs is not None:  # central band between the lungs
-        half = canvas.Ac * np.interp(g.s[zs], [canvas.s_dia, canvas.s_dia + 0.2, 1.0], [0.2, 0.17, 0.12])
+        half = chest_rx * np.interp(g.s[zs], [canvas.s_dia, canvas.s_dia + 0.2, 1.0], [0.2, 0.17, 0.12])
         canvas.paint(
-            canvas.ellipses(zs, canvas.xc + 0.03 * canvas.Ac, canvas.yc, half, 1.05 * canvas.Bc),
+            canvas.ellipses(zs, canvas.xc + 0.03 * chest_rx, canvas.yc, half, 1.05 * chest_ry),
             -60.0,
             "mediastinum",
             within=canvas.cavity,
@@ -245,7 +234,7 @@ def _airways(canvas: Canvas) -> None:
     canvas.paint(canvas.ellipses(trachea, tx, ty, 9.0, 8.0), -1000.0, "airway")
     bronchi = canvas.slab(canvas.s_car - 0.06, canvas.s_car)
     if bronchi is not None:
-        spread = (canvas.s_car - canvas.g.s[bronchi]) / 0.06 * 0.3 * canvas.Ac
+        spread = (canvas.s_car - canvas.g.s[bronchi]) / 0.06 * 0.3 * canvas.chest_cavity_rx
         for sign in (-1.0, 1.0):
             canvas.paint(canvas.ellipses(bronchi, tx + sign * spread, ty + 4.0, 6.0, 6.0), -1000.0, "airway")
 
@@ -269,20 +258,20 @@ def _ribs(canvas: Canvas) -> None:
     if zs is None:
         return
     width = min(9.0, canvas.h.muscle_mm)
-    A, B = canvas.A_c[zs].astype(np.float32), canvas.B_c[zs].astype(np.float32)
-    (_, ys, xs), outer = canvas.ellipses(zs, canvas.xc, canvas.yc, A + width, B + width)
+    rx, ry = canvas.cavity_rx[zs].astype(np.float32), canvas.cavity_ry[zs].astype(np.float32)
+    (_, ys, xs), outer = canvas.ellipses(zs, canvas.xc, canvas.yc, rx + width, ry + width)
     X, Y = g.x[None, None, xs] - canvas.xc, g.y[None, ys, None] - canvas.yc
-    inner = (X / (A[:, None, None] + 0.5)) ** 2 + (Y / (B[:, None, None] + 0.5)) ** 2 <= 1.0
+    inner = (X / (rx[:, None, None] + 0.5)) ** 2 + (Y / (ry[:, None, None] + 0.5)) ** 2 <= 1.0
     k, i, j = np.nonzero(outer & ~inner)  # the chest-wall ring the ribs live in
     X, Y = X[0, 0, j], Y[0, i, 0]
     # Ribs slope caudally towards the front, so their cross-sections move round with z.
     phase = (2.0 * np.pi / 30.0) * g.z[zs]
-    keep = (_cos_7theta_plus(Y / B[k], np.abs(X) / A[k], phase[k]) > 0.6) & (np.abs(X) > canvas.r_v + 14.0)
+    keep = (_cos_7theta_plus(Y / ry[k], np.abs(X) / rx[k], phase[k]) > 0.6) & (np.abs(X) > canvas.r_v + 14.0)
     keep &= (np.abs(X) > 28.0) | (Y > 0)  # costal cartilage gap beside the sternum
     rib = np.zeros_like(outer)
     rib[k[keep], i[keep], j[keep]] = True
     canvas.paint(((zs, ys, xs), rib), 550.0, "ribs")
     sternum = canvas.slab(canvas.s_dia + 0.02, 0.95)
     if sternum is not None:
-        y_st = canvas.yc - canvas.B_c[sternum] - 0.5 * canvas.h.muscle_mm
+        y_st = canvas.yc - canvas.cavity_ry[sternum] - 0.5 * canvas.h.muscle_mm
         canvas.paint(canvas.ellipses(sternum, canvas.xc, y_st, 15.0, 5.0), 450.0, "ribs")

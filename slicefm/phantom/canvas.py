@@ -57,34 +57,38 @@ class Canvas:
         """Sizes and positions shared by several structures (anatomical mm, +y posterior, +x left)."""
         h, s, L = self.h, self.g.s, self.g.length_mm
         widths = [0.97, 0.95, 0.9, 0.97, 1.0, 1.0, 0.9]
-        self.A = h.half_width * np.interp(s, [0, 0.2, 0.35, 0.55, 0.85, 0.97, 1.0], widths)
+        # Semi-axes of the body outline per slice (arrays over z): lateral (x) and antero-posterior (y).
+        self.body_rx = h.half_width * np.interp(s, [0, 0.2, 0.35, 0.55, 0.85, 0.97, 1.0], widths)
         bulge = np.interp(
             s, [0, 0.15, 0.35, 0.5, 0.6, 1.0], [0.95, 1.0, 1 + h.belly, 1 + 0.6 * h.belly, 1, 0.95]
         )
-        self.B = h.half_width * h.depth_ratio * bulge
+        self.body_ry = h.half_width * h.depth_ratio * bulge
         self.wall = 2.0 + h.fat_mm  # skin + subcutaneous fat
-        self.A_c = self.A - self.wall - h.muscle_mm  # body cavity (thorax / abdomen)
-        self.B_c = self.B - self.wall - h.muscle_mm
-        self.Ac = float(h.half_width - self.wall - h.muscle_mm)  # chest-level references
-        self.Bc = float(h.half_width * h.depth_ratio - self.wall - h.muscle_mm)
-        self.r_v = float(np.clip(0.17 * self.Bc, 12.0, 20.0))
+        # Semi-axes of the body cavity (thorax / abdomen) per slice: inside fat and muscle.
+        self.cavity_rx = self.body_rx - self.wall - h.muscle_mm
+        self.cavity_ry = self.body_ry - self.wall - h.muscle_mm
+        # The cavity semi-axes at chest level (scalars): organ sizes and positions are scaled by these.
+        self.chest_cavity_rx = float(h.half_width - self.wall - h.muscle_mm)
+        self.chest_cavity_ry = float(h.half_width * h.depth_ratio - self.wall - h.muscle_mm)
+        chest_rx, chest_ry = self.chest_cavity_rx, self.chest_cavity_ry
+        self.r_v = float(np.clip(0.17 * chest_ry, 12.0, 20.0))
         # The vertebral body bulges into the cavity; lungs wrap round it in the paravertebral gutters.
-        self.y_v = self.yc + self.Bc - self.r_v - 24.0
+        self.y_v = self.yc + chest_ry - self.r_v - 24.0
         self.s_dia = h.s_dia
         self.s_car = min(h.s_dia + 0.24, 0.9)
         self.s_arch = min(h.s_dia + 0.27, 0.93)
         self.trachea_xy = (self.xc, self.y_v - self.r_v - 20.0)
         self.r_ao = 11.0 * h.organ_scale
         self.desc_ao = (self.xc + 0.9 * self.r_v, self.y_v - self.r_v - 0.6 * self.r_ao)
-        self.asc_ao = (self.xc + 0.08 * self.Ac, self.yc - 0.25 * self.Bc)
+        self.asc_ao = (self.xc + 0.08 * chest_rx, self.yc - 0.25 * chest_ry)
         card = float(self.rng.uniform(1.25, 1.4)) if self.findings["cardiomegaly"] else 1.0
-        self.heart_c = (self.g.z_of(h.s_dia + 0.085), self.yc - 0.28 * self.Bc, self.xc + 0.15 * self.Ac)
-        self.heart_r = tuple(card * h.organ_scale * r for r in (0.1 * L, 0.5 * self.Bc, 0.45 * self.Ac))
+        self.heart_c = (self.g.z_of(h.s_dia + 0.085), self.yc - 0.28 * chest_ry, self.xc + 0.15 * chest_rx)
+        self.heart_r = tuple(card * h.organ_scale * r for r in (0.1 * L, 0.5 * chest_ry, 0.45 * chest_rx))
         # Lungs: (cx, cy, rx, ry, dome shift) per side; the right dome sits higher over the liver.
-        cy, rx, ry = self.yc + 0.05 * self.Bc, 0.52 * self.Ac, 1.0 * self.Bc
+        cy, rx, ry = self.yc + 0.05 * chest_ry, 0.52 * chest_rx, 1.0 * chest_ry
         self.lungs = {
-            "lung_right": (self.xc - 0.5 * self.Ac, cy, rx, ry, 0.02),
-            "lung_left": (self.xc + 0.5 * self.Ac, cy, rx, ry, 0.0),
+            "lung_right": (self.xc - 0.5 * chest_rx, cy, rx, ry, 0.02),
+            "lung_left": (self.xc + 0.5 * chest_rx, cy, rx, ry, 0.0),
         }
 
     # -- painting primitives --

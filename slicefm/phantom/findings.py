@@ -150,8 +150,8 @@ def _lymph_nodes(canvas: Canvas) -> None:
     stations = [
         (z(canvas.s_car + 0.04), ty, tx - 16.0),  # right paratracheal
         (z(canvas.s_car - 0.04), ty + 6.0, tx + 2.0),  # subcarinal
-        (z(canvas.s_car - 0.03), canvas.yc, canvas.xc - 0.3 * canvas.Ac),  # right hilum
-        (z(canvas.s_car - 0.03), canvas.yc, canvas.xc + 0.3 * canvas.Ac),  # left hilum
+        (z(canvas.s_car - 0.03), canvas.yc, canvas.xc - 0.3 * canvas.chest_cavity_rx),  # right hilum
+        (z(canvas.s_car - 0.03), canvas.yc, canvas.xc + 0.3 * canvas.chest_cavity_rx),  # left hilum
         (z(canvas.s_car + 0.015), ty - 12.0, tx + 24.0),  # aortopulmonary window
     ]
     host = canvas.free("mediastinum", "lung_left", "lung_right")
@@ -228,9 +228,10 @@ def _calcifications(canvas: Canvas) -> None:
 
 def _medical_material(canvas: Canvas) -> None:
     """A chest port in the right anterior wall, its catheter running to the superior vena cava."""
-    y_port = canvas.yc - float(canvas.B.max()) + 0.5 * canvas.wall
+    y_port = canvas.yc - float(canvas.body_ry.max()) + 0.5 * canvas.wall
     port = np.array([canvas.g.z_of(canvas.s_car + 0.04), y_port, canvas.xc - 0.45 * canvas.h.half_width])
-    svc = np.array([canvas.g.z_of(canvas.s_car - 0.02), canvas.asc_ao[1], canvas.xc - 0.1 * canvas.Ac])
+    x_svc = canvas.xc - 0.1 * canvas.chest_cavity_rx
+    svc = np.array([canvas.g.z_of(canvas.s_car - 0.02), canvas.asc_ao[1], x_svc])
     for t in np.linspace(0.0, 1.0, 60):
         idx = canvas.nearest_voxel((1 - t) * port + t * svc)
         if idx is not None:

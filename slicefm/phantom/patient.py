@@ -28,11 +28,11 @@ def sample_patient(rng: np.random.Generator, patient_id: str | None = None) -> P
 class Habitus:
     """Body shape in anatomical mm at scale 1 (sampled once per patient)."""
 
-    half_width: float  # A: lateral semi-axis of the body outline
-    depth_ratio: float  # B / A
+    half_width: float  # lateral semi-axis of the body outline (mm)
+    depth_ratio: float  # antero-posterior / lateral semi-axis
     fat_mm: float
     muscle_mm: float
-    belly: float  # abdominal bulge (fraction of B)
+    belly: float  # abdominal bulge (fraction of the antero-posterior semi-axis)
     s_dia: float  # diaphragm level on the body axis
     organ_scale: float
     bladder_fill: float
