@@ -165,9 +165,9 @@ def cmd_derive(cfg_dir, data_dir, overlay, *presets):
 
 
 def _scan(args, kwargs):
-    from slicefm.data import phantom
+    from slicefm.phantom import generate
 
-    return phantom.generate_scan(*args, **kwargs)
+    return generate.generate_scan(*args, **kwargs)
 
 
 def cmd_phantom(out, n, seed, size, profile, fmt, workers):
@@ -176,22 +176,22 @@ def cmd_phantom(out, n, seed, size, profile, fmt, workers):
     the files are byte-identical to the single-process generator's (tests/mlops/test_gpu_check.py checks)."""
     import multiprocessing
 
-    from slicefm.data import phantom, phantom_writers
+    from slicefm.phantom import dataset, generate
 
-    real_cohort, real_scan = phantom_writers.generate_cohort, phantom.generate_scan
+    real_cohort, real_scan = dataset.generate_cohort, generate.generate_scan
 
     def parallel_cohort(*args, **kwargs):
         calls = []
-        phantom.generate_scan = lambda *a, **k: calls.append((a, k))
+        generate.generate_scan = lambda *a, **k: calls.append((a, k))
         try:
             real_cohort(*args, **kwargs)
         finally:
-            phantom.generate_scan = real_scan
+            generate.generate_scan = real_scan
         with multiprocessing.get_context("fork").Pool(int(workers)) as pool:
             return pool.starmap(_scan, calls, chunksize=1)
 
-    phantom_writers.generate_cohort = parallel_cohort
-    phantom_writers.generate_dataset(Path(out), int(n), fmt, seed=int(seed), shape_xy=int(size), profile=profile)
+    dataset.generate_cohort = parallel_cohort
+    dataset.generate_dataset(Path(out), int(n), fmt, seed=int(seed), shape_xy=int(size), profile=profile)
     print(f"wrote {n} phantom scans ({fmt}, {size} px, profile {profile}, seed {seed}, {workers} workers) -> {out}")
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from slicefm.config import PreprocessConfig
 from slicefm.data.ingest import ingest
-from slicefm.data.phantom_writers import generate_dataset
 from slicefm.io.dicom import read_dicom_series, scan_dicom_tree
+from slicefm.phantom.dataset import generate_dataset
 from slicefm.preprocess.stage import run_preprocess
 
 

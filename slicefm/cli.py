@@ -122,7 +122,7 @@ def cmd_external(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from slicefm.data.phantom_writers import generate_dataset
+    from slicefm.phantom.dataset import generate_dataset
 
     out = generate_dataset(
         Path(args.out), args.n_scans, args.format, seed=args.seed, shape_xy=args.size, profile=args.profile

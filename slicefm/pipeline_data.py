@@ -17,7 +17,7 @@ def ensure_demo_data(cfg: DataConfig, out: Path | None = None, force: bool = Fal
     The generator is deterministic, so a regenerated demo set matches the one data.dvc records
     (`dvc status` stays clean) and `dvc pull` is only needed for real data.
     """
-    from slicefm.data.phantom_writers import generate_dataset
+    from slicefm.phantom.dataset import generate_dataset
 
     path = Path(out or cfg.source)
     if path.exists() and any(path.iterdir()) and not force:

@@ -180,7 +180,7 @@ def mlflow_server(
 def ingested(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Phantom DICOM -> ingest (6 scans at 64 px), built once per session."""
     from slicefm.data.ingest import ingest
-    from slicefm.data.phantom_writers import generate_dataset
+    from slicefm.phantom.dataset import generate_dataset
 
     root = tmp_path_factory.mktemp("ingested")
     generate_dataset(root / "raw", 6, "dicom", seed=3, shape_xy=64)

@@ -16,7 +16,7 @@ import pytest
 from slicefm.cli import main as cli_main
 from slicefm.data.adapters.ctrate import CTRATE_CLASSES
 from slicefm.data.ingest import NoUsableScansError, ingest, label_slug, read_lesions, read_scans
-from slicefm.data.phantom_writers import generate_dataset
+from slicefm.phantom.dataset import generate_dataset
 from slicefm.tracking.store import open_store
 
 KEY = b"test-key-0123456789abcdef"

@@ -7,21 +7,17 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from slicefm.data.phantom import (
+from slicefm.phantom.generate import generate_cohort, generate_scan
+from slicefm.phantom.patient import sample_patient
+from slicefm.phantom.records import (
     CHEST_FINDINGS,
-    DEFAULT_PROFILE,
     EXTRA_FINDINGS,
     FINDING_MASK_CLASSES,
-    HU_RANGE,
     LESION_TYPES,
     ORGAN_CLASSES,
-    OUTSIDE_FOV_HU,
-    SHIFTED_PROFILE,
     PhantomScan,
-    generate_cohort,
-    generate_scan,
-    sample_patient,
 )
+from slicefm.phantom.scanner import DEFAULT_PROFILE, HU_RANGE, OUTSIDE_FOV_HU, SHIFTED_PROFILE
 
 ORGAN = {name: i for i, name in enumerate(ORGAN_CLASSES)}
 FINDING = {name: i for i, name in enumerate(FINDING_MASK_CLASSES)}

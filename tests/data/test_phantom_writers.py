@@ -16,20 +16,21 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from slicefm.data import adapters
-from slicefm.data import phantom_writers as pw
-from slicefm.data.phantom import (
-    CHEST_FINDINGS,
-    FINDING_MASK_CLASSES,
-    LESION_TYPES,
-    ORGAN_CLASSES,
-    OUTSIDE_FOV_HU,
-    PhantomScan,
-    generate_cohort,
-)
 from slicefm.io import dicom as dicom_io
 from slicefm.io import nifti as nifti_io
 from slicefm.io import npz as npz_io
 from slicefm.io import png16
+from slicefm.phantom import dataset
+from slicefm.phantom.generate import generate_cohort
+from slicefm.phantom.records import (
+    CHEST_FINDINGS,
+    FINDING_MASK_CLASSES,
+    LESION_TYPES,
+    ORGAN_CLASSES,
+    PhantomScan,
+)
+from slicefm.phantom.scanner import OUTSIDE_FOV_HU
+from slicefm.phantom.writers import ctrate, deeplesion, dicom, masks, nifti, nsclc, plain, radchest, splits
 
 AIR_FLOOR = -1024  # readers map padding and anything below to air
 
@@ -64,7 +65,7 @@ def scan(scans) -> PhantomScan:
 
 
 def test_dicom_series_is_real_ct_with_exact_hu(tmp_path, scan):
-    paths = pw.write_dicom_series(scan, tmp_path / "series", np.random.default_rng(1))
+    paths = dicom.write_dicom_series(scan, tmp_path / "series", np.random.default_rng(1))
     assert len(paths) == scan.hu.shape[0] and all(p.exists() for p in paths)
     assert [p.name for p in sorted(paths)] != [p.name for p in paths]  # names are not in slice order
     assert all(re.fullmatch(r"[0-9a-f]{16}\.dcm", p.name) for p in paths)
@@ -89,7 +90,7 @@ def test_dicom_series_is_real_ct_with_exact_hu(tmp_path, scan):
 
 
 def test_dicom_carries_fake_phi_for_pseudonymisation(tmp_path, scan):
-    ds = pydicom.dcmread(pw.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(2))[0])
+    ds = pydicom.dcmread(dicom.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(2))[0])
     assert str(ds.PatientName) == scan.patient_name and ds.PatientID == scan.patient_id
     assert re.fullmatch(r"\d{8}", ds.PatientBirthDate) and re.fullmatch(r"\d{8}", ds.StudyDate)
     assert int(ds.StudyDate[:4]) - int(ds.PatientBirthDate[:4]) == scan.age
@@ -99,14 +100,14 @@ def test_dicom_carries_fake_phi_for_pseudonymisation(tmp_path, scan):
 
 
 def test_dicom_fast_encoder_writes_what_dcmwrite_writes(tmp_path, scan):
-    path = pw.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(3))[5]
+    path = dicom.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(3))[5]
     ds = pydicom.dcmread(path)
     ds.save_as(tmp_path / "reference.dcm", enforce_file_format=True)
     assert path.read_bytes() == (tmp_path / "reference.dcm").read_bytes()
 
 
 def test_dicom_rle_and_instance_naming(tmp_path, scan):
-    paths = pw.write_dicom_series(
+    paths = dicom.write_dicom_series(
         scan, tmp_path / "s", np.random.default_rng(4), compress=True, naming="instance"
     )
     datasets = sorted_by_position(paths)
@@ -120,7 +121,7 @@ def test_dicom_instance_numbers_scrambled_for_some_series(tmp_path, scan):
     orders = set()
     for seed in range(8):
         datasets = sorted_by_position(
-            pw.write_dicom_series(scan, tmp_path / f"s{seed}", np.random.default_rng(seed))
+            dicom.write_dicom_series(scan, tmp_path / f"s{seed}", np.random.default_rng(seed))
         )
         numbers = [int(ds.InstanceNumber) for ds in datasets]
         orders.add("head-first" if numbers == sorted(numbers, reverse=True) else "scrambled")
@@ -128,15 +129,15 @@ def test_dicom_instance_numbers_scrambled_for_some_series(tmp_path, scan):
 
 
 def test_dicom_bytes_are_deterministic(tmp_path, scan):
-    pw.write_dicom_series(scan, tmp_path / "a", np.random.default_rng(5))
-    pw.write_dicom_series(scan, tmp_path / "b", np.random.default_rng(5))
-    pw.write_dicom_series(scan, tmp_path / "c", np.random.default_rng(6))
+    dicom.write_dicom_series(scan, tmp_path / "a", np.random.default_rng(5))
+    dicom.write_dicom_series(scan, tmp_path / "b", np.random.default_rng(5))
+    dicom.write_dicom_series(scan, tmp_path / "c", np.random.default_rng(6))
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
     assert set(tree_bytes(tmp_path / "a")) != set(tree_bytes(tmp_path / "c"))
 
 
 def test_dicom_reader_round_trip(tmp_path, scan):
-    paths = pw.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(7))
+    paths = dicom.write_dicom_series(scan, tmp_path / "s", np.random.default_rng(7))
     volume = dicom_io.read_dicom_series(paths)
     np.testing.assert_array_equal(volume.hu, np.maximum(scan.hu, AIR_FLOOR))
     assert volume.spacing_mm == pytest.approx(scan.spacing_mm, abs=1e-3)
@@ -148,7 +149,7 @@ def test_series_directory_is_written_atomically(tmp_path, scan, monkeypatch):
     target.mkdir()
     (target / "other.dcm").write_bytes(b"x")
     with pytest.raises(FileExistsError):
-        pw.write_dicom_series(scan, target, np.random.default_rng(0))
+        dicom.write_dicom_series(scan, target, np.random.default_rng(0))
     calls = []
 
     def failing_encode(self):
@@ -157,10 +158,10 @@ def test_series_directory_is_written_atomically(tmp_path, scan, monkeypatch):
             raise OSError("disk full")
         return original(self)
 
-    original = pw._Part10Encoder.encode
-    monkeypatch.setattr(pw._Part10Encoder, "encode", failing_encode)
+    original = dicom._Part10Encoder.encode
+    monkeypatch.setattr(dicom._Part10Encoder, "encode", failing_encode)
     with pytest.raises(OSError, match="disk full"):
-        pw.write_dicom_series(scan, tmp_path / "t", np.random.default_rng(0))
+        dicom.write_dicom_series(scan, tmp_path / "t", np.random.default_rng(0))
     assert len(calls) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no partial series, no temporary directory
 
@@ -170,7 +171,7 @@ def test_series_directory_is_written_atomically(tmp_path, scan, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_nifti_has_ras_affine_and_exact_hu(tmp_path, scan, suffix):
-    path = pw.write_nifti(scan, tmp_path / f"scan{suffix}")
+    path = nifti.write_nifti(scan, tmp_path / f"scan{suffix}")
     img = nib.load(path)
     dz, dy, dx = scan.spacing_mm
     np.testing.assert_allclose(np.diag(img.affine)[:3], [-dx, -dy, dz], atol=1e-4)  # L, P, S in RAS
@@ -185,16 +186,16 @@ def test_nifti_has_ras_affine_and_exact_hu(tmp_path, scan, suffix):
 
 
 def test_nifti_gz_is_deterministic(tmp_path, scan):
-    a = pw.write_nifti(scan, tmp_path / "a.nii.gz").read_bytes()
-    b = pw.write_nifti(scan, tmp_path / "b.nii.gz").read_bytes()
+    a = nifti.write_nifti(scan, tmp_path / "a.nii.gz").read_bytes()
+    b = nifti.write_nifti(scan, tmp_path / "b.nii.gz").read_bytes()
     assert a == b and a[4:8] == b"\x00\x00\x00\x00"  # gzip MTIME = 0
     assert gzip.decompress(a)[344:348] == b"n+1\x00"
     with pytest.raises(ValueError, match="nii"):
-        pw.write_nifti(scan, tmp_path / "scan.img")
+        nifti.write_nifti(scan, tmp_path / "scan.img")
 
 
 def test_nifti_reader_round_trip(tmp_path, scan):
-    volume = nifti_io.read_nifti(pw.write_nifti(scan, tmp_path / "s.nii.gz"))
+    volume = nifti_io.read_nifti(nifti.write_nifti(scan, tmp_path / "s.nii.gz"))
     np.testing.assert_array_equal(volume.hu, scan.hu)
     assert volume.spacing_mm == pytest.approx(scan.spacing_mm, abs=1e-4)
 
@@ -233,7 +234,7 @@ def check_label_tables(root: Path, scans: list[PhantomScan], scan_refs: list[str
 
 
 def test_dicom_tree_layout_and_labels(tmp_path, scans):
-    root = pw.write_dicom_tree(scans, tmp_path / "tree", compress_fraction=0.0, seed=3)
+    root = plain.write_dicom_tree(scans, tmp_path / "tree", compress_fraction=0.0, seed=3)
     series_dirs = sorted({p.parent for p in root.rglob("*.dcm")})
     assert len(series_dirs) == len(scans) and all(len(d.relative_to(root).parts) == 2 for d in series_dirs)
     # One directory per patient, one sub-directory per study.
@@ -252,7 +253,7 @@ def test_dicom_tree_layout_and_labels(tmp_path, scans):
 
 
 def test_nifti_dir_layout_and_labels(tmp_path, scans):
-    root = pw.write_nifti_dir(scans, tmp_path / "nifti", seed=3)
+    root = plain.write_nifti_dir(scans, tmp_path / "nifti", seed=3)
     files = sorted(root.glob("*.nii.gz"))
     assert len(files) == len(scans)
     _, rows = read_csv(root / "labels.csv")
@@ -269,9 +270,9 @@ def test_nifti_dir_layout_and_labels(tmp_path, scans):
 
 
 def test_deeplesion_layout(tmp_path, scans):
-    root = pw.write_deeplesion(scans, tmp_path / "dl")
+    root = deeplesion.write_deeplesion(scans, tmp_path / "dl")
     header, rows = read_csv(root / "DL_info.csv")
-    assert header == pw._DL_COLUMNS and header[:5] == [
+    assert header == deeplesion._DL_COLUMNS and header[:5] == [
         "File_name",
         "Patient_index",
         "Study_index",
@@ -303,20 +304,20 @@ def test_deeplesion_layout(tmp_path, scans):
         )
         np.testing.assert_array_equal(png - 32768, scan.hu[les.key_slice])
         assert len(list((root / "Images_png" / folder).glob("*.png"))) == n
-    splits = {}
+    split_of = {}
     for row in rows:  # the split is a property of the patient
-        assert splits.setdefault(row["Patient_index"], row["Train_Val_Test"]) == row["Train_Val_Test"]
+        assert split_of.setdefault(row["Patient_index"], row["Train_Val_Test"]) == row["Train_Val_Test"]
 
 
 def test_deeplesion_reader_round_trip(tmp_path, scan):
-    root = pw.write_deeplesion([scan], tmp_path / "dl")
+    root = deeplesion.write_deeplesion([scan], tmp_path / "dl")
     files = sorted((root / "Images_png" / "000001_01_01").glob("*.png"), key=lambda p: int(p.stem))
     volume = png16.read_png_slices(files, scan.spacing_mm)
     np.testing.assert_array_equal(volume.hu, scan.hu)
 
 
 def test_ctrate_layout_stores_raw_values_and_wrong_header_spacing(tmp_path, scans):
-    root = pw.write_ctrate(scans, tmp_path / "ctrate", split="valid")
+    root = ctrate.write_ctrate(scans, tmp_path / "ctrate", split="valid")
     names = ["valid_1_a_1", "valid_1_b_1", "valid_2_a_1"]
     for name in names:
         patient, scan_dir = name.rsplit("_", 2)[0], name.rsplit("_", 1)[0]
@@ -335,7 +336,7 @@ def test_ctrate_layout_stores_raw_values_and_wrong_header_spacing(tmp_path, scan
         "PatientAge",
     ]
     header, labels = read_csv(root / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv")
-    assert header == ["VolumeName", *pw.CTRATE_CLASSES] and len(pw.CTRATE_CLASSES) == 18
+    assert header == ["VolumeName", *ctrate.CTRATE_CLASSES] and len(ctrate.CTRATE_CLASSES) == 18
     for scan, name, row, label in zip(scans, names, meta, labels, strict=True):
         assert row["VolumeName"] == label["VolumeName"] == f"{name}.nii.gz"
         assert (
@@ -347,7 +348,7 @@ def test_ctrate_layout_stores_raw_values_and_wrong_header_spacing(tmp_path, scan
         stored = np.asarray(img.dataobj).transpose(2, 1, 0)
         hu = stored * float(row["RescaleSlope"]) + float(row["RescaleIntercept"])
         np.testing.assert_array_equal(hu, scan.hu)
-        assert {k: int(v) for k, v in label.items() if k != "VolumeName"} == pw.ctrate_labels(scan)
+        assert {k: int(v) for k, v in label.items() if k != "VolumeName"} == ctrate.ctrate_labels(scan)
         assert int(label["Emphysema"]) == scan.findings["emphysema"]
         assert int(label["Lung nodule"]) == int(scan.findings["nodule"] or scan.location_labels["lung"])
         x, y = (float(v) for v in row["XYSpacing"].strip("[]").split(","))
@@ -358,7 +359,7 @@ def test_ctrate_layout_stores_raw_values_and_wrong_header_spacing(tmp_path, scan
 
 def test_radchest_layout(tmp_path):
     scans = generate_cohort(2, seed=1, shape_xy=32, region="chest", spacing_mm=(0.8, 0.8, 0.8))
-    root = pw.write_radchest(scans, tmp_path / "rad", split="tst")
+    root = radchest.write_radchest(scans, tmp_path / "rad", split="tst")
     assert sorted(p.name for p in root.glob("*.npz")) == ["tst00001.npz", "tst00002.npz"]
     header, rows = read_csv(root / "tst_labels.csv")
     assert header == ["NoteAcc_DEID", *CHEST_FINDINGS] and [r["NoteAcc_DEID"] for r in rows] == [
@@ -371,7 +372,7 @@ def test_radchest_layout(tmp_path):
             np.testing.assert_array_equal(archive["ct"], scan.hu)
         assert {f: int(row[f]) for f in CHEST_FINDINGS} == scan.findings
     first = (root / "tst00001.npz").read_bytes()
-    pw.write_radchest(scans, tmp_path / "again", split="tst")
+    radchest.write_radchest(scans, tmp_path / "again", split="tst")
     assert (tmp_path / "again" / "tst00001.npz").read_bytes() == first  # no zip timestamps
     np.testing.assert_array_equal(npz_io.read_npz_volume(root / "tst00001.npz").hu, scans[0].hu)
 
@@ -380,11 +381,11 @@ def test_nsclc_layout_and_clinical_table(tmp_path):
     scans = generate_cohort(
         4, seed=8, shape_xy=32, n_slices=24, region="chest", lesion_types=("lung",), patients_per_scan=1.0
     )
-    root = pw.write_nsclc(scans, tmp_path / "nsclc", seed=1)
+    root = nsclc.write_nsclc(scans, tmp_path / "nsclc", seed=1)
     files = sorted(root.rglob("*.dcm"))
     pattern = r"NSCLC-Radiomics/LUNG1-00\d/\d\d-\d\d-\d{4}-StudyID-\d{5}/1\.000000-NA-\d{5}/1-\d{3}\.dcm"
     assert files and all(re.fullmatch(pattern, f.relative_to(root).as_posix()) for f in files)
-    header, rows = read_csv(root / pw.NSCLC_CLINICAL_CSV)
+    header, rows = read_csv(root / nsclc.NSCLC_CLINICAL_CSV)
     assert header == [
         "PatientID",
         "age",
@@ -412,24 +413,25 @@ def test_nsclc_layout_and_clinical_table(tmp_path):
 
 def test_patient_splits_keep_patients_together_and_fill_every_split(scans):
     many = generate_cohort(12, seed=2, shape_xy=32, n_slices=24, patients_per_scan=0.75)
-    assignment = pw.patient_splits(many, (0.7, 0.15, 0.15))
+    assignment = splits.patient_splits(many, (0.7, 0.15, 0.15))
     assert set(assignment) == {0, 1, 2}
     for pid in {s.patient_id for s in many}:
         assert len({a for a, s in zip(assignment, many, strict=True) if s.patient_id == pid}) == 1
-    assert set(pw.patient_splits(scans, (0.7, 0.15, 0.15))) == {0, 1}  # 2 patients: no test split possible
+    # 2 patients: no test split possible
+    assert set(splits.patient_splits(scans, (0.7, 0.15, 0.15))) == {0, 1}
 
 
 def test_masks(tmp_path, scans):
-    masks = pw.write_masks(scans, tmp_path, refs=["a", "b/c", "d"])
-    assert json.loads((masks / "organ_classes.json").read_text()) == list(ORGAN_CLASSES)
-    assert json.loads((masks / "finding_classes.json").read_text()) == list(FINDING_MASK_CLASSES)
+    out = masks.write_masks(scans, tmp_path, refs=["a", "b/c", "d"])
+    assert json.loads((out / "organ_classes.json").read_text()) == list(ORGAN_CLASSES)
+    assert json.loads((out / "finding_classes.json").read_text()) == list(FINDING_MASK_CLASSES)
     for scan, ref in zip(scans, ["a", "b/c", "d"], strict=True):
-        with np.load(masks / f"{ref}.npz") as archive:
+        with np.load(out / f"{ref}.npz") as archive:
             assert sorted(archive.files) == ["finding", "lesion", "organ"]
             np.testing.assert_array_equal(archive["organ"], scan.organ_mask)
             np.testing.assert_array_equal(archive["lesion"], scan.lesion_mask)
     with pytest.raises(ValueError, match="once"):
-        pw.write_masks(scans, tmp_path / "x", refs=["a", "a", "b"])
+        masks.write_masks(scans, tmp_path / "x", refs=["a", "a", "b"])
 
 
 # --- the one-call dataset ------------------------------------------------------------------------
@@ -437,9 +439,9 @@ def test_masks(tmp_path, scans):
 
 @pytest.mark.parametrize("fmt", ["dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"])
 def test_generate_dataset_is_byte_deterministic(tmp_path, fmt):
-    a = pw.generate_dataset(tmp_path / "a", 3, fmt, seed=1, shape_xy=32)
-    b = pw.generate_dataset(tmp_path / "b", 3, fmt, seed=1, shape_xy=32)
-    c = pw.generate_dataset(tmp_path / "c", 3, fmt, seed=2, shape_xy=32)
+    a = dataset.generate_dataset(tmp_path / "a", 3, fmt, seed=1, shape_xy=32)
+    b = dataset.generate_dataset(tmp_path / "b", 3, fmt, seed=1, shape_xy=32)
+    c = dataset.generate_dataset(tmp_path / "c", 3, fmt, seed=2, shape_xy=32)
     files_a = tree_bytes(a)
     assert files_a == tree_bytes(b)
     assert files_a != tree_bytes(c)
@@ -448,23 +450,23 @@ def test_generate_dataset_is_byte_deterministic(tmp_path, fmt):
 
 
 def test_generate_dataset_masks_follow_adapter_keys(tmp_path):
-    root = pw.generate_dataset(tmp_path / "d", 2, "dicom", seed=3, shape_xy=32)
+    root = dataset.generate_dataset(tmp_path / "d", 2, "dicom", seed=3, shape_xy=32)
     _, rows = read_csv(root / "labels.csv")
     assert sorted(p.name for p in (root / "masks").glob("*.npz")) == sorted(
         f"{r['scan_ref']}.npz" for r in rows
     )
     with pytest.raises(FileExistsError):
-        pw.generate_dataset(root, 2, "dicom", seed=3, shape_xy=32)
+        dataset.generate_dataset(root, 2, "dicom", seed=3, shape_xy=32)
     with pytest.raises(ValueError, match="format"):
-        pw.generate_dataset(tmp_path / "e", 2, "png", shape_xy=32)  # type: ignore[arg-type]
+        dataset.generate_dataset(tmp_path / "e", 2, "png", shape_xy=32)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="profile"):
-        pw.generate_dataset(tmp_path / "e", 2, "dicom", shape_xy=32, profile="other")
+        dataset.generate_dataset(tmp_path / "e", 2, "dicom", shape_xy=32, profile="other")
 
 
 def test_generated_datasets_ingest_cleanly(tmp_path):
     """The adapters (written against the real layouts) accept every phantom layout without quarantine."""
     for fmt in ("dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"):
-        root = pw.generate_dataset(tmp_path / fmt, 2, fmt, seed=5, shape_xy=32)
+        root = dataset.generate_dataset(tmp_path / fmt, 2, fmt, seed=5, shape_xy=32)
         assert adapters.detect_format(root) == fmt
         result = adapters.get_adapter(fmt)(root, None)
         assert result.rejected == [] and len(result.candidates) == 2, (fmt, result.rejected)
@@ -475,7 +477,7 @@ def test_generated_datasets_ingest_cleanly(tmp_path):
 @pytest.mark.slow
 def test_demo_dataset_size(tmp_path):
     """The 40-scan demo set at 128 px (the pipeline's default); generation must stay well under 30 s."""
-    root = pw.generate_dataset(tmp_path / "demo", 40, "dicom", seed=0)
+    root = dataset.generate_dataset(tmp_path / "demo", 40, "dicom", seed=0)
     _, rows = read_csv(root / "labels.csv")
     assert len(rows) == 40 and len(list((root / "masks").glob("*.npz"))) == 40
 
@@ -487,7 +489,7 @@ def test_datasets_are_readable_by_other_users(tmp_path):
 
     previous = os.umask(0o022)
     try:
-        root = pw.generate_dataset(tmp_path / "ds", 2, "nsclc", seed=1, shape_xy=32)
+        root = dataset.generate_dataset(tmp_path / "ds", 2, "nsclc", seed=1, shape_xy=32)
     finally:
         os.umask(previous)
     paths = [root, *root.rglob("*")]

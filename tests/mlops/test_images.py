@@ -96,7 +96,7 @@ def test_sources_are_a_layer_of_their_own(project_image):
 
 def test_ingest_and_preprocess_in_the_image_equal_the_host(project_image, tmp_path):
     from slicefm.cli import main as cli_main
-    from slicefm.data.phantom_writers import generate_dataset
+    from slicefm.phantom.dataset import generate_dataset
 
     src = generate_dataset(tmp_path / "src", 3, "dicom", seed=4, shape_xy=64)
     config = tmp_path / "config.yaml"
