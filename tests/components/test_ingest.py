@@ -12,8 +12,8 @@ import pytest
 
 from components.ingest import ingest
 from slicefm.config import config_from_yaml
-from slicefm.data.phantom_writers import generate_dataset
 from slicefm.data.pseudonym import key_fingerprint, load_key
+from slicefm.phantom.dataset import generate_dataset
 from tests.components.conftest import component_config, dataset, stage_runs
 
 
