@@ -90,6 +90,13 @@ def create_encoder(
     """
     if overrides.pop("pretrained", False):
         raise ValueError("slicefm never downloads weights: load a checkpoint into encoder.trunk instead")
+    unset = sorted(k for k, v in overrides.items() if v is None)
+    if unset:
+        # timm.create_model drops None kwargs, so `init_values: null` would silently keep the default.
+        raise ValueError(
+            f"encoder overrides {unset} are null: timm ignores null overrides and keeps {name}'s defaults; "
+            "give a value (e.g. init_values: 0 turns layer scale off)"
+        )
     kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_chans}
     if is_vit_name(name):
         kwargs.update(img_size=img_size, dynamic_img_size=True)

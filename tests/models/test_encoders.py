@@ -157,3 +157,13 @@ def test_aux_heads_shared_between_cls_and_patches() -> None:
     assert out["organ_cls"].shape == (2, 5) and out["abn_patch"].shape == (2, 4, 3)
     torch.testing.assert_close(out["organ_patch"][:, 1], heads.organ(patch[:, 1]))
     assert set(AuxHeads(8, 5, 0)(cls)) == {"organ_cls"}
+
+
+def test_null_overrides_are_refused_and_zero_turns_layer_scale_off() -> None:
+    """timm drops None kwargs: `init_values: null` would silently keep vit_tiny_test's layer scale."""
+    with pytest.raises(ValueError, match=r"\['init_values'\] are null"):
+        create_encoder("vit_tiny_test", 64, 1, init_values=None)
+    default = create_encoder("vit_tiny_test", 64, 1)
+    plain = create_encoder("vit_tiny_test", 64, 1, init_values=0)
+    assert any("gamma" in n for n, _ in default.trunk.named_parameters())
+    assert not any("gamma" in n for n, _ in plain.trunk.named_parameters())
