@@ -20,6 +20,8 @@ def evaluate(
     roc: Output[ClassificationMetrics],
     report_html: Output[HTML],
     report_md: Output[Markdown],
+    ceiling: Input[Dataset] = None,
+    splits: Input[Dataset] = None,
 ) -> str:
     """CLEAR ABMIL cross-validation and DALE-CT linear probes for every task, pretrained vs random weights.
 
@@ -28,6 +30,11 @@ def evaluate(
         tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         embeddings: the pretrained encoder's embedding set; baseline: the random-weight twin's.
+        ceiling: the supervised ceiling's embedding set (optional): evaluated beside the others as stage
+            "evaluate-ceiling" (no head registration); the summary then shows the share of the random ->
+            supervised gap the pretrained encoder closes.
+        splits: an earlier evaluate output whose folds are reused (optional; the ceiling's evaluation uses the
+            plain evaluation's).
         results: output: splits, per-fold metrics, predictions, heads, plots, report.md/html, results.json.
         metrics: macro metrics (mean and sd over folds) of the headline task, per model and protocol; and
             every task's macro headline metric per set with its paired difference vs random and 95% interval
@@ -43,11 +50,16 @@ def evaluate(
     from slicefm.stages import evaluate_stage
 
     cfg = config_from_yaml(config_yaml)
-    out = output_location(results.path, store_uri, run_name, "evaluate")
     sets = [input_location(embeddings.path, embeddings.metadata)]
     if cfg.extract.random_baseline:
         sets.append(input_location(baseline.path, baseline.metadata))
-    res = evaluate_stage(cfg, sets, out, tracking_uri, parent_run_id)
+    stage = "evaluate"
+    if ceiling is not None:
+        sets.append(input_location(ceiling.path, ceiling.metadata))
+        stage = "evaluate-ceiling"
+    splits_uri = input_location(splits.path, splits.metadata) if splits is not None else None
+    out = output_location(results.path, store_uri, run_name, stage)
+    res = evaluate_stage(cfg, sets, out, tracking_uri, parent_run_id, splits_uri, stage=stage)
     log_headline_metrics(metrics, res.headline, "macro")
     for name, value in comparison_scalars(res.comparison).items():
         metrics.log_metric(name, value)

@@ -38,6 +38,7 @@ def extract(
     embeddings: Output[Dataset],
     accelerator: str = "",
     gpus: int = 0,
+    set_name: str = "",
 ) -> int:
     """Embed every slice of one shard of scans with the frozen encoder (bf16 on GPU); skips finished scans.
 
@@ -53,6 +54,7 @@ def extract(
         accelerator, gpus: the GPU request of this task (recorded in the output's metadata; also what carries
             the pipeline's GPU parameters into the ParallelFor, where the task's resources refer to them).
             With gpus > 0 the task fails at once when torch sees fewer GPUs.
+        set_name: the store folder's set name ("" = "random" or "pretrained"; "supervised" for the ceiling).
     Returns:
         Number of slices embedded by this task.
     """
@@ -62,7 +64,7 @@ def extract(
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
-    which = "random" if random_baseline else "pretrained"
+    which = set_name or ("random" if random_baseline else "pretrained")
     out = output_location(
         embeddings.path, store_uri, run_name, f"extract-{cohort}-{which}/shard-{shard_index}"
     )

@@ -51,3 +51,48 @@ def pretrain(
         }
     )
     return float(res.loss_last)
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def supervised_ceiling(
+    config_yaml: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    store_uri: str,
+    run_name: str,
+    slices: Input[Dataset],
+    encoder: Output[Model],
+    accelerator: str = "",
+    gpus: int = 0,
+) -> float:
+    """The supervised ceiling: pretrain.encoder's architecture trained on the cohort's lesion / finding labels.
+
+    Args:
+        config_yaml: pipeline config (pretrain.encoder and supervised_ceiling sections are used).
+        tracking_uri: MLflow tracking URI; parent_run_id: the pipeline's parent run.
+        store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
+        slices: the preprocess output of the pretraining cohort (never the evaluated scans' labels).
+        encoder: output: encoder.safetensors + encoder.json (label "supervised"), supervised_result.json.
+        accelerator, gpus: this step's GPU request (as for pretrain).
+    Returns:
+        Mean loss over the last steps.
+    """
+    from slicefm.config import config_from_yaml
+    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
+    from slicefm.stages import supervised_ceiling_stage
+
+    require_gpus(gpus)
+    cfg = config_from_yaml(config_yaml)
+    out = output_location(encoder.path, store_uri, run_name, "supervised-ceiling")
+    res = supervised_ceiling_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
+    encoder.metadata.update(
+        {
+            URI_KEY: out,
+            "method": "supervised_ceiling",
+            "encoder": cfg.pretrain.encoder.name,
+            "steps": res.steps,
+            "accelerator": accelerator,
+            "gpus": gpus,
+        }
+    )
+    return float(res.loss_last)

@@ -66,6 +66,7 @@ def _arguments(
         "run_external": bool(cfg.external.enabled and external_source),
         "pretrain_source": pretrain_source,
         "pretrain_data_version": pretrain_version,
+        "supervised_ceiling": cfg.supervised_ceiling.enabled,
         "extract_shards": cfg.extract.n_shards,
     }
 

@@ -12,6 +12,7 @@ from components.ingest import ingest
 from components.launch_trainjob import launch_trainjob
 from components.preprocess import preprocess
 from components.pretrain import pretrain
+from components.pretrain import supervised_ceiling as supervised_ceiling_task
 from components.tracking import finish_tracking, start_tracking
 
 PIPELINE_NAME = "slicefm"
@@ -67,16 +68,19 @@ def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: st
     return pre
 
 
-def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shards) -> tuple:  # noqa: ANN001
-    """Pretrained and random-weight embeddings of one cohort, each fanned out over shards and merged."""
+def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shards, sets=None) -> dict:  # noqa: ANN001
+    """Embedding sets of one cohort, each fanned out over shards and merged: by default the encoder's
+    ("pretrained") and its random-weight twin's ("random"); `sets` maps set name -> random_baseline."""
+    sets = sets or {"pretrained": False, "random": True}
     shards = _on_cluster(shard_indices(n_shards=n_shards), "light", secrets=False)
     shards.set_caching_options(True)
-    with dsl.ParallelFor(shards.output, name=f"extract-{cohort}-shards") as shard:
+    with dsl.ParallelFor(shards.output, name=f"extract-{cohort}-{'-'.join(sets)}-shards") as shard:
         parts = {}
-        for which, random_baseline in (("pretrained", False), ("random", True)):
+        for which, random_baseline in sets.items():
             task = extract(
                 **common, cohort=cohort, shard_index=shard, n_shards=n_shards, random_baseline=random_baseline,
                 slices=slices, encoder=encoder, accelerator=gpu["pool"]["accelerator"], gpus=gpu["extract_gpus"],
+                set_name=which,
             )  # fmt: skip
             task.set_caching_options(True)  # deterministic given the encoder and the slices
             _on_gpu_pool(_on_cluster(task, "gpu", retries=2), gpus=gpu["extract_gpus"], **gpu["pool"])
@@ -89,30 +93,53 @@ def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shard
         )  # fmt: skip
         _on_cluster(m, "light", retries=2).set_caching_options(True)
         merged[which] = m.outputs["embeddings"]
-    return merged["pretrained"], merged["random"]
+    return merged
 
 
 def _evaluate_encoder(
-    common: dict, gpu: dict, pre, encoder, external_source, data_version, run_external
-) -> None:  # noqa: ANN001
-    """extract (pretrained + random twin) -> evaluate on cohort A; the external cohort B under a condition."""
-    emb_a, rand_a = _embed_cohort(common, gpu, "a", pre.outputs["slices"], encoder, gpu["shards"])
-    ev = _on_cluster(evaluate(embeddings=emb_a, baseline=rand_a, **common), "eval", retries=1)
+    common: dict, gpu: dict, train_pre, pre, encoder, external_source, data_version, run_external,  # noqa: ANN001
+    supervised_ceiling,  # noqa: ANN001
+) -> None:
+    """extract (pretrained + random twin) -> evaluate on cohort A; the external cohort B under a condition;
+    and, when asked, the supervised ceiling (trained on `train_pre`'s labels, in parallel with pretraining)
+    evaluated beside them on the same folds ("evaluate-ceiling": kfp.local cannot merge branches with
+    dsl.OneOf, so the ceiling gets an evaluation of its own instead of a second copy of the whole graph)."""
+    emb_a = _embed_cohort(common, gpu, "a", pre.outputs["slices"], encoder, gpu["shards"])
+    ev = _on_cluster(evaluate(embeddings=emb_a["pretrained"], baseline=emb_a["random"], **common), "eval", retries=1)
     ev.set_caching_options(False)
     with dsl.If(run_external == True, name="external-cohort"):  # noqa: E712  (a KFP condition)
         pre_b = _ingest_and_preprocess(common, external_source, data_version, "b", "external")
-        emb_b, rand_b = _embed_cohort(common, gpu, "b", pre_b.outputs["slices"], encoder, gpu["shards"])
-        ext = external(source_results=ev.outputs["results"], embeddings=emb_b, baseline=rand_b, **common)
+        emb_b = _embed_cohort(common, gpu, "b", pre_b.outputs["slices"], encoder, gpu["shards"])
+        ext = external(
+            source_results=ev.outputs["results"], embeddings=emb_b["pretrained"], baseline=emb_b["random"], **common
+        )
         _on_cluster(ext, "eval", retries=1).set_caching_options(False)
+    with dsl.If(supervised_ceiling == True, name="supervised-ceiling"):  # noqa: E712  (a KFP condition)
+        sup = supervised_ceiling_task(
+            slices=train_pre.outputs["slices"], accelerator=gpu["pool"]["accelerator"], gpus=gpu["pretrain_gpus"],
+            **common,
+        )  # fmt: skip
+        _on_gpu_pool(_on_cluster(sup, "gpu", retries=1), gpus=gpu["pretrain_gpus"], **gpu["pool"])
+        sup.set_caching_options(False)
+        emb_sup = _embed_cohort(
+            common, gpu, "a", pre.outputs["slices"], sup.outputs["encoder"], gpu["shards"], {"supervised": False}
+        )
+        ev_sup = evaluate(
+            embeddings=emb_a["pretrained"], baseline=emb_a["random"], ceiling=emb_sup["supervised"],
+            splits=ev.outputs["results"], **common,
+        )  # fmt: skip
+        ev_sup.set_display_name("evaluate-ceiling")
+        _on_cluster(ev_sup, "eval", retries=1).set_caching_options(False)
 
 
 def _pretrain_and_evaluate(
     common: dict, gpu: dict, train_pre, eval_pre, external_source, data_version, run_external,  # noqa: ANN001
-    pretrain_nodes, trainer_namespace, trainer_image,  # noqa: ANN001
+    pretrain_nodes, trainer_namespace, trainer_image, supervised_ceiling,  # noqa: ANN001
 ) -> None:
     """Pretrain on `train_pre`'s slices (in the step on one node, or a Trainer TrainJob over several), then
     extract + evaluate on `eval_pre`'s cohort (and the external one)."""
     pool = gpu["pool"]
+    downstream = (external_source, data_version, run_external, supervised_ceiling)
     with dsl.If(pretrain_nodes <= 1, name="pretrain-single-node"):
         train = pretrain(
             slices=train_pre.outputs["slices"], accelerator=pool["accelerator"], gpus=gpu["pretrain_gpus"],
@@ -120,7 +147,7 @@ def _pretrain_and_evaluate(
         )  # fmt: skip
         _on_gpu_pool(_on_cluster(train, "gpu", retries=1), gpus=gpu["pretrain_gpus"], **pool)
         train.set_caching_options(False)  # training is not cached unless a user asks for it
-        _evaluate_encoder(common, gpu, eval_pre, train.outputs["encoder"], external_source, data_version, run_external)
+        _evaluate_encoder(common, gpu, train_pre, eval_pre, train.outputs["encoder"], *downstream)
     with dsl.Else(name="pretrain-trainjob"):
         job = launch_trainjob(
             config_yaml=common["config_yaml"], store_uri=common["store_uri"], run_name=common["run_name"],
@@ -131,7 +158,7 @@ def _pretrain_and_evaluate(
         )  # fmt: skip
         _on_cluster(job, "light", retries=1).set_caching_options(False)
         kubernetes.set_timeout(job, 72 * 3600)
-        _evaluate_encoder(common, gpu, eval_pre, job.outputs["encoder"], external_source, data_version, run_external)
+        _evaluate_encoder(common, gpu, train_pre, eval_pre, job.outputs["encoder"], *downstream)
 
 
 @dsl.pipeline(
@@ -149,6 +176,7 @@ def slicefm_pipeline(
     run_external: bool = True,
     pretrain_source: str = "",
     pretrain_data_version: str = "",
+    supervised_ceiling: bool = False,
     extract_shards: int = 1,
     pretrain_nodes: int = 1,
     gpu_accelerator: str = "nvidia.com/gpu",
@@ -173,6 +201,8 @@ def slicefm_pipeline(
         run_external: also run the external-cohort branch (frozen vs retrained heads on cohort B).
         pretrain_source: root of the pretraining cohort (P) visible to the steps; "" = pretrain on cohort A.
         pretrain_data_version: DVC md5 / git revision of the pretraining cohort (lineage tag).
+        supervised_ceiling: also train the pretraining architecture on the pretraining cohort's labels and
+            evaluate it beside pretrained and random (config section supervised_ceiling).
         extract_shards: extraction tasks per encoder and cohort (ParallelFor fan-out).
         pretrain_nodes: 1 = pretrain inside the step on one GPU node; > 1 = a Kubeflow Trainer TrainJob
             over that many nodes (needs store_uri = s3://...).
@@ -218,6 +248,7 @@ def slicefm_pipeline(
         downstream = {
             "external_source": external_source, "data_version": data_version, "run_external": run_external,
             "pretrain_nodes": pretrain_nodes, "trainer_namespace": trainer_namespace, "trainer_image": trainer_image,
+            "supervised_ceiling": supervised_ceiling,
         }  # fmt: skip
         # Pretraining cohort: the evaluation cohort itself, or its own (a foundation model's corpus; needed
         # when pretraining reads labels the evaluation predicts). kfp.local cannot resolve dsl.OneOf, so each

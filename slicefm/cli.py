@@ -75,6 +75,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_supervised_ceiling(args: argparse.Namespace) -> int:
+    from slicefm.stages import supervised_ceiling_stage
+
+    cfg = _config(args.config)
+    res = supervised_ceiling_stage(cfg, args.preprocessed, args.out)
+    print(
+        f"supervised ceiling {cfg.pretrain.encoder.name} on {len(res.classes)} classes: {res.steps} steps, loss "
+        f"{res.loss_first:.4f} -> {res.loss_last:.4f} ({res.n_slices} slices, {res.train_s:.0f} s) -> {args.out}\n"
+        f"embed it with `slicefm extract --encoder {args.out} ...`: its set is labelled 'supervised'"
+    )
+    return 0
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from slicefm.stages import extract_stage
 
@@ -251,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="pipeline YAML (pretrain section); presets in pipelines/configs/")
     s.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser(
+        "supervised-ceiling",
+        help="the pretraining architecture trained on the cohort's lesion / finding labels (a ceiling)",
+    )
+    s.add_argument("--preprocessed", required=True, help="preprocess output of the pretraining cohort")
+    s.add_argument("--out", required=True, help="output directory or s3:// URI (encoder files)")
+    s.add_argument("--config", help="pipeline YAML (pretrain.encoder and supervised_ceiling sections)")
+    s.set_defaults(func=cmd_supervised_ceiling)
 
     s = sub.add_parser("extract", help="frozen encoder -> per-slice embeddings (per window / 5-cut tile)")
     s.add_argument("--preprocessed", required=True, help="preprocess output (directory or s3://)")

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slicefm.embed.config import ExtractConfig
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
-from slicefm.train.config import PretrainConfig
+from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
 
 
 class Strict(BaseModel):
@@ -90,8 +90,17 @@ class ExternalSection(ExternalConfig):
     data: DataConfig = Field(default_factory=_external_data)
 
 
+# Sections with a seed of their own; the run's `seed` fills any of them that does not set one explicitly.
+SEEDED_SECTIONS = ("pretrain", "supervised_ceiling", "evaluate")
+
+
 class PipelineConfig(Strict):
-    """The whole run: one YAML, one section per stage."""
+    """The whole run: one YAML, one section per stage.
+
+    `seed` drives the whole run: pretraining, the supervised ceiling, the evaluation's folds and heads, and the
+    random-weight baseline; a section's own `seed` overrides it for that section only. (Phantom data seeds are
+    the datasets' identity, not the run's: they stay per cohort.)
+    """
 
     name: str = "slicefm"
     experiment: str = "slicefm"
@@ -105,10 +114,27 @@ class PipelineConfig(Strict):
     # reads labels the evaluation predicts (pretrain.aux.lesion_classes "typed"), so no test fold's labels
     # reach the encoder.
     pretrain_data: DataConfig | None = None
+    # The same architecture trained on the pretraining cohort's labels: a ceiling every task's summary shows
+    # beside pretrained and random (off by default: it trains a second encoder).
+    supervised_ceiling: SupervisedCeilingConfig = Field(default_factory=SupervisedCeilingConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     external: ExternalSection = Field(default_factory=ExternalSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        seed = data.get("seed", 0)
+        data = dict(data)
+        for name in SEEDED_SECTIONS:
+            section = data.get(name)
+            if section is None:
+                data[name] = {"seed": seed}
+            elif isinstance(section, dict) and "seed" not in section:
+                data[name] = {**section, "seed": seed}
+        return data
 
     def data_sources(self) -> list[DataConfig]:
         """Every cohort the run reads: evaluation, pretraining (when its own), external (when enabled)."""

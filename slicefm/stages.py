@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from slicefm.embed.extract import ExtractResult
     from slicefm.evaluate.external_stage import ExternalStageResult
     from slicefm.evaluate.stage import EvaluateResult
+    from slicefm.train.supervised import SupervisedResult
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,33 @@ def pretrain_stage(
     return result
 
 
+def supervised_ceiling_stage(
+    cfg: PipelineConfig,
+    preprocessed_uri: str,
+    out_uri: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> SupervisedResult:
+    """The supervised ceiling (pretrain.encoder trained on the cohort's labels), exported like an encoder."""
+    from slicefm.train.supervised import run_supervised_ceiling
+
+    params = {**cfg.supervised_ceiling.model_dump(mode="json"), "encoder": cfg.pretrain.encoder.name}
+    with _tracked(tracking_uri, parent_run_id, "supervised-ceiling", cfg, params):
+        result = run_supervised_ceiling(
+            preprocessed_uri, out_uri, cfg.pretrain, cfg.supervised_ceiling, _log_step_metrics
+        )
+        _log_metrics({k: getattr(result, k) for k in ("loss_first", "loss_last", "n_slices", "train_s")})
+        _log_artifacts(out_uri, ["supervised_result.json"])
+    return result
+
+
+def _log_step_metrics(metrics: dict[str, float], step: int) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
+
+
 def trainjob_pretrain_stage(
     cfg: PipelineConfig,
     out_uri: str,
@@ -195,6 +223,7 @@ def extract_stage(
     """Embed every slice with the configured encoder (or, with `random_baseline`, its random-weight twin)."""
     from slicefm.embed.extract import run_extract
     from slicefm.embed.sources import random_twin, resolve_encoder
+    from slicefm.train.supervised import SUPERVISED_LABEL
 
     pre = open_store(preprocessed_uri)
     meta = pre.read_json("preprocess.json")
@@ -202,7 +231,8 @@ def extract_stage(
     encoder, info = resolve_encoder(cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed)
     if random_baseline:
         encoder, info = random_twin(info, cfg.seed)
-    stage = ("extract-random" if random_baseline else "extract") + ("" if cohort == "a" else f"-{cohort}")
+    which = "-random" if random_baseline else ("-supervised" if info.label == SUPERVISED_LABEL else "")
+    stage = f"extract{which}" + ("" if cohort == "a" else f"-{cohort}")
     params = {
         **cfg.extract.model_dump(mode="json"),
         "label": info.label,
@@ -230,19 +260,24 @@ def evaluate_stage(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     splits_uri: str | None = None,
+    stage: str = "evaluate",
 ) -> EvaluateResult:
-    """Cross-validated heads for every task on every embedding set (same folds), report and plots."""
+    """Cross-validated heads for every task on every embedding set (same folds), report and plots.
+
+    The headline task's best head becomes the registry's champion in the "evaluate" stage only (the
+    supervised ceiling's evaluation, "evaluate-ceiling", compares; it registers nothing)."""
     from slicefm.evaluate.stage import run_evaluate
 
     params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
-    with _tracked(tracking_uri, parent_run_id, "evaluate", cfg, params):
+    with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = run_evaluate(embedding_uris, out_uri, cfg.evaluate, splits_uri)
         _log_metrics(
             headline_scalars(result.headline, "macro", with_sd=False) | comparison_scalars(result.comparison)
         )
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
         _log_tree(out_uri, ".png", "plots")
-        _register_champion_heads(cfg, result)
+        if stage == "evaluate":
+            _register_champion_heads(cfg, result)
     return result
 
 

@@ -103,6 +103,7 @@ def resolve_encoder(
     else:
         uri, label = spec, Path(spec.rstrip("/")).name or spec
     encoder, meta = load_encoder(uri)
+    label = str(meta.get("label") or label)  # an export may name its set ("supervised" for the ceiling)
     input_channels = meta.get("input_channels", "stacked")
     if cfg.input_channels not in ("auto", input_channels):
         raise ValueError(

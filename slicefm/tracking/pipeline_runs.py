@@ -73,6 +73,10 @@ def finish_parent_run(tracking_uri: str, experiment: str, run_name: str) -> str:
     return status
 
 
+# Stages whose output has a results.json summary (evaluate-ceiling: the evaluation with the supervised ceiling).
+REPORTING_STAGES = ("evaluate", "evaluate-ceiling", "external")
+
+
 def headline_report(stage: str, uri: str, metric: str = "auroc") -> str:
     """The summary of an evaluate / external output (results.json), as markdown: an evaluate output's
     all-tasks comparison (every task, paired differences vs random); otherwise (external, or an evaluate
@@ -115,14 +119,16 @@ def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Pa
     for run in sorted(child_runs(tracking_uri, parent.info.run_id), key=lambda r: r.info.start_time):
         stage = run.data.tags.get("slicefm.stage", run.info.run_name)
         items = sorted(run.data.metrics.items())
-        if stage in ("evaluate", "external"):  # dozens of metrics: the tables below show them
+        if stage in REPORTING_STAGES:  # dozens of metrics: the tables below show them
             items = [(k, v) for k, v in items if k.endswith("_auroc")]
         metrics = ", ".join(f"{k}={v:g}" for k, v in items)
         lines.append(f"  {stage:<19} {run.info.status:<9} {metrics}")
         if "slicefm.output_uri" in run.data.tags:
             lines.append(f"  {'':<19} output: {run.data.tags['slicefm.output_uri']}")
-            if stage in ("evaluate", "external"):
+            if stage in REPORTING_STAGES:
                 reports.append((stage, run.data.tags["slicefm.output_uri"]))
+    if any(stage == "evaluate-ceiling" for stage, _ in reports):  # the same comparison plus the ceiling
+        reports = [(stage, uri) for stage, uri in reports if stage != "evaluate"]
     for stage, uri in reports:
         lines.append(headline_report(stage, uri))
     lines.append(f"MLflow: {tracking_uri}  (browse: mlflow ui --backend-store-uri {tracking_uri})")

@@ -194,3 +194,20 @@ def load_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     if "pretrain" in data and isinstance(data["pretrain"], dict):
         data = data["pretrain"]
     return PretrainConfig.model_validate(data)
+
+
+class SupervisedCeilingConfig(_Strict):
+    """The supervised ceiling (slicefm.train.supervised): pretrain.encoder's architecture trained on the
+    pretraining cohort's labels, evaluated beside the pretrained and random-weight encoders."""
+
+    enabled: bool = False
+    targets: list[Literal["lesions", "findings"]] = Field(default_factory=lambda: ["lesions", "findings"], min_length=1)
+    cells: bool = True  # also supervise every patch token with the classes its cell covers
+    cell_pos_weight: float = Field(20.0, gt=0)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    seed: int | None = None  # None = pretrain.seed
+    max_scans: int | None = Field(None, ge=1)  # training scans held in memory (None = all)
+    log_every_steps: int = Field(50, ge=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from components.pretrain import pretrain
+from components.pretrain import pretrain, supervised_ceiling
 from slicefm.train.export import load_encoder
 from tests.components.conftest import component_config, dataset, stage_runs
 
@@ -49,3 +49,34 @@ def test_pretrain_exports_a_loadable_encoder_and_registers_it(
         "pretrain-test-encoder", run.data.tags["slicefm.model_version"]
     )
     assert version.run_id == run.info.run_id
+
+
+def test_supervised_ceiling_exports_an_encoder_extract_labels_supervised(
+    preprocessed, tmp_path, tracking_uri, parent_run
+):
+    config_yaml = component_config(
+        tmp_path, "ceiling-test", supervised_ceiling={"enabled": True, "steps": 8, "batch_size": 8}
+    )
+    encoder = dataset(tmp_path, "encoder")
+    loss = supervised_ceiling.python_func(
+        config_yaml=config_yaml, tracking_uri=tracking_uri, parent_run_id=parent_run, store_uri="",
+        run_name="r", slices=dataset(tmp_path, "slices", uri=preprocessed), encoder=encoder,
+    )  # fmt: skip
+    out = Path(encoder.path)
+    result = json.loads((out / "supervised_result.json").read_text())
+    assert math.isfinite(loss) and loss == result["loss_last"] and result["steps"] == 8
+    assert encoder.metadata == {
+        "uri": encoder.path, "method": "supervised_ceiling", "encoder": "vit_tiny_test", "steps": 8,
+        "accelerator": "", "gpus": 0,
+    }  # fmt: skip
+    model, meta = load_encoder(encoder.path)
+    assert (meta["label"], meta["input_channels"], meta["in_chans"]) == ("supervised", "per_window", 1)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, meta["embed_dim"])
+    # Its stage run: the ceiling's settings as params, its losses (per step and the summary), no registry entry.
+    run = stage_runs(tracking_uri, parent_run)["supervised-ceiling"]
+    assert run.info.status == "FINISHED" and run.data.params["steps"] == "8"
+    assert run.data.metrics["loss_last"] == loss and run.data.metrics["n_slices"] == result["n_slices"]
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 7]
+    assert "slicefm.registered_model" not in run.data.tags

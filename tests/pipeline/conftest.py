@@ -37,7 +37,9 @@ def local_run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return tracking
 
 
-def tiny_pipeline_config(tmp_path: Path, external: bool = True, pretrain_cohort: bool = False) -> Path:
+def tiny_pipeline_config(
+    tmp_path: Path, external: bool = True, pretrain_cohort: bool = False, supervised_ceiling: bool = False
+) -> Path:
     """Write a CPU-sized pipeline config (demo-cpu's pretrain section, shrunk) under tmp_path; returns its path.
 
     Cohort A is generated into tmp_path/data, cohort B (when `external`) into tmp_path/external, the
@@ -77,6 +79,7 @@ def tiny_pipeline_config(tmp_path: Path, external: bool = True, pretrain_cohort:
                 if pretrain_cohort
                 else None
             ),
+            "supervised_ceiling": {"enabled": supervised_ceiling, "steps": 6, "batch_size": 8},
             "external": {
                 "enabled": external,
                 "tasks": ["location"],

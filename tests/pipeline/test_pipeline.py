@@ -46,9 +46,14 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     for outer, train_slices_from in ((on_a, "preprocess"), (on_p, pre_p_name)):
         # Pretraining: inside the step (one node) or a Trainer TrainJob (several).
         (branches,) = find(outer, "condition-branches").values()
-        single, multi = (dag(t) for t in dag(branches).values())
-        for branch, kind in ((single, "pretrain"), (multi, "launch-trainjob")):
-            (producer,) = (n for n in branch if n == kind or n.removeprefix(kind + "-").isdigit())
+        producers = {}  # kind -> (branch, its producer task's name)
+        for branch in (dag(t) for t in dag(branches).values()):
+            for kind in ("pretrain", "launch-trainjob"):
+                names = [n for n in branch if n == kind or n.removeprefix(kind + "-").isdigit()]
+                if names:
+                    producers[kind] = (branch, *names)
+        assert set(producers) == {"pretrain", "launch-trainjob"}, "in the step, or a TrainJob"
+        for branch, producer in producers.values():
             _check_pretrain_branch(comps, dag, find, branch, producer, train_slices_from)
     outs = comps["comp-evaluate"]["outputDefinitions"]["artifacts"]
     assert {o["artifactType"]["schemaTitle"] for o in outs.values()} >= {
@@ -106,18 +111,20 @@ def test_demo_dataset_regenerates_to_the_dvc_tracked_version(tmp_path):
 
 
 def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
-    """Every stage, with the encoder pretrained on its own cohort (P, 6 scans) and evaluated on A (8 scans)."""
-    config_path = tiny_pipeline_config(tmp_path, pretrain_cohort=True)
+    """Every stage, with the encoder pretrained on its own cohort (P, 6 scans) and evaluated on A (8 scans),
+    and the supervised ceiling trained on P's labels and evaluated beside it."""
+    config_path = tiny_pipeline_config(tmp_path, pretrain_cohort=True, supervised_ceiling=True)
     tracking = local_run_env(tmp_path, monkeypatch)
     assert runner.run_local(config_path, run_name="run-1") == 0
-    # The end-of-run summary: every evaluated task once (with its paired difference), the external cohort.
+    # The end-of-run summary: every evaluated task once (with its paired difference and the ceiling's
+    # gap closed: the ceiling's evaluation replaces the plain one there), the external cohort.
     printed = capsys.readouterr().out
     summary = printed[printed.index("\npipeline run run-1: FINISHED") :]
-    assert summary.count("evaluate · every task") == 1
-    assert [r[:2] for r in _table_rows(summary) if r[0] in ("location", "findings")] == [
-        ["location", "abmil"],
-        ["findings", "probe"],
-    ]
+    assert summary.count("evaluate-ceiling · every task") == 1 and "evaluate · every task" not in summary
+    rows = [r for r in _table_rows(summary) if r[0] in ("location", "findings")]
+    assert [r[:2] for r in rows] == [["location", "abmil"], ["findings", "probe"]]
+    header = next(r for r in _table_rows(summary) if r[0] == "task")
+    assert "supervised" in header and any("gap closed" in c for c in header)
     assert "pretrained − random [95% CI]" in summary and "external · task location" in summary
     parent = find_parent_run(tracking, "pipeline-test", "run-1")
     assert parent.info.status == "FINISHED"
@@ -126,7 +133,18 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
     assert set(stages) == {
         "ingest", "preprocess", "pretrain", "extract", "extract-random", "evaluate",
         "ingest-p", "preprocess-p", "ingest-b", "preprocess-b", "extract-b", "extract-random-b", "external",
+        "supervised-ceiling", "extract-supervised", "evaluate-ceiling",
     }  # fmt: skip
+    # The ceiling: trained on P's slices, embedded on A, evaluated on the plain evaluation's folds.
+    assert stages["supervised-ceiling"].data.metrics["n_slices"] > 0
+    ceiling = json.loads(
+        (Path(stages["evaluate-ceiling"].data.tags["slicefm.output_uri"]) / "results.json").read_text()
+    )
+    assert set(ceiling["macro"]["location"]) == {"pretrained · abmil", "random · abmil", "supervised · abmil"}
+    assert "supervised" in ceiling["paired"]["location"]["abmil"]
+    plain = json.loads((Path(stages["evaluate"].data.tags["slicefm.output_uri"]) / "results.json").read_text())
+    assert ceiling["macro"]["location"]["pretrained · abmil"] == plain["macro"]["location"]["pretrained · abmil"]
+    assert "slicefm.registered_head" not in stages["evaluate-ceiling"].data.tags
     assert stages["pretrain"].data.metrics["steps"] == 4
     # The encoder saw cohort P only; cohort A (8 scans) is what it embeds and what is evaluated.
     assert stages["ingest-p"].data.metrics["n_scans"] == stages["pretrain"].data.metrics["n_train_scans"] == 6
@@ -181,18 +199,26 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
     kfp_root = tmp_path / "state" / "kfp"
     html = list(kfp_root.rglob("report_html"))
     assert html and "<table>" in html[0].read_text()
-    # The evaluate component's KFP Metrics: the headline task's, and every task's paired difference vs random.
-    (executor_output,) = (
-        p for p in kfp_root.rglob("executor_output.json") if re.fullmatch(r"evaluate(-\d+)?", p.parent.name)
-    )
-    outputs = json.loads(executor_output.read_text())
-    (kfp_metrics,) = outputs["artifacts"]["metrics"]["artifacts"]
-    logged = kfp_metrics["metadata"]
+    # The evaluate components' KFP Metrics: the headline task's, and every task's paired difference vs random
+    # (the plain evaluation's, and the ceiling's, which adds the supervised set's).
+    evaluations = {}
+    for path in kfp_root.rglob("executor_output.json"):
+        if re.fullmatch(r"evaluate(-\d+)?", path.parent.name):
+            outputs = json.loads(path.read_text())
+            (kfp_metrics,) = outputs["artifacts"]["metrics"]["artifacts"]
+            logged = kfp_metrics["metadata"]
+            evaluations["ceiling" if "macro_supervised_abmil_auroc" in logged else "plain"] = (outputs, logged)
+    assert set(evaluations) == {"plain", "ceiling"}
+    outputs, logged = evaluations["plain"]
     assert "macro_pretrained_abmil_auroc" in logged
     assert logged["findings/probe/pretrained_vs_random/auroc_diff"] == pytest.approx(
         results["paired"]["findings"]["probe"]["pretrained"]["mean_diff"]
     )
     assert outputs["parameterValues"]["Output"].startswith("Macro AUROC of every task")
+    _, ceiling_logged = evaluations["ceiling"]
+    assert ceiling_logged["findings/probe/supervised_vs_random/auroc_diff"] == pytest.approx(
+        ceiling["paired"]["findings"]["probe"]["supervised"]["mean_diff"]
+    )
 
 
 def _summary(mean: float, sd: float) -> dict:
@@ -346,9 +372,25 @@ def _check_pretrain_branch(comps, dag, find, branch: dict, producer: str, train_
     assert len(merges) == 2
     ev = branch[ev_name]["inputs"]["artifacts"]
     assert {ev[k]["taskOutputArtifact"]["producerTask"] for k in ("embeddings", "baseline")} == set(merges)
+    # Two conditions: the external cohort, and the supervised ceiling.
+    conditions = [dag(t) for t in find(branch, "condition").values()]
+    (ext_tasks,) = (c for c in conditions if find(c, "external"))
+    (ceiling_tasks,) = (c for c in conditions if find(c, "supervised-ceiling"))
+    # The ceiling trains on the pretraining cohort's slices, is embedded on A, and is evaluated with the
+    # pretrained and random sets on the plain evaluation's folds.
+    (sup_name,) = find(ceiling_tasks, "supervised-ceiling")
+    assert ceiling_tasks[sup_name]["inputs"]["artifacts"]["slices"] == {
+        "componentInputArtifact": f"pipelinechannel--{train_slices_from}-slices"
+    }
+    (ev_ceiling,) = find(ceiling_tasks, "evaluate").values()
+    ev_c = ev_ceiling["inputs"]["artifacts"]
+    (sup_merge,) = find(ceiling_tasks, "merge-embeddings")
+    assert ev_c["ceiling"]["taskOutputArtifact"]["producerTask"] == sup_merge
+    assert ev_c["splits"] == {"componentInputArtifact": f"pipelinechannel--{ev_name}-results"}
+    assert {ev_c[k]["componentInputArtifact"] for k in ("embeddings", "baseline")} == {
+        f"pipelinechannel--{m}-embeddings" for m in merges
+    }
     # The external cohort runs under a condition: its own ingest/preprocess, the same encoder, A's heads.
-    (cond,) = find(branch, "condition").values()
-    ext_tasks = dag(cond)
     ing_b = next(t for n, t in ext_tasks.items() if n.startswith("ingest"))
     assert ing_b["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "b"
     (ext,) = find(ext_tasks, "external").values()
