@@ -7,13 +7,14 @@ same code is tested without a cluster and runs unchanged inside a component.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slicefm.evaluate.metrics import Summary
-from slicefm.evaluate.report import kfp_confusion_matrix, kfp_roc
+from slicefm.evaluate.report import RowKey, kfp_confusion_matrix, kfp_roc
 
 if TYPE_CHECKING:
     from slicefm.evaluate.summary import Comparison
@@ -24,7 +25,7 @@ def _safe(name: str) -> str:
 
 
 def headline_scalars(
-    headline: dict[str, dict[str, Summary]], prefix: str, with_sd: bool = True
+    headline: Mapping[RowKey, Mapping[str, Summary]], prefix: str, with_sd: bool = True
 ) -> dict[str, float]:
     """ "<prefix>_<model>_<protocol>_<metric>" -> mean (and "..._sd"); n/a cells omitted (MLflow and KFP)."""
     out = {}
@@ -32,7 +33,7 @@ def headline_scalars(
         for metric, s in per_metric.items():
             if s.mean is None:
                 continue
-            base = f"{prefix}_{_safe(row)}_{metric}"
+            base = f"{prefix}_{_safe(row.label)}_{metric}"
             out[base] = float(s.mean)
             if with_sd:
                 out[f"{base}_sd"] = float(s.sd or 0.0)
@@ -58,7 +59,7 @@ def comparison_scalars(comparison: Comparison) -> dict[str, float]:
 
 
 def log_headline_metrics(
-    metrics: Any, headline: dict[str, dict[str, Summary]], prefix: str
+    metrics: Any, headline: Mapping[RowKey, Mapping[str, Summary]], prefix: str
 ) -> dict[str, float]:
     """headline_scalars logged on a KFP Metrics artifact."""
     logged = headline_scalars(headline, prefix)

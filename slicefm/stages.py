@@ -290,11 +290,7 @@ def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> Non
     if mlflow.active_run() is None:
         return
     metric = cfg.evaluate.headline_metric
-    scored = [
-        (r, result.headline[f"{r.model} · {r.protocol}"][metric].mean)
-        for r in result.runs
-        if r.task == result.headline_task
-    ]
+    scored = [(r, result.headline[r.key][metric].mean) for r in result.runs if r.task == result.headline_task]
     scored = [(r, m) for r, m in scored if m is not None]
     if not scored:
         return

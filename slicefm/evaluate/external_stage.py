@@ -16,7 +16,7 @@ from slicefm.data.pseudonym import require_same_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.metrics import METRICS, Summary
 from slicefm.evaluate.protocols import run_external
-from slicefm.evaluate.report import combine_pages, headline_markdown, render_report
+from slicefm.evaluate.report import RowKey, by_label, combine_pages, headline_markdown, render_report
 from slicefm.evaluate.stage import (
     _common_scans,
     _metrics_rows,
@@ -38,12 +38,12 @@ class ExternalStageResult:
     out_uri: str
     report_markdown: str
     headline_task: str
-    headline: dict[str, dict[str, Summary]]  # "model · frozen|retrained" -> metric -> macro Summary
-    rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = field(default_factory=dict)
+    headline: dict[RowKey, dict[str, Summary]]  # (model, frozen|retrained) -> metric -> macro Summary
+    rows: dict[str, dict[RowKey, dict[str, dict[str, Summary]]]] = field(default_factory=dict)
 
     def headline_table(self, metric: str = "auroc") -> str:
         caption = f"external cohort B, task {self.headline_task}"
-        return headline_markdown(caption, "model · setting", self.headline, metric)
+        return headline_markdown(caption, "model · setting", by_label(self.headline), metric)
 
 
 def run_external_stage(
@@ -64,7 +64,7 @@ def run_external_stage(
     unknown = [t for t in ext.tasks if t not in tasks]
     if unknown:
         raise ValueError(f"external tasks {unknown} are not evaluate tasks ({sorted(tasks)})")
-    rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = {}
+    rows: dict[str, dict[RowKey, dict[str, dict[str, Summary]]]] = {}  # task -> row -> class -> metric
     mds, pages = [], []
     for name in ext.tasks:
         task = tasks[name]
@@ -78,7 +78,7 @@ def run_external_stage(
                 cfg.seed, protocol=ext.protocol, splits=splits,
             )  # fmt: skip
             for setting, summary in res.summaries.items():
-                rows.setdefault(name, {})[f"{model} · {setting}"] = summary
+                rows.setdefault(name, {})[RowKey(model, setting)] = summary
             run = out.child(f"{name}/{model}")
             frozen_rows = [r for k, t in enumerate(res.frozen_folds) for r in _metrics_rows(k, "test", t)]
             retr_rows = [
@@ -95,7 +95,7 @@ def run_external_stage(
                 )
             log.info("external %s / %s: frozen vs retrained done", name, model)
         md, page = render_report(
-            rows[name], data.class_names, title=f"slicefm external cohort · {name}",
+            by_label(rows[name]), data.class_names, title=f"slicefm external cohort · {name}",
             notes=[f"cohort B: {len(data.scan_ids)} scans, {splits.mode} {len(splits.folds)}-fold CV; "
                    f"frozen = cohort A's {ext.protocol} fold heads unchanged, retrained = new heads on B's "
                    "train splits; both scored on B's test sets"],
@@ -112,7 +112,7 @@ def run_external_stage(
         {
             "headline_task": head,
             "macro": {
-                t: {r: {m: _summary_dict(s["macro"][m]) for m in METRICS} for r, s in rr.items()}
+                t: {r.label: {m: _summary_dict(s["macro"][m]) for m in METRICS} for r, s in rr.items()}
                 for t, rr in rows.items()
             },
             "pseudonym_key_fingerprint": key_fingerprint,

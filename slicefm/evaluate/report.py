@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_curve
@@ -12,6 +14,41 @@ from sklearn.metrics import confusion_matrix, roc_curve
 from slicefm.evaluate.metrics import METRICS, Summary
 
 Table = list[list[str]]  # first row = header
+ROW_SEPARATOR = " · "
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """One row of the result tables: an embedding set ("pretrained", "random", ...) and the protocol that
+    scored it ("abmil", "probe"; in the external stage the setting, "frozen" or "retrained").
+
+    Rows are keyed by this, never by their text: `label` ("pretrained · abmil") is for what people read (the
+    reports, the metric names) and for results.json, whose row names `parse` turns back into keys."""
+
+    model: str
+    protocol: str
+
+    def __post_init__(self) -> None:
+        if ROW_SEPARATOR in self.model or ROW_SEPARATOR in self.protocol:
+            raise ValueError(f"{self!r}: {ROW_SEPARATOR!r} in a model or protocol makes the label ambiguous")
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}{ROW_SEPARATOR}{self.protocol}"
+
+    @classmethod
+    def parse(cls, label: str) -> RowKey:
+        """The key of a row `label` (as results.json names rows)."""
+        model, sep, protocol = label.partition(ROW_SEPARATOR)
+        if not sep:
+            raise ValueError(f"row {label!r} is not '<model>{ROW_SEPARATOR}<protocol>'")
+        return cls(model, protocol)
+
+
+def by_label(rows: Mapping[RowKey, V]) -> dict[str, V]:
+    """The same rows named by their labels, in order: for tables and results.json."""
+    return {key.label: value for key, value in rows.items()}
 
 
 def format_cell(s: Summary, digits: int = 3) -> str:

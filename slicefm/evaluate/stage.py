@@ -36,7 +36,7 @@ from slicefm.evaluate.continuity import mean_continuity
 from slicefm.evaluate.metrics import METRICS, ClassScores, Summary
 from slicefm.evaluate.plots import plot_attention, plot_roc_pr
 from slicefm.evaluate.protocols import CVResult, run_abmil_cv, run_linear_probe
-from slicefm.evaluate.report import combine_pages, headline_markdown, render_report
+from slicefm.evaluate.report import RowKey, by_label, combine_pages, headline_markdown, render_report
 from slicefm.evaluate.splits import Splits, make_splits
 from slicefm.evaluate.summary import Comparison, build_comparison
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
@@ -98,19 +98,25 @@ class RunResult:
     uri: str
     labels: np.ndarray | None = None  # [n_bags, C] targets the folds index into
 
+    @property
+    def key(self) -> RowKey:
+        """Its row in the result tables (and in EvaluateResult.headline when its task is the headline task)."""
+        return RowKey(self.model, self.protocol)
+
 
 @dataclass
 class EvaluateResult:
     out_uri: str
     report_markdown: str
     headline_task: str
-    headline: dict[str, dict[str, Summary]]  # "model · protocol" -> metric -> Summary (macro, headline task)
+    headline: dict[RowKey, dict[str, Summary]]  # row -> metric -> Summary (macro, headline task)
     comparison: Comparison  # every task: macro headline metric per set, paired differences vs random
     runs: list[RunResult] = field(default_factory=list)
     continuity: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def headline_table(self, metric: str = "auroc") -> str:
-        return headline_markdown(f"task {self.headline_task}", "model · protocol", self.headline, metric)
+        caption = f"task {self.headline_task}"
+        return headline_markdown(caption, "model · protocol", by_label(self.headline), metric)
 
 
 def _safe(name: str) -> str:
@@ -177,7 +183,7 @@ def run_evaluate(
     key_fingerprint = require_same_key(fingerprints, "evaluate")
     scans = _common_scans(sets)
     runs: list[RunResult] = []
-    report_rows: dict[str, dict[str, dict[str, dict[str, Summary]]]] = {}
+    report_rows: dict[str, dict[RowKey, dict[str, dict[str, Summary]]]] = {}  # task -> row -> class -> metric
     class_names: dict[str, list[str]] = {}
     notes: list[str] = []
     for task in cfg.tasks:
@@ -194,8 +200,9 @@ def run_evaluate(
             for protocol in task.protocols:
                 res = _cross_validate(bags, data, cfg, protocol, splits)
                 uri = _write_run(out, task.name, model, protocol, res, data, bags, es, windows, cfg)
-                runs.append(RunResult(task.name, model, protocol, res, uri, data.labels))
-                report_rows.setdefault(task.name, {})[f"{model} · {protocol}"] = res.summary
+                run = RunResult(task.name, model, protocol, res, uri, data.labels)
+                runs.append(run)
+                report_rows.setdefault(task.name, {})[run.key] = res.summary
                 log.info("%s / %s / %s: %s", task.name, model, protocol, _macro_line(res.summary))
     continuity = _continuity(sets, scans["scan_id"].tolist(), cfg.continuity_metric)
     out.write_json("continuity.json", {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()})
@@ -204,16 +211,14 @@ def run_evaluate(
     out.write_bytes("report.md", md.encode())
     out.write_bytes("report.html", page.encode())
     head_task = cfg.tasks[0].name
-    headline = {name: summary["macro"] for name, summary in report_rows[head_task].items()}
+    headline = {key: summary["macro"] for key, summary in report_rows[head_task].items()}
     out.write_json(
         "results.json",
         {
             "headline_task": head_task,
             "macro": {
-                task: {row: {m: _summary_dict(s[m]) for m in METRICS} for row, s in rows.items()}
-                for task, rows in (
-                    (t, {r: v["macro"] for r, v in rr.items()}) for t, rr in report_rows.items()
-                )
+                task: {row.label: {m: _summary_dict(s["macro"][m]) for m in METRICS} for row, s in rr.items()}
+                for task, rr in report_rows.items()
             },
             "paired_metric": comparison.metric,
             "paired_reference": comparison.reference,
@@ -369,7 +374,7 @@ def _continuity(
 
 
 def _report(
-    rows: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Summary]]]],
+    rows: Mapping[str, Mapping[RowKey, Mapping[str, Mapping[str, Summary]]]],
     class_names: Mapping[str, list[str]],
     notes: list[str],
     continuity: Mapping[str, tuple[float, float]],
@@ -384,7 +389,7 @@ def _report(
     mds, pages = [md], [page]
     for i, (task, task_rows) in enumerate(rows.items()):
         md, page = render_report(
-            task_rows, class_names[task], title=f"slicefm evaluation · {task}",
+            by_label(task_rows), class_names[task], title=f"slicefm evaluation · {task}",
             notes=[notes[i], *models] if i == 0 else [notes[i]],
             continuity=continuity if i == len(rows) - 1 else None, continuity_metric=cfg.continuity_metric,
         )  # fmt: skip

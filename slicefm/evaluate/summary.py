@@ -18,7 +18,7 @@ from slicefm.evaluate.paired import (
     gap_closed,
 )
 from slicefm.evaluate.protocols import CVResult
-from slicefm.evaluate.report import Table, format_cell, html_page, to_html
+from slicefm.evaluate.report import RowKey, Table, format_cell, html_page, to_html
 
 
 @dataclass
@@ -105,9 +105,9 @@ class Comparison:
         """The summary an evaluate run wrote to results.json ("macro", "paired", "paired_metric", ...)."""
         metric, macro = results["paired_metric"], {}
         for task, rows in results["macro"].items():
-            for row, per in rows.items():
-                name, protocol = row.rsplit(" · ", 1)
-                macro.setdefault(task, {}).setdefault(protocol, {})[name] = Summary(**per[metric])
+            for label, per in rows.items():
+                row = RowKey.parse(label)
+                macro.setdefault(task, {}).setdefault(row.protocol, {})[row.model] = Summary(**per[metric])
         paired = {t: {p: {s: PairedDiff(**d) for s, d in per.items()} for p, per in ps.items()}
                   for t, ps in results["paired"].items()}  # fmt: skip
         return cls(metric, results["paired_reference"], macro, paired)

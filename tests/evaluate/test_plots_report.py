@@ -6,6 +6,8 @@ from sklearn.metrics import roc_curve
 from slicefm.evaluate.metrics import score_table, summarise_folds
 from slicefm.evaluate.plots import plot_attention, plot_attention_maps, plot_roc_pr
 from slicefm.evaluate.report import (
+    RowKey,
+    by_label,
     kfp_confusion_matrix,
     kfp_roc,
     kfp_scalar_metrics,
@@ -78,6 +80,22 @@ def test_tables_and_report(tmp_path) -> None:
     assert "Latent continuity (cosine distance" in md and "| 2D | 0.430 ± 0.100 |" in md
     assert html.count("<table>") == 5 and "<td>n/a: no positives</td>" in html
     assert to_markdown([["a|b"], ["1"]]).startswith("| a\\|b |")
+
+
+def test_row_keys_are_typed_and_labelled_only_for_display() -> None:
+    key = RowKey("pretrained", "abmil")
+    assert key.label == "pretrained · abmil" and RowKey.parse(key.label) == key
+    assert key != "pretrained · abmil" and key != ("pretrained", "abmil")  # a key is no text, no tuple
+    rows = {RowKey("random", "probe"): 1, key: 2}
+    assert by_label(rows) == {"random · probe": 1, "pretrained · abmil": 2}  # order kept
+    assert list(by_label(rows)) == ["random · probe", "pretrained · abmil"]
+    # A label that would not parse back to its key is refused when the key is made.
+    with pytest.raises(ValueError, match="ambiguous"):
+        RowKey("a · b", "abmil")
+    with pytest.raises(ValueError, match="ambiguous"):
+        RowKey.parse("a · b · abmil")
+    with pytest.raises(ValueError, match="<model> · <protocol>"):
+        RowKey.parse("pretrained_abmil")
 
 
 def test_kfp_structures() -> None:

@@ -19,6 +19,7 @@ from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.external_stage import run_external_stage
 from slicefm.evaluate.paired import NOT_RESOLVED
+from slicefm.evaluate.report import RowKey
 from slicefm.evaluate.splits import Splits
 from slicefm.evaluate.stage import load_heads, resolve_label_columns, run_evaluate
 from slicefm.evaluate.summary import Comparison
@@ -108,9 +109,10 @@ def evaluated(tmp_path_factory):
 
 def test_signal_beats_noise_on_identical_folds(evaluated):
     root, res = evaluated
-    auroc = {row: s["auroc"].mean for row, s in res.headline.items()}
-    assert auroc["pretrained · abmil"] > 0.8 and auroc["pretrained · probe"] > 0.8, auroc
-    assert auroc["random · abmil"] < 0.7 and auroc["random · probe"] < 0.7, auroc
+    auroc = {(row.model, row.protocol): s["auroc"].mean for row, s in res.headline.items()}
+    assert auroc["pretrained", "abmil"] > 0.8 and auroc["pretrained", "probe"] > 0.8, auroc
+    assert auroc["random", "abmil"] < 0.7 and auroc["random", "probe"] < 0.7, auroc
+    assert [r.key for r in res.runs if r.task == "location"] == list(res.headline)  # typed keys, in run order
     out = root / "out"
     splits = Splits.from_json(out / "splits" / "location.json")
     for fold in splits.folds:  # folds never share a patient
@@ -150,7 +152,12 @@ def test_outputs_report_plots_and_heads(evaluated):
     assert stage.class_names == ["stage_0", "stage_1"] and stage.folds[0].head.spec.loss == "ce"
     results = json.loads((out / "results.json").read_text())
     assert results["headline_task"] == "location"
+    # results.json names rows by their labels (the format saved runs and Comparison.from_results read).
     assert set(results["macro"]["stage"]) == {"pretrained · abmil", "random · abmil"}
+    assert list(results["macro"]["location"]) == [k.label for k in res.headline]
+    head = res.headline[RowKey("pretrained", "probe")]["auroc"]
+    assert results["macro"]["location"]["pretrained · probe"]["auroc"]["mean"] == head.mean
+    assert "| pretrained · probe | " in res.headline_table()
 
 
 def _hand_paired(out: Path, task: str, protocol: str) -> tuple[float, float, float]:
@@ -220,7 +227,7 @@ def test_evaluate_stage_logs_every_task_to_mlflow(evaluated, tmp_path, monkeypat
                                                "tags.slicefm.stage = 'evaluate'")  # fmt: skip
     logged = run.data.metrics
     assert {k: logged[k] for k in comparison_scalars(res.comparison)} == comparison_scalars(res.comparison)
-    assert logged["macro_pretrained_abmil_auroc"] == res.headline["pretrained · abmil"]["auroc"].mean
+    assert logged["macro_pretrained_abmil_auroc"] == res.headline[RowKey("pretrained", "abmil")]["auroc"].mean
 
 
 def test_fixed_seed_reproduces_metrics_exactly(evaluated, tmp_path):
@@ -239,7 +246,7 @@ def test_kfp_ui_artifacts(evaluated, tmp_path):
     metrics = Metrics(name="metrics", uri=str(tmp_path / "m"))
     logged = log_headline_metrics(metrics, res.headline, "macro")
     assert metrics.metadata["macro_pretrained_abmil_auroc"] == pytest.approx(
-        res.headline["pretrained · abmil"]["auroc"].mean
+        res.headline[RowKey("pretrained", "abmil")]["auroc"].mean
     )
     assert "macro_random_probe_auprc_sd" in logged
     roc = ClassificationMetrics(name="roc", uri=str(tmp_path / "r"))
@@ -255,8 +262,11 @@ def test_external_frozen_vs_retrained(evaluated, tmp_path):
     cohort_b = write_set(tmp_path / "b", "pretrained", 36, seed=7, strength=6.0, shift=0.3)
     ext = ExternalConfig(enabled=True, tasks=["location"], protocol="abmil")
     res = run_external_stage(str(root / "out"), [cohort_b], str(tmp_path / "ext"), small_config(), ext)
-    assert set(res.headline) == {"pretrained · frozen", "pretrained · retrained"}
-    assert res.headline["pretrained · frozen"]["auroc"].mean > 0.8  # same signal, shifted scanner
+    assert set(res.headline) == {RowKey("pretrained", "frozen"), RowKey("pretrained", "retrained")}
+    assert res.headline[RowKey("pretrained", "frozen")]["auroc"].mean > 0.8  # same signal, shifted scanner
+    written = json.loads((tmp_path / "ext" / "results.json").read_text())
+    assert list(written["macro"]["location"]) == ["pretrained · frozen", "pretrained · retrained"]
+    assert "| pretrained · frozen | " in res.headline_table()
     md = (tmp_path / "ext" / "report.md").read_text()
     assert "pretrained · frozen" in md and "pretrained · retrained" in md
     frozen = pd.read_csv(tmp_path / "ext" / "location" / "pretrained" / "frozen" / "metrics.csv")
