@@ -78,12 +78,25 @@ class EmbeddingSet:
         return self._root(str(entry["root"])).read_npy(str(entry["key"]))
 
     def resolve_windows(self, windows: list[str] | None) -> list[str]:
-        """The windows a task asks for, as extracted: stacked embeddings ("all") already hold every channel."""
+        """The windows a task asks for (None: all), as extracted.
+
+        Per-window sets: the task's windows as given (`bags` refuses any not extracted). Stacked sets (one
+        embedding of every channel at once, window "all"): ["all"] when the task asks for all windows (None,
+        ["all"] or every channel); any other list is an error (no embedding holds some channels without the
+        others), where the set used to widen it to all of them silently."""
         if not windows:
             return self.windows
-        if self.windows == [STACKED_WINDOW] and set(windows) <= set(self.meta.get("channels", windows)):
+        if self.windows != [STACKED_WINDOW]:
+            return list(windows)
+        channels = list(self.meta.get("channels", []))
+        if set(windows) in ({STACKED_WINDOW}, set(channels)):
             return [STACKED_WINDOW]
-        return list(windows)
+        raise ValueError(
+            f"the task asks for windows {list(windows)}, but {self.store.uri('')} holds stacked embeddings: one "
+            f"embedding per slice of all channels {channels} at once (window {STACKED_WINDOW!r}), none of the "
+            f"windows alone; ask for all windows (none listed, or {channels}) or embed each window on its "
+            "own (an encoder with input_channels: per_window)"
+        )
 
     def bags(self, scan_ids: list[str], windows: list[str] | None = None) -> list[Bag]:
         """Bags of the given scans; every window in `windows` (default all) is one run of instances."""

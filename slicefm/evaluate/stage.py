@@ -182,6 +182,7 @@ def run_evaluate(
         fingerprints[f"reused splits ({splits_uri})"] = results_key_fingerprint(splits_uri)
     key_fingerprint = require_same_key(fingerprints, "evaluate")
     scans = _common_scans(sets)
+    task_windows = _task_windows(cfg, sets)  # before any work: a set lacking a task's windows is refused
     runs: list[RunResult] = []
     report_rows: dict[str, dict[RowKey, dict[str, dict[str, Summary]]]] = {}  # task -> row -> class -> metric
     class_names: dict[str, list[str]] = {}
@@ -195,7 +196,7 @@ def run_evaluate(
             f"{splits.mode} {len(splits.folds)}-fold CV (patient-level, stratified), classes {data.class_names}"
         )
         for model, es in sets.items():
-            windows = es.resolve_windows(task.windows)
+            windows = task_windows[task.name, model]
             bags = es.bags(data.scan_ids, windows)
             for protocol in task.protocols:
                 res = _cross_validate(bags, data, cfg, protocol, splits)
@@ -229,6 +230,18 @@ def run_evaluate(
         },
     )
     return EvaluateResult(out.uri(""), md, head_task, headline, comparison, runs, continuity)
+
+
+def _task_windows(cfg: EvaluateConfig, sets: Mapping[str, EmbeddingSet]) -> dict[tuple[str, str], list[str]]:
+    """(task, set) -> the windows its bags are made of."""
+    out = {}
+    for task in cfg.tasks:
+        for model, es in sets.items():
+            try:
+                out[task.name, model] = es.resolve_windows(task.windows)
+            except ValueError as e:
+                raise ValueError(f"task {task.name}, embedding set {model}: {e}") from e
+    return out
 
 
 def _summary_dict(s: Summary) -> dict:

@@ -47,6 +47,10 @@ def test_embeddings_equal_the_bare_encoder_per_window(preprocessed, tmp_path):
             np.testing.assert_allclose(got.astype(np.float32), want[w], rtol=2e-3, atol=2e-3)
     # The two windows are different images, so their embeddings differ.
     assert not np.allclose(es.matrix(sid, "abdomen"), es.matrix(sid, "lung"))
+    # A task takes any of the windows, alone or together.
+    assert es.resolve_windows(None) == es.resolve_windows(["abdomen", "lung"]) == ["abdomen", "lung"]
+    assert es.resolve_windows(["lung"]) == ["lung"]
+    assert es.bags([sid], es.resolve_windows(["lung"]))[0].x.shape == (len(rows), info.embed_dim)
 
 
 def test_stacked_input_and_patch_tokens(preprocessed, tmp_path):
@@ -58,6 +62,14 @@ def test_stacked_input_and_patch_tokens(preprocessed, tmp_path):
     res = run_extract(preprocessed, str(tmp_path / "emb"), encoder, info, cfg)
     es = EmbeddingSet(res.out_uri)
     assert es.windows == ["all"]
+    # Every channel is in each embedding: a task asking for all windows gets them, one asking for fewer is
+    # refused (no embedding holds the abdomen window alone), naming the task's windows and the set's layout.
+    for windows in (None, ["all"], ["abdomen", "lung"], ["lung", "abdomen"]):
+        assert es.resolve_windows(windows) == ["all"]
+    refused = r"asks for windows \[.*\], but .* stacked .*channels \['abdomen', 'lung'\]"
+    for windows in (["abdomen"], ["lung"], ["all", "lung"]):
+        with pytest.raises(ValueError, match=refused):
+            es.resolve_windows(windows)
     entry = es.index.reset_index().iloc[0]
     patches = np.load(tmp_path / "emb" / entry["patches_key"])
     n = entry["n_slices"]

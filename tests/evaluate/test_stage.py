@@ -299,6 +299,25 @@ def test_cohorts_pseudonymised_with_different_keys_are_refused(evaluated, tmp_pa
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # refused before writing anything
 
 
+def test_stacked_set_refuses_a_task_on_fewer_windows_before_any_work(tmp_path):
+    """A stacked set (one embedding of every channel, window "all") cannot give the stage task its abdomen
+    window alone: the run is refused up front, naming the task, the set, its windows and the set's layout."""
+    root = Path(write_set(tmp_path / "stacked", "pretrained", 12, seed=3, strength=1.0))
+    index = pd.read_parquet(root / "embeddings.parquet")
+    index = index[index["window"] == "abdomen"].assign(window="all")  # the abdomen matrices stand in
+    index.to_parquet(root / "embeddings.parquet")
+    meta = json.loads((root / "extract.json").read_text())
+    (root / "extract.json").write_text(json.dumps({**meta, "windows": ["all"], "channels": WINDOWS}))
+    with pytest.raises(ValueError, match=r"task stage, embedding set pretrained: .*\['abdomen'\].* stacked"):
+        run_evaluate([str(root)], str(tmp_path / "out"), small_config())
+    assert not (tmp_path / "out").exists()
+    # Asking for every window (none listed, or all of them) evaluates the stacked embeddings.
+    cfg = small_config(tasks=[{"name": "stage", "labels": ["stage"], "windows": WINDOWS, "protocols": ["probe"],
+                               "loss": "ce"}])  # fmt: skip
+    res = run_evaluate([str(root)], str(tmp_path / "ok"), cfg)
+    assert load_heads(res.out_uri, "stage", "pretrained", "probe").windows == ["all"]
+
+
 def test_label_patterns_and_bad_tables():
     cols = ["scan_id", "label_location_liver", "label_location_lung", "label_stage"]
     assert resolve_label_columns(cols, ["location_*"]) == ["location_liver", "location_lung"]
