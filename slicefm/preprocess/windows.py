@@ -47,14 +47,6 @@ WINDOWS: dict[str, HUWindow] = {
 }
 
 
-def windows_by_name(names: Sequence[str]) -> list[HUWindow]:
-    """Look windows up in `WINDOWS` by name; an unknown name raises a KeyError listing the known ones."""
-    unknown = [n for n in names if n not in WINDOWS]
-    if unknown:
-        raise KeyError(f"unknown HU window(s) {unknown}; known: {sorted(WINDOWS)}")
-    return [WINDOWS[n] for n in names]
-
-
 def _as_slices(hu: np.ndarray | torch.Tensor) -> np.ndarray:
     """[z, y, x] or [z, 1, y, x] (numpy or CPU torch) -> numpy [z, y, x] without copying when possible."""
     arr = hu.detach().cpu().numpy() if isinstance(hu, torch.Tensor) else np.asarray(hu)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from slicefm.config import PreprocessConfig, WindowSpec
 from slicefm.preprocess.boxes import map_box_to_input, map_box_to_output
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
 from slicefm.preprocess.slabs import slab_ids
+from slicefm.preprocess.stage import channel_names, resolve_windows
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
 from slicefm.preprocess.windows import (
     ABDOMEN,
@@ -22,7 +24,6 @@ from slicefm.preprocess.windows import (
     apply_windows_uint8,
     apply_zscore,
     fit_zscore_norm,
-    windows_by_name,
 )
 
 
@@ -92,9 +93,13 @@ def test_window_table() -> None:
     assert (LUNG.lo, LUNG.hi) == (-1500, 500)
     assert (WINDOWS["bone"].lo, WINDOWS["bone"].hi) == (-500, 1300)
     assert (WINDOWS["brain"].lo, WINDOWS["brain"].hi) == (0, 80)
-    assert windows_by_name(["lung", "abdomen"]) == [LUNG, ABDOMEN]
-    with pytest.raises(KeyError, match="liver"):
-        windows_by_name(["liver"])
+    # The preprocess config names windows from the table, in its order, or spells one out.
+    assert resolve_windows(PreprocessConfig(windows=["lung", "abdomen"])) == [LUNG, ABDOMEN]
+    custom = PreprocessConfig(windows=["soft_tissue", WindowSpec(name="liver", lo=-50, hi=200)])
+    assert resolve_windows(custom) == [ABDOMEN, HUWindow("liver", -50, 200)]
+    assert channel_names(custom) == ["abdomen", "liver"]
+    with pytest.raises(ValueError, match=r"unknown window 'liver'; known: \['abdomen', 'bone'"):
+        resolve_windows(PreprocessConfig(windows=["lung", "liver"]))
     with pytest.raises(ValueError):
         HUWindow("bad", 100.0, 100.0)
 
