@@ -115,10 +115,3 @@ def create_encoder(
     n_params = sum(p.numel() for p in trunk.parameters())
     logger.info("built encoder %s: embed_dim=%d, %.1fM parameters", name, encoder.embed_dim, n_params / 1e6)
     return encoder
-
-
-def forward_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`Encoder.forward_tokens` for an `Encoder` or a bare timm model."""
-    if isinstance(model, Encoder):
-        return model.forward_tokens(x)
-    return Encoder(model, name="", img_size=int(x.shape[-1]), in_chans=int(x.shape[1])).forward_tokens(x)

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from slicefm.models.encoders import Encoder, create_encoder, forward_tokens, is_vit_name
+from slicefm.models.encoders import Encoder, create_encoder, is_vit_name
 from slicefm.models.heads import AuxHeads, MLPHead, moco_predictor, moco_projector
 from slicefm.models.vit_conv_stem import ConvStemEmbed, sincos_2d_pos_embed
 
@@ -51,7 +51,8 @@ def test_forward_tokens_cls_is_first_token() -> None:
     enc = create_encoder("vit_conv_tiny_test", img_size=64, in_chans=1).eval()
     x = torch.randn(2, 1, 64, 64)
     feats = enc.trunk.forward_features(x)
-    cls, patches = forward_tokens(enc.trunk, x)
+    cls, patches = enc.forward_tokens(x)
+    assert enc.num_prefix_tokens == 1  # CLS only, no registers
     torch.testing.assert_close(cls, feats[:, 0])
     torch.testing.assert_close(patches, feats[:, 1:])
 
