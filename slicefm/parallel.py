@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 
 def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when a worker imports it later
+    torch = sys.modules.get("torch")  # preloaded by the server: its thread pool already exists
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def process_pool(
     workers: int, preload: tuple[str, ...] = ("slicefm.data.ingest", "slicefm.preprocess.stage")
 ) -> ProcessPoolExecutor:
-    """A pool whose workers fork from a server that imported `preload` once (torch included), so a worker
-    starts in milliseconds instead of importing torch itself."""
+    """A pool whose workers fork from a server that imported `preload` once (torch too, for the default
+    preprocess preload), so a worker starts in milliseconds instead of importing its modules itself.
+    Ingest preloads only slicefm.data.ingest: its workers never import torch."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)

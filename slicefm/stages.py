@@ -2,6 +2,9 @@
 
 Each takes URIs and a typed config, runs the science from the library, and (when a tracking URI is
 given) records a nested MLflow run under the pipeline's parent run: params, metrics, the resolved config.
+
+Each stage imports the library it runs inside its own function, and MLflow only when a run is tracked:
+`slicefm ingest` must not pay for torch, timm, MLflow or the evaluation (tests/test_verb_imports.py).
 """
 
 from __future__ import annotations
@@ -13,18 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slicefm.config import DataConfig, PipelineConfig, dump_config
-from slicefm.data.ingest import IngestResult, ingest
 from slicefm.data.pseudonym import key_fingerprint
-from slicefm.kfp_reports import comparison_scalars, headline_scalars
-from slicefm.preprocess.stage import PreprocessResult, run_preprocess
-from slicefm.tracking import mlflow_runs
+from slicefm.tracking import mlflow_runs  # standard library only: mlflow is imported by a tracked run
 from slicefm.tracking.store import open_store
-from slicefm.train.stage import PretrainResult, run_pretrain
 
 if TYPE_CHECKING:
+    from slicefm.data.ingest import IngestResult
     from slicefm.embed.extract import ExtractResult
     from slicefm.evaluate.external_stage import ExternalStageResult
     from slicefm.evaluate.stage import EvaluateResult
+    from slicefm.preprocess.stage import PreprocessResult
+    from slicefm.train.stage import PretrainResult
     from slicefm.train.supervised import SupervisedResult
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ def ingest_stage(
 ) -> IngestResult:
     """Ingest cohort "a" (config `data`), the external cohort "b" (`external.data`) or the pretraining
     cohort "p" (`pretrain_data`)."""
+    from slicefm.data.ingest import ingest
+
     stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
     data = cohort_data(cfg, cohort)
     params = {
@@ -103,6 +107,8 @@ def preprocess_stage(
     parent_run_id: str | None = None,
     stage: str = "preprocess",
 ) -> PreprocessResult:
+    from slicefm.preprocess.stage import run_preprocess
+
     params = cfg.preprocess.model_dump(mode="json")
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = run_preprocess(scans_uri, out_uri, cfg.preprocess)
@@ -121,6 +127,8 @@ def pretrain_stage(
     resume: bool = True,
 ) -> PretrainResult:
     """Self-supervised pretraining; checkpoints (resumable) and encoder.safetensors/json under out_uri."""
+    from slicefm.train.stage import run_pretrain
+
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id):
         result = run_pretrain(preprocessed_uri, out_uri, cfg.pretrain, resume=resume)
         _log_pretrain_metrics(result.to_dict())
@@ -148,9 +156,7 @@ def supervised_ceiling_stage(
 
 
 def _log_step_metrics(metrics: dict[str, float], step: int) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if (mlflow := mlflow_runs.active_mlflow()) is not None:
         mlflow.log_metrics(metrics, step=step)
 
 
@@ -267,6 +273,7 @@ def evaluate_stage(
     The headline task's best head becomes the registry's champion in the "evaluate" stage only (the
     supervised ceiling's evaluation, "evaluate-ceiling", compares; it registers nothing)."""
     from slicefm.evaluate.stage import run_evaluate
+    from slicefm.kfp_reports import comparison_scalars, headline_scalars
 
     params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
@@ -283,12 +290,10 @@ def evaluate_stage(
 
 def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
     """The best row of the headline task (by macro headline metric) -> `<name>-<task>-head`, alias champion."""
-    import mlflow
-
+    if (mlflow := mlflow_runs.active_mlflow()) is None:
+        return
     from slicefm.tracking.registry import register_head
 
-    if mlflow.active_run() is None:
-        return
     metric = cfg.evaluate.headline_metric
     scored = [(r, result.headline[r.key][metric].mean) for r in result.runs if r.task == result.headline_task]
     scored = [(r, m) for r, m in scored if m is not None]
@@ -316,6 +321,7 @@ def external_stage(
 ) -> ExternalStageResult:
     """Cohort A's heads on cohort B (frozen) vs heads retrained on B, on B's test sets."""
     from slicefm.evaluate.external_stage import run_external_stage
+    from slicefm.kfp_reports import headline_scalars
 
     params = {"tasks": ",".join(cfg.external.tasks), "protocol": cfg.external.protocol}
     with _tracked(tracking_uri, parent_run_id, "external", cfg, params):
@@ -329,9 +335,7 @@ def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -
     """Files under out_uri ending in `suffix` (plots) as MLflow artifacts, keeping their folders."""
     import tempfile
 
-    import mlflow
-
-    if mlflow.active_run() is None:
+    if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
     store = open_store(out_uri)
     keys = [k for k in store.list("") if k.endswith(suffix)][:limit]
@@ -344,12 +348,9 @@ def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -
 
 def _register(encoder_uri: str, model_name: str) -> None:
     """New registry version of the encoder, tagged on the stage run (only when tracking is on)."""
-    import mlflow
-
-    from slicefm.tracking.registry import register_encoder
-
-    if mlflow.active_run() is not None:
+    if (mlflow := mlflow_runs.active_mlflow()) is not None:
         from slicefm.tracking.models import edge_lineage
+        from slicefm.tracking.registry import register_encoder
 
         # stages.py is the edge shared by the CLI and the components: the image tag and commit are read here.
         version = register_encoder(encoder_uri, model_name, lineage=edge_lineage())
@@ -357,9 +358,7 @@ def _register(encoder_uri: str, model_name: str) -> None:
 
 
 def _log_metrics(metrics: dict) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if (mlflow := mlflow_runs.active_mlflow()) is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
 
@@ -367,9 +366,7 @@ def _log_artifacts(out_uri: str, keys: list[str]) -> None:
     """Small summary files go to MLflow too; bulk data stays in the artifact store."""
     import tempfile
 
-    import mlflow
-
-    if mlflow.active_run() is None:
+    if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
     store = open_store(out_uri)
     mlflow.set_tag("slicefm.output_uri", store.uri(""))

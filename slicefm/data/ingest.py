@@ -315,7 +315,7 @@ def _load_all(
             _load_and_store(i, c, args, out_uri, max_tilt_deg)
             for i, c in enumerate(tqdm(cands, desc="ingest", unit="scan"))
         ]
-    with process_pool(workers) as pool:
+    with process_pool(workers, preload=("slicefm.data.ingest",)) as pool:  # no torch in ingest
         futures = [
             pool.submit(_load_and_store, i, c, args, out_uri, max_tilt_deg) for i, c in enumerate(cands)
         ]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -179,6 +180,13 @@ def flatten_params(d: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, st
             raise ValueError(f"param key longer than {MAX_PARAM_KEY_CHARS} characters: {name[:60]}...")
         flat[name] = _param_value(value)
     return flat
+
+
+def active_mlflow() -> Any:
+    """The mlflow module when a run is active, else None, without importing mlflow: no run can be active in
+    a process that never imported it, so untracked stages (and `slicefm ingest`) never pay for the import."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
 
 def _require_active_run() -> Any:

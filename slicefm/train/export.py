@@ -13,6 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from slicefm.models.encoders import Encoder, create_encoder
+from slicefm.tracking.mlflow_runs import active_mlflow
 from slicefm.tracking.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def export_encoder(encoder: Encoder, out_uri: str, meta: dict[str, Any]) -> dict
 
 
 def _log_mlflow(store: Any, keys: list[str]) -> None:
-    import mlflow
-
-    if mlflow.active_run() is None:
+    if (mlflow := active_mlflow()) is None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:

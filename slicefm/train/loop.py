@@ -31,6 +31,7 @@ from slicefm.ssl.lejepa import LeJEPA
 from slicefm.ssl.moco import MoCoV3
 from slicefm.ssl.schedules import WarmupCosine, cosine_momentum
 from slicefm.ssl.views import crop_resize, lejepa_views, lesion_crop_boxes, moco_views
+from slicefm.tracking.mlflow_runs import active_mlflow
 from slicefm.tracking.store import Store
 from slicefm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slicefm.train.collapse import CollapseMonitor, eval_mode
@@ -409,9 +410,7 @@ def _memory_mb(device: torch.device) -> float:
 def _log_metrics(metrics: dict[str, float], step: int, rank: int) -> None:
     if rank != 0:
         return
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if (mlflow := active_mlflow()) is not None:
         mlflow.log_metrics(metrics, step=step)
 
 
