@@ -33,7 +33,7 @@ def pretrain(
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
+    from slicefm.kfp_io import encoder_metadata, input_location, output_location, require_gpus
     from slicefm.stages import pretrain_stage
 
     require_gpus(gpus)
@@ -41,14 +41,7 @@ def pretrain(
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
     res = pretrain_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
     encoder.metadata.update(
-        {
-            URI_KEY: out,
-            "method": cfg.pretrain.method,
-            "encoder": cfg.pretrain.encoder.name,
-            "steps": res.steps,
-            "accelerator": accelerator,
-            "gpus": gpus,
-        }
+        encoder_metadata(out, cfg.pretrain.method, cfg.pretrain.encoder.name, res.steps, accelerator, gpus)
     )
     return float(res.loss_last)
 
@@ -78,21 +71,16 @@ def supervised_ceiling(
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
+    from slicefm.kfp_io import encoder_metadata, input_location, output_location, require_gpus
     from slicefm.stages import supervised_ceiling_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
     out = output_location(encoder.path, store_uri, run_name, "supervised-ceiling")
-    res = supervised_ceiling_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
+    res = supervised_ceiling_stage(
+        cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id
+    )
     encoder.metadata.update(
-        {
-            URI_KEY: out,
-            "method": "supervised_ceiling",
-            "encoder": cfg.pretrain.encoder.name,
-            "steps": res.steps,
-            "accelerator": accelerator,
-            "gpus": gpus,
-        }
+        encoder_metadata(out, "supervised_ceiling", cfg.pretrain.encoder.name, res.steps, accelerator, gpus)
     )
     return float(res.loss_last)

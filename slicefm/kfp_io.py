@@ -42,3 +42,15 @@ def require_gpus(requested: int) -> None:
             f"CUDA build {torch.version.cuda or 'none'}): check the node's NVIDIA driver and device plugin, "
             "or run it with 0 GPUs"
         )
+
+
+def encoder_metadata(uri: str, method: str, encoder: str, steps: int, accelerator: str, gpus: int) -> dict:
+    """What an encoder-producing step (pretrain, supervised ceiling) records on its Model artifact."""
+    return {
+        URI_KEY: uri,
+        "method": method,
+        "encoder": encoder,
+        "steps": steps,
+        "accelerator": accelerator,
+        "gpus": gpus,
+    }

@@ -104,7 +104,9 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """[B, C, S, S] -> [B, C, size, size] (no-op at the same size)."""
     if x.shape[-1] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode=mode, **({} if mode == "nearest" else {"antialias": True}))
+    return F.interpolate(
+        x, size=(size, size), mode=mode, **({} if mode == "nearest" else {"antialias": True})
+    )
 
 
 def load_labelled_slices(
@@ -122,13 +124,17 @@ def load_labelled_slices(
     type_of: dict[str, np.ndarray] = {}
     if "lesions" in targets:
         if not store.exists("lesions.parquet"):
-            raise ValueError(f"{store.uri('lesions.parquet')}: missing (lesion types are the 'lesions' target)")
+            raise ValueError(
+                f"{store.uri('lesions.parquet')}: missing (lesion types are the 'lesions' target)"
+            )
         type_of = lesion_type_lookup(store.read_parquet("lesions.parquet"))
         names += [f"lesion_{t}" for t in LESION_NAMES]
     finding_names: list[str] = []
     if "findings" in targets:
         if not index.finding_classes or index.finding_classes[0] != "none":
-            raise ValueError(f"{store.uri('masks')}: finding_classes.json missing or not starting with 'none'")
+            raise ValueError(
+                f"{store.uri('masks')}: finding_classes.json missing or not starting with 'none'"
+            )
         finding_names = list(index.finding_classes[1:])
         names += [f"finding_{n}" for n in finding_names]
     stacks = index.slices.groupby("scan_id", sort=False)["stack"].first()
@@ -145,13 +151,21 @@ def load_labelled_slices(
         per_target = []
         for class_map, n_classes in maps:
             if class_map.shape[0] != stack.shape[0]:
-                raise ValueError(f"scan {scan_id}: {stack.shape[0]} slices but {class_map.shape[0]} mask slices")
-            m = _resize(torch.from_numpy(class_map)[:, None].float(), img_size, "nearest")[:, 0].to(torch.uint8)
+                raise ValueError(
+                    f"scan {scan_id}: {stack.shape[0]} slices but {class_map.shape[0]} mask slices"
+                )
+            m = _resize(torch.from_numpy(class_map)[:, None].float(), img_size, "nearest")[:, 0].to(
+                torch.uint8
+            )
             per_target.append(cell_targets(m, grid, n_classes))
         cells.append(torch.cat(per_target, dim=-1).numpy())
         if stack.shape[-1] != img_size:
             resized = _resize(stack.float(), img_size, "bilinear")
-            stack = resized.round().clamp(0, 255).to(torch.uint8) if stack.dtype == torch.uint8 else resized.half()
+            stack = (
+                resized.round().clamp(0, 255).to(torch.uint8)
+                if stack.dtype == torch.uint8
+                else resized.half()
+            )
         images.append(stack.numpy())
     cell = np.concatenate(cells)
     return LabelledSlices(
@@ -210,7 +224,9 @@ def train_supervised(
         if cfg.cells and tokens is not None:
             cell_logits = head(tokens)
             logits = torch.maximum(logits, cell_logits.amax(dim=1))
-        loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(data.slice_targets[idx]).to(device))
+        loss = F.binary_cross_entropy_with_logits(
+            logits, torch.from_numpy(data.slice_targets[idx]).to(device)
+        )
         if cfg.cells and tokens is not None:
             loss = loss + F.binary_cross_entropy_with_logits(cell_logits, cells, pos_weight=cell_weight)
         opt.zero_grad(set_to_none=True)
@@ -258,7 +274,10 @@ def run_supervised_ceiling(
         "channels": data.channels,
         "input_channels": pretrain.input_channels,
         "input_dtype": str(data.images.dtype),
-        "config": {"encoder": enc_cfg.model_dump(mode="json"), "supervised_ceiling": cfg.model_dump(mode="json")},
+        "config": {
+            "encoder": enc_cfg.model_dump(mode="json"),
+            "supervised_ceiling": cfg.model_dump(mode="json"),
+        },
         "steps": result.steps,
         "classes": data.classes,
         "data_key_fingerprint": data.key_fingerprint,
