@@ -144,6 +144,7 @@ def supervised_ceiling_stage(
         )
         _log_metrics({k: getattr(result, k) for k in ("loss_first", "loss_last", "n_slices", "train_s")})
         _log_artifacts(out_uri, ["supervised_result.json"])
+        _log_encoder_files(out_uri)
     return result
 
 
@@ -192,7 +193,8 @@ def _pretrain_run(
     params = cfg.pretrain.model_dump(mode="json")
     with _tracked(tracking_uri, parent_run_id, "pretrain", cfg, params, tags) as run:
         yield run
-        _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder / the registry
+        _log_artifacts(out_uri, [])
+        _log_encoder_files(out_uri)
         _register(out_uri, f"{cfg.name}-encoder")
 
 
@@ -365,6 +367,13 @@ def _log_metrics(metrics: dict) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def _log_encoder_files(out_uri: str) -> None:
+    """The encoder a stage exported to out_uri (encoder.safetensors + .json) as run artifacts under `encoder/`."""
+    from slicefm.models.export_format import ENCODER_FILES
+
+    mlflow_runs.log_store_files(out_uri, ENCODER_FILES, artifact_path="encoder")
 
 
 def _log_artifacts(out_uri: str, keys: list[str]) -> None:

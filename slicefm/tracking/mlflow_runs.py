@@ -16,7 +16,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
@@ -212,6 +212,32 @@ def log_artifact_dir(local_dir: str | Path, artifact_path: str | None = None) ->
     if not Path(local_dir).is_dir():
         raise NotADirectoryError(f"artifact directory {local_dir} does not exist")
     mlflow.log_artifacts(str(local_dir), artifact_path)
+
+
+def log_store_files(out_uri: str, keys: Sequence[str], artifact_path: str | None = None) -> list[str]:
+    """The `keys` that exist under `out_uri` (local or s3://) as artifacts of the active run (under
+    `artifact_path`); nothing without an active run. Returns the keys logged."""
+    import tempfile
+
+    import mlflow
+
+    from slicefm.tracking.store import open_store
+
+    if mlflow.active_run() is None:
+        return []
+    store = open_store(out_uri)
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            if not store.exists(key):
+                continue
+            local = store.local_path(key)
+            if local is None:
+                local = Path(tmp) / key
+                store.download_file(key, local)
+            mlflow.log_artifact(str(local), artifact_path=artifact_path)
+            logged.append(key)
+    return logged
 
 
 # -- runs -----------------------------------------------------------------------------------------------
