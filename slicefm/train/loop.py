@@ -30,6 +30,7 @@ from slicefm.ssl.infonce import LesionKeyBank
 from slicefm.ssl.lejepa import LeJEPA
 from slicefm.ssl.moco import MoCoV3
 from slicefm.ssl.schedules import WarmupCosine, cosine_momentum
+from slicefm.ssl.sigreg import SIGReg
 from slicefm.ssl.views import crop_resize, lejepa_views, lesion_crop_boxes, moco_views
 from slicefm.tracking.store import Store
 from slicefm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -325,10 +326,11 @@ class LeJEPAMethod:
                 self.token_grid = math.isqrt(patches.shape[1])
                 if self.token_grid**2 != patches.shape[1]:
                     raise ValueError(f"patch tokens {patches.shape[1]} do not form a square grid")
+        # SIGReg's directions are seeded by the run's seed (+ the global step): the same on every rank.
+        sigreg = SIGReg(num_directions=lc.num_directions, num_knots=lc.num_knots, seed=cfg.seed)
         self.model = LeJEPA(
-            encoder, proj_dim=lc.proj_dim, lam=lc.lam,
-            sigreg_kwargs={"num_directions": lc.num_directions, "num_knots": lc.num_knots, "seed": cfg.seed},
-            aux=aux, alpha=ac.alpha, aux_loss=aux_loss, proj_hidden=lc.proj_hidden, proj_layers=lc.proj_layers,
+            encoder, proj_dim=lc.proj_dim, lam=lc.lam, sigreg=sigreg, aux=aux, alpha=ac.alpha,
+            aux_loss=aux_loss, proj_hidden=lc.proj_hidden, proj_layers=lc.proj_layers,
             reference_batch=lc.reference_batch,
         )  # fmt: skip
         self.encoder = encoder
