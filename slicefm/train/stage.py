@@ -15,8 +15,10 @@ import torch
 from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig
 from slicefm.train.data import load_index
+from slicefm.train.distributed import DistContext
 from slicefm.train.export import export_encoder
-from slicefm.train.loop import DistContext, TrainOutcome, build_method, train
+from slicefm.train.loop import TrainOutcome, train
+from slicefm.train.methods import build_method
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def run_pretrain(
         typed_lesions=cfg.aux.mode is not None and cfg.aux.lesion_classes == "typed",
     )
     seed_everything(cfg.seed)
-    method = build_method(cfg, index, ctx.device)
+    method = build_method(cfg, index, ctx)
     if ctx.rank == 0:
         out.write_json("pretrain_config.json", cfg.model_dump(mode="json"))
     outcome: TrainOutcome = train(method, cfg, index, out, ctx, resume=resume, stop_after=stop_after)

@@ -16,8 +16,10 @@ from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
 from slicefm.train.collapse import CollapseError, CollapseMonitor, effective_rank
 from slicefm.train.config import PretrainConfig, load_pretrain_config
 from slicefm.train.data import load_index
+from slicefm.train.distributed import DistContext
 from slicefm.train.export import load_encoder
-from slicefm.train.loop import LARS, build_method
+from slicefm.train.methods import build_method
+from slicefm.train.optim import LARS
 from slicefm.train.stage import run_pretrain
 from tests.train.conftest import tiny_config
 
@@ -109,7 +111,7 @@ def test_effective_rank_counts_spread_directions() -> None:
 def test_lecl_bank_keys_are_encoded_in_eval_mode(preprocessed: str) -> None:
     cfg = tiny_config("lecl", "vit_tiny_test")
     index = load_index(open_store(preprocessed), cfg.loader.exclude_splits)
-    method = build_method(cfg, index, torch.device("cpu"))
+    method = build_method(cfg, index, DistContext())
     assert method.bank is not None and len(method.key_items) >= 3
     method.model.train()
     bn = [m for m in method.model.momentum_projector.modules() if isinstance(m, torch.nn.BatchNorm1d)]
