@@ -122,7 +122,9 @@ def pretrain_stage(
 ) -> PretrainResult:
     """Self-supervised pretraining; checkpoints (resumable) and encoder.safetensors/json under out_uri."""
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id):
-        result = run_pretrain(preprocessed_uri, out_uri, cfg.pretrain, resume=resume)
+        result = run_pretrain(
+            preprocessed_uri, out_uri, cfg.pretrain, resume=resume, log_metrics=mlflow_runs.log_step_metrics
+        )
         _log_pretrain_metrics(result.to_dict())
     return result
 
@@ -140,19 +142,12 @@ def supervised_ceiling_stage(
     params = {**cfg.supervised_ceiling.model_dump(mode="json"), "encoder": cfg.pretrain.encoder.name}
     with _tracked(tracking_uri, parent_run_id, "supervised-ceiling", cfg, params):
         result = run_supervised_ceiling(
-            preprocessed_uri, out_uri, cfg.pretrain, cfg.supervised_ceiling, _log_step_metrics
+            preprocessed_uri, out_uri, cfg.pretrain, cfg.supervised_ceiling, mlflow_runs.log_step_metrics
         )
         _log_metrics({k: getattr(result, k) for k in ("loss_first", "loss_last", "n_slices", "train_s")})
         _log_artifacts(out_uri, ["supervised_result.json"])
         _log_encoder_files(out_uri)
     return result
-
-
-def _log_step_metrics(metrics: dict[str, float], step: int) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
 
 
 def trainjob_pretrain_stage(

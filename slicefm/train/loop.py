@@ -3,7 +3,8 @@ throughput / memory logging, collapse checks, checkpoints, exact resume.
 
 The loop talks to the method only through `slicefm.train.methods.Method`, to the optimizer through
 `slicefm.train.optim`, and to other ranks through `slicefm.train.distributed`. View randomness comes from
-generators derived from (seed, rank, global step), so a resumed run draws the same views.
+generators derived from (seed, rank, global step), so a resumed run draws the same views. Metrics go to
+the caller's `log_metrics(metrics, step)` (rank 0 only): the loop knows no tracking server.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,8 @@ from slicefm.train.methods import Method
 from slicefm.train.optim import build_optimizer, build_schedules
 
 logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 @dataclass
@@ -109,14 +113,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     monitor: CollapseMonitor
     identity: dict[str, Any]
+    log_metrics: MetricsCallback | None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.ctx.is_main:
-            return
-        import mlflow
-
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics(metrics, step=step)
+        if self.ctx.is_main and self.log_metrics is not None:
+            self.log_metrics(metrics, step)
 
     def resume(self) -> _Progress | None:
         """Restore the latest checkpoint of this run (None when there is none)."""
@@ -170,8 +171,12 @@ def train(
     *,
     resume: bool = True,
     stop_after: int | None = None,
+    log_metrics: MetricsCallback | None = None,
 ) -> TrainOutcome:
-    """Train `method` to the configured number of steps (or until `stop_after` steps: a simulated kill)."""
+    """Train `method` to the configured number of steps (or until `stop_after` steps: a simulated kill).
+
+    `log_metrics(metrics, step)` receives the step metrics every `logging.every_steps` and the collapse
+    checks' metrics, on rank 0 only."""
     model, ddp_model = prepare_model(method.model, ctx)
     method.model = model
     optimizer = build_optimizer(cfg.optimizer, model)
@@ -187,7 +192,7 @@ def train(
     monitor = CollapseMonitor(
         lc.collapse_min_rank, lc.collapse_max_sigreg, lc.collapse_patience, lc.collapse_action
     )
-    run = _Run(cfg, ctx, store, method, model, optimizer, monitor, run_identity(cfg, ctx))
+    run = _Run(cfg, ctx, store, method, model, optimizer, monitor, run_identity(cfg, ctx), log_metrics)
     progress = run.resume() if resume else None
     if progress is not None:
         logger.info("resumed from step %d (epoch %d)", progress.step, progress.step // steps_per_epoch)
@@ -273,7 +278,7 @@ def _log_step(
     grad_norm: float | None,
     total: int,
 ) -> None:
-    """The logging window's metrics (loss, lr, throughput, memory, the method's loss terms) -> log, MLflow."""
+    """The logging window's metrics (loss, lr, throughput, memory, the method's loss terms) -> log, callback."""
     elapsed = progress.win_wait + progress.win_compute
     n = progress.win_steps
     global_batch = run.cfg.loader.batch_size * run.ctx.world
@@ -292,7 +297,7 @@ def _log_step(
 
 def _check_collapse(run: _Run, progress: _Progress, held: torch.Tensor) -> None:
     """Effective ranks of the held slices, plus the mean and peak of the method's collapse signal since the
-    last check (when it has one) -> the collapse monitor (which may raise), MLflow."""
+    last check (when it has one) -> the collapse monitor (which may raise), callback."""
     window = progress.collapse_window
     ratio = float(np.mean(window)) if window else None
     peak = {"sigreg_collapse_max": max(window)} if window else None

@@ -47,8 +47,17 @@ def test_tiny_run_lowers_its_loss(
     preprocessed: str, out_dir: str, method: str, name: str, steps: int, extra: dict
 ) -> None:
     cfg = tiny_config(method, name, steps=steps, optimizer={"lr": 3e-3}, **extra)
-    result = run_pretrain(preprocessed, out_dir, cfg, resume=False)
+    logged: list[tuple[int, dict[str, float]]] = []
+    result = run_pretrain(
+        preprocessed, out_dir, cfg, resume=False, log_metrics=lambda m, step: logged.append((step, m))
+    )
     assert result.steps == steps
+    # The caller's callback gets every logging window (every 5 steps and the last) with the method's loss terms.
+    windows = [(step, m) for step, m in logged if "loss" in m]
+    assert [step for step, _ in windows] == sorted({*range(5, steps + 1, 5), steps})
+    terms = {"inv", "sigreg", "sigreg_collapse", "aux"}
+    assert all((terms <= set(m)) == (method == "lejepa") for _, m in windows)
+    assert [step for step, m in logged if "eff_rank" in m] == [step for step, _ in windows]
     assert result.loss_last < result.loss_first, (result.loss_first, result.loss_last)
     assert result.slices_per_s > 0 and result.collapse["eff_rank"] > 1
     encoder, meta = load_encoder(out_dir)
