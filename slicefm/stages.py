@@ -130,7 +130,9 @@ def pretrain_stage(
     from slicefm.train.stage import run_pretrain
 
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id):
-        result = run_pretrain(preprocessed_uri, out_uri, cfg.pretrain, resume=resume)
+        result = run_pretrain(
+            preprocessed_uri, out_uri, cfg.pretrain, resume=resume, log_metrics=mlflow_runs.log_step_metrics
+        )
         _log_pretrain_metrics(result.to_dict())
     return result
 
@@ -148,16 +150,12 @@ def supervised_ceiling_stage(
     params = {**cfg.supervised_ceiling.model_dump(mode="json"), "encoder": cfg.pretrain.encoder.name}
     with _tracked(tracking_uri, parent_run_id, "supervised-ceiling", cfg, params):
         result = run_supervised_ceiling(
-            preprocessed_uri, out_uri, cfg.pretrain, cfg.supervised_ceiling, _log_step_metrics
+            preprocessed_uri, out_uri, cfg.pretrain, cfg.supervised_ceiling, mlflow_runs.log_step_metrics
         )
         _log_metrics({k: getattr(result, k) for k in ("loss_first", "loss_last", "n_slices", "train_s")})
         _log_artifacts(out_uri, ["supervised_result.json"])
+        _log_encoder_files(out_uri)
     return result
-
-
-def _log_step_metrics(metrics: dict[str, float], step: int) -> None:
-    if (mlflow := mlflow_runs.active_mlflow()) is not None:
-        mlflow.log_metrics(metrics, step=step)
 
 
 def trainjob_pretrain_stage(
@@ -198,7 +196,8 @@ def _pretrain_run(
     params = cfg.pretrain.model_dump(mode="json")
     with _tracked(tracking_uri, parent_run_id, "pretrain", cfg, params, tags) as run:
         yield run
-        _log_artifacts(out_uri, [])  # the encoder files are logged by export_encoder / the registry
+        _log_artifacts(out_uri, [])
+        _log_encoder_files(out_uri)
         _register(out_uri, f"{cfg.name}-encoder")
 
 
@@ -360,6 +359,13 @@ def _register(encoder_uri: str, model_name: str) -> None:
 def _log_metrics(metrics: dict) -> None:
     if (mlflow := mlflow_runs.active_mlflow()) is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def _log_encoder_files(out_uri: str) -> None:
+    """The encoder a stage exported to out_uri (encoder.safetensors + .json) as run artifacts under `encoder/`."""
+    from slicefm.models.export_format import ENCODER_FILES
+
+    mlflow_runs.log_store_files(out_uri, ENCODER_FILES, artifact_path="encoder")
 
 
 def _log_artifacts(out_uri: str, keys: list[str]) -> None:

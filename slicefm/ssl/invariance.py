@@ -27,7 +27,6 @@ class InvarianceLoss(nn.Module):
 
 
 def lejepa_loss(inv: torch.Tensor, sigreg: torch.Tensor, lam: float) -> torch.Tensor:
-    """L = (1 - lambda) * L_inv + lambda * L_SIGReg (DALE-CT Eq. 1, LeJEPA)."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    """L = (1 - lambda) * L_inv + lambda * L_SIGReg (DALE-CT Eq. 1, LeJEPA); lambda in [0, 1] (`LeJEPA` checks it
+    once, when it is built: this runs every step)."""
     return (1.0 - lam) * inv + lam * sigreg

@@ -10,7 +10,6 @@ backbone's CLS embedding and, for 2S, its patch tokens of the global views.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +27,8 @@ class LeJEPA(nn.Module):
     """L = (1 - lam) * L_inv + lam * L_SIGReg + alpha * L_aux.
 
     Defaults: lam 0.02 and alpha 0.1 (DALE-CT code); projector Linear-BN-ReLU x 2 -> Linear as the
-    LeJEPA minimal example. `aux` and `aux_loss` go together (both or neither).
+    LeJEPA minimal example. `sigreg` is the regulariser (None = `SIGReg()` with its defaults); `aux` and
+    `aux_loss` go together (both or neither).
 
     `reference_batch` (None = the papers' formula): SIGReg's statistic is N x a per-sample term, so lam's
     real strength grows with the global batch N. With a reference batch R, L_SIGReg = EP * R / N: lam then
@@ -41,7 +41,7 @@ class LeJEPA(nn.Module):
         encoder: Encoder,
         proj_dim: int = 128,
         lam: float = 0.02,
-        sigreg_kwargs: dict[str, Any] | None = None,
+        sigreg: SIGReg | None = None,
         aux: AuxHeads | None = None,
         alpha: float = 0.1,
         aux_loss: AuxSupervisionLoss | None = None,
@@ -59,7 +59,7 @@ class LeJEPA(nn.Module):
         self.encoder = encoder
         self.projector = MLPHead(encoder.embed_dim, proj_hidden, proj_dim, proj_layers, last_bn=False)
         self.invariance = InvarianceLoss()
-        self.sigreg = SIGReg(**(sigreg_kwargs or {}))
+        self.sigreg = sigreg if sigreg is not None else SIGReg()
         self.aux, self.aux_loss = aux, aux_loss
         self.lam, self.alpha = float(lam), float(alpha)
         self.reference_batch = reference_batch

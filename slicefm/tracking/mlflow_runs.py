@@ -17,7 +17,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
@@ -222,6 +222,37 @@ def log_artifact_dir(local_dir: str | Path, artifact_path: str | None = None) ->
     mlflow.log_artifacts(str(local_dir), artifact_path)
 
 
+def log_step_metrics(metrics: Mapping[str, float], step: int) -> None:
+    """A training loop's metrics callback: `mlflow.log_metrics(metrics, step=step)` into the active run, if any
+    (an untracked run never imports mlflow)."""
+    if (mlflow := active_mlflow()) is not None:
+        mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_store_files(out_uri: str, keys: Sequence[str], artifact_path: str | None = None) -> list[str]:
+    """The `keys` that exist under `out_uri` (local or s3://) as artifacts of the active run (under
+    `artifact_path`); nothing without an active run. Returns the keys logged."""
+    import tempfile
+
+    from slicefm.tracking.store import open_store
+
+    if (mlflow := active_mlflow()) is None:
+        return []
+    store = open_store(out_uri)
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            if not store.exists(key):
+                continue
+            local = store.local_path(key)
+            if local is None:
+                local = Path(tmp) / key
+                store.download_file(key, local)
+            mlflow.log_artifact(str(local), artifact_path=artifact_path)
+            logged.append(key)
+    return logged
+
+
 # -- runs -----------------------------------------------------------------------------------------------
 def _experiment_id(client: Any, tracking_uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
@@ -305,3 +336,26 @@ def stage_run(
             if params:
                 log_params_flat(params)
             yield active
+
+
+@contextmanager
+def joined_run(run_id: str | None) -> Iterator[bool]:
+    """Log into an existing run for the block (a TrainJob pod's rank 0 into its launcher's stage run); yields
+    whether a run is active. No-op (yields False) for run_id None.
+
+    The run is handed back still RUNNING: whoever started it ends it (FINISHED, or FAILED with the job).
+    Inside a run already (in-process callers) the block logs there."""
+    if not run_id:
+        yield False
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        yield True
+        return
+    mlflow.start_run(run_id=run_id)
+    logger.info("logging to MLflow run %s", run_id)
+    try:
+        yield True
+    finally:
+        mlflow.end_run(status="RUNNING")

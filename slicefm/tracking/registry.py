@@ -24,7 +24,6 @@ from slicefm.tracking.store import open_store
 
 logger = logging.getLogger(__name__)
 
-ENCODER_FILES = ("encoder.safetensors", "encoder.json")
 _RESERVED = (models.MANIFEST_NAME, models.LINEAGE_NAME)
 
 
@@ -32,7 +31,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: input a float array [N, C, H, W] of preprocessed slices, output [N, D] embeddings."""
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from slicefm.train.export import load_encoder
+        from slicefm.models.export_format import load_encoder
 
         self.encoder, self.meta = load_encoder(str(Path(context.artifacts["encoder"])))
         self.encoder.eval()
@@ -82,12 +81,15 @@ def register_encoder(
     Lineage defaults to what encoder.json records (data version, git commit, config hash); items in
     `lineage` (e.g. `image`, `data_revision`) add to or override those.
     """
+    # Imported here: slicefm.models brings torch and timm, which registering a head does not need.
+    from slicefm.models.export_format import ENCODER_FILES, META_KEY
+
     store = open_store(encoder_uri)
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "encoder"
         for key in ENCODER_FILES:
             store.download_file(key, payload / key)
-        meta = json.loads((payload / "encoder.json").read_text(encoding="utf-8"))
+        meta = json.loads((payload / META_KEY).read_text(encoding="utf-8"))
         merged = {**_encoder_lineage(meta), **models.clean_lineage(lineage)}
         return _log_and_register(
             payload, "encoder", EncoderModel(), model_name, merged, aliases, source=store.uri("")

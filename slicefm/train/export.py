@@ -1,72 +1,16 @@
-"""Exported encoder: `encoder.safetensors` (the timm trunk's state dict) + `encoder.json` (how to rebuild it)."""
+"""Exported encoder: `encoder.safetensors` + `encoder.json`. The format lives in `slicefm.models.export_format`
+(so the registry and extraction read it without importing the training package); this module keeps the
+training-side names for its callers."""
 
 from __future__ import annotations
 
-import json
-import logging
-import tempfile
-from pathlib import Path
-from typing import Any
+from slicefm.models.export_format import (
+    ENCODER_FILES,
+    EXPORT_VERSION,
+    META_KEY,
+    WEIGHTS_KEY,
+    export_encoder,
+    load_encoder,
+)
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.tracking.mlflow_runs import active_mlflow
-from slicefm.tracking.store import open_store
-
-logger = logging.getLogger(__name__)
-
-EXPORT_VERSION = 1
-WEIGHTS_KEY = "encoder.safetensors"
-META_KEY = "encoder.json"
-
-
-def export_encoder(encoder: Encoder, out_uri: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the trunk weights and `meta` (+ name, img_size, in_chans, embed_dim, format version) to out_uri.
-
-    Logs both files as MLflow artifacts (under `encoder/`) when a run is active. Returns the full meta.
-    """
-    store = open_store(out_uri)
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.trunk.state_dict().items()}
-    full = {
-        "format_version": EXPORT_VERSION,
-        "encoder": encoder.name,
-        "img_size": encoder.img_size,
-        "in_chans": encoder.in_chans,
-        "embed_dim": encoder.embed_dim,
-        **meta,
-    }
-    store.write_bytes(WEIGHTS_KEY, st_save(weights, metadata={"format_version": str(EXPORT_VERSION)}))
-    store.write_json(META_KEY, full)
-    logger.info("exported encoder %s (%d tensors) to %s", encoder.name, len(weights), store.uri(""))
-    _log_mlflow(store, [WEIGHTS_KEY, META_KEY])
-    return full
-
-
-def _log_mlflow(store: Any, keys: list[str]) -> None:
-    if (mlflow := active_mlflow()) is None:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in keys:
-            local = store.local_path(key)
-            if local is None:
-                local = Path(tmp) / key
-                store.download_file(key, local)
-            mlflow.log_artifact(str(local), artifact_path="encoder")
-
-
-def load_encoder(uri: str, map_location: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
-    """Rebuild the exported encoder by name and load its weights (strict). Returns (encoder in eval mode, meta)."""
-    store = open_store(uri)
-    meta = json.loads(store.read_bytes(META_KEY))
-    if meta.get("format_version") != EXPORT_VERSION:
-        raise ValueError(
-            f"{store.uri(META_KEY)}: export format {meta.get('format_version')}, expected {EXPORT_VERSION}"
-        )
-    overrides = dict(meta.get("config", {}).get("encoder", {}).get("overrides", {}))
-    encoder = create_encoder(meta["encoder"], meta["img_size"], meta["in_chans"], **overrides)
-    state = st_load(store.read_bytes(WEIGHTS_KEY))
-    encoder.trunk.load_state_dict(state, strict=True)
-    return encoder.to(map_location).eval(), meta
+__all__ = ["ENCODER_FILES", "EXPORT_VERSION", "META_KEY", "WEIGHTS_KEY", "export_encoder", "load_encoder"]

@@ -3,6 +3,10 @@
 Initialises the process group from torchrun's environment (nccl on GPU, gloo on CPU) or runs as a
 single process when started without torchrun. The YAML is a bare PretrainConfig or a full pipeline
 config with a `pretrain:` section.
+
+An edge entry point (a TrainJob's pods run it): on rank 0 with MLFLOW_RUN_ID set it logs the training's
+per-step metrics into that run through `slicefm.tracking.mlflow_runs`. The launcher that owns the run logs
+the encoder files and the result once the job is done.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from slicefm.tracking.mlflow_runs import joined_run, log_step_metrics
 from slicefm.train.config import load_pretrain_config
 from slicefm.train.stage import run_pretrain
 
@@ -36,25 +41,12 @@ def init_distributed() -> bool:
 
 
 @contextlib.contextmanager
-def stage_run() -> Iterator[None]:
-    """On rank 0 with MLFLOW_RUN_ID set (a TrainJob's pods): log into that run, the launcher's stage run.
-
-    The run is handed back still RUNNING: its launcher ends it (FINISHED, or FAILED with the job)."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id or int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    import mlflow
-
-    if mlflow.active_run() is not None:  # already inside a run (in-process callers)
-        yield
-        return
-    mlflow.start_run(run_id=run_id)
-    logging.getLogger(__name__).info("logging training metrics to MLflow run %s", run_id)
-    try:
-        yield
-    finally:
-        mlflow.end_run(status="RUNNING")
+def stage_run() -> Iterator[bool]:
+    """On rank 0 with MLFLOW_RUN_ID set (a TrainJob's pods): log into that run, the launcher's stage run
+    (handed back still RUNNING: its launcher ends it). Yields whether metrics go to a run."""
+    run_id = os.environ.get("MLFLOW_RUN_ID") if int(os.environ.get("RANK", "0")) == 0 else None
+    with joined_run(run_id) as tracked:
+        yield tracked
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,8 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_pretrain_config(yaml.safe_load(args.config.read_text()))
     started = init_distributed()
     try:
-        with stage_run():
-            result = run_pretrain(args.preprocessed, args.out, cfg, resume=not args.no_resume)
+        with stage_run() as tracked:
+            result = run_pretrain(
+                args.preprocessed, args.out, cfg, resume=not args.no_resume,
+                log_metrics=log_step_metrics if tracked else None,
+            )  # fmt: skip
         if not dist.is_initialized() or dist.get_rank() == 0:
             logging.getLogger(__name__).info("result: %s", json.dumps(result.to_dict()))
     finally:

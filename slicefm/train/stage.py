@@ -1,7 +1,8 @@
 """The pretrain stage: preprocess output -> trained encoder (encoder.safetensors + encoder.json) + checkpoints.
 
 Runs as one process or under torchrun (the caller, `slicefm.train.launch`, initialises the process
-group). Resumes from `checkpoints/latest.pt` in `out_uri` when `resume` is set.
+group). Resumes from `checkpoints/latest.pt` in `out_uri` when `resume` is set. Tracking is the caller's:
+per-step metrics go to its `log_metrics` callback, and the result names what was written where.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from slicefm.models.export_format import WEIGHTS_KEY, export_encoder
 from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig
 from slicefm.train.data import load_index
-from slicefm.train.export import export_encoder
-from slicefm.train.loop import DistContext, TrainOutcome, build_method, train
+from slicefm.train.distributed import DistContext
+from slicefm.train.loop import MetricsCallback, TrainOutcome, train
+from slicefm.train.methods import build_method
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +66,13 @@ def run_pretrain(
     cfg: PretrainConfig,
     resume: bool = True,
     stop_after: int | None = None,
+    *,
+    log_metrics: MetricsCallback | None = None,
 ) -> PretrainResult:
-    """Pretrain `cfg.method` on a preprocess output; writes checkpoints and the exported encoder to out_uri.
+    """Pretrain `cfg.method` on a preprocess output; writes checkpoints and the exported encoder to out_uri
+    (`encoder_uri` of the result; None when nothing was exported).
 
+    `log_metrics(metrics, step)` receives the training's step and collapse-check metrics on rank 0.
     `stop_after` ends the run after that many global steps without exporting (as if it had been killed):
     used to test resumption.
     """
@@ -78,10 +85,12 @@ def run_pretrain(
         typed_lesions=cfg.aux.mode is not None and cfg.aux.lesion_classes == "typed",
     )
     seed_everything(cfg.seed)
-    method = build_method(cfg, index, ctx.device)
+    method = build_method(cfg, index, ctx)
     if ctx.rank == 0:
         out.write_json("pretrain_config.json", cfg.model_dump(mode="json"))
-    outcome: TrainOutcome = train(method, cfg, index, out, ctx, resume=resume, stop_after=stop_after)
+    outcome: TrainOutcome = train(
+        method, cfg, index, out, ctx, resume=resume, stop_after=stop_after, log_metrics=log_metrics
+    )
     first, last = loss_summary(outcome.losses)
     result = PretrainResult(
         out_uri=out.uri(""),
@@ -111,7 +120,7 @@ def run_pretrain(
             "steps": outcome.step,
         }
         export_encoder(method.encoder, out.uri(""), meta)
-        result.encoder_uri = out.uri("encoder.safetensors")
+        result.encoder_uri = out.uri(WEIGHTS_KEY)
         out.write_json("pretrain_result.json", result.to_dict())
     ctx.barrier()
     logger.info(

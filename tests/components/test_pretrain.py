@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import mlflow.artifacts
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -49,6 +50,10 @@ def test_pretrain_exports_a_loadable_encoder_and_registers_it(
         "pretrain-test-encoder", run.data.tags["slicefm.model_version"]
     )
     assert version.run_id == run.info.run_id
+    # The stage (not the training code) logs the exported files as the run's artifacts under encoder/.
+    encoder_dir = f"{run.info.artifact_uri}/encoder"
+    logged = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=encoder_dir)}
+    assert logged == {"encoder.safetensors", "encoder.json"}
 
 
 def test_supervised_ceiling_exports_an_encoder_extract_labels_supervised(
@@ -80,3 +85,6 @@ def test_supervised_ceiling_exports_an_encoder_extract_labels_supervised(
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 7]
     assert "slicefm.registered_model" not in run.data.tags
+    encoder_dir = f"{run.info.artifact_uri}/encoder"
+    logged = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=encoder_dir)}
+    assert logged == {"encoder.safetensors", "encoder.json"}

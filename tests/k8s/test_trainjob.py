@@ -478,6 +478,7 @@ def _launch(kubeconfig, tmp_path, fake: FakeKube, config_yaml: str, pre: str, st
 def test_component_tracks_the_trainjob_and_registers_the_encoder_it_wrote(
     kubeconfig, tmp_path, s3_env, preprocessed, tracked_parent
 ):
+    import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
     from slicefm.config import PipelineConfig, dump_config
@@ -514,6 +515,10 @@ def test_component_tracks_the_trainjob_and_registers_the_encoder_it_wrote(
     pulled = pull_model(f"mn-encoder:{mv.version}", tmp_path / "pulled", tracking)
     for key in ("encoder.safetensors", "encoder.json"):
         assert (pulled.path / key).read_bytes() == open_store(out).read_bytes(key), key
+    # ...and its files are the stage run's artifacts under encoder/ (logged by the launcher, from S3).
+    encoder_dir = f"{run.info.artifact_uri}/encoder"
+    logged = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=encoder_dir)}
+    assert logged == {"encoder.safetensors", "encoder.json"}
 
 
 def test_failed_trainjob_fails_its_stage_run_and_registers_nothing(

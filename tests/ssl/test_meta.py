@@ -11,6 +11,7 @@ from slicefm.ssl.aux_loss import AuxSupervisionLoss, abnormality_pos_weight
 from slicefm.ssl.infonce import LesionKeyBank
 from slicefm.ssl.lejepa import LeJEPA
 from slicefm.ssl.moco import MoCoV3
+from slicefm.ssl.sigreg import SIGReg
 
 
 def _tiny_moco(**kwargs) -> MoCoV3:
@@ -107,7 +108,7 @@ def _tiny_lejepa(aux: bool) -> LeJEPA:
             "aux_loss": AuxSupervisionLoss(torch.full((5,), 3.0), abnormality_pos_weight(2, 5.0), mode="2S"),
             "alpha": 0.1,
         }
-    return LeJEPA(enc, proj_dim=16, proj_hidden=64, lam=0.05, sigreg_kwargs={"num_directions": 32}, **kwargs)
+    return LeJEPA(enc, proj_dim=16, proj_hidden=64, lam=0.05, sigreg=SIGReg(num_directions=32), **kwargs)
 
 
 def test_lejepa_forward_mixed_sizes_and_terms() -> None:
@@ -157,3 +158,14 @@ def test_tiny_lejepa_loss_decreases_on_fixed_batch() -> None:
     assert (
         after["inv"] < before["inv"] and after["sigreg"] < before["sigreg"] and after["aux"] < before["aux"]
     )
+
+
+def test_lejepa_takes_a_built_sigreg_and_checks_its_own_arguments() -> None:
+    enc = create_encoder("vit_tiny_test", img_size=32, in_chans=1)
+    sigreg = SIGReg(num_directions=8, num_knots=5, seed=3)
+    assert LeJEPA(enc, proj_dim=8, proj_hidden=16, sigreg=sigreg).sigreg is sigreg
+    assert LeJEPA(enc, proj_dim=8, proj_hidden=16).sigreg.num_directions == SIGReg().num_directions
+    with pytest.raises(ValueError, match="lam must be in"):
+        LeJEPA(enc, proj_dim=8, proj_hidden=16, lam=1.5)
+    with pytest.raises(ValueError, match="reference_batch"):
+        LeJEPA(enc, proj_dim=8, proj_hidden=16, reference_batch=0)

@@ -10,7 +10,9 @@ import torch.multiprocessing as mp
 
 from slicefm.tracking.store import open_store
 from slicefm.train.data import load_index
-from slicefm.train.loop import DistContext, build_method, train
+from slicefm.train.distributed import DistContext
+from slicefm.train.loop import train
+from slicefm.train.methods import build_method
 from slicefm.train.stage import seed_everything
 from tests.train.conftest import tiny_config
 
@@ -23,7 +25,7 @@ def _worker(rank: int, tmp: str, pre: str) -> None:
         ctx = DistContext.current()
         index = load_index(open_store(pre))
         seed_everything(cfg.seed + rank)  # different init per rank: DDP must broadcast rank 0's weights
-        method = build_method(cfg, index, ctx.device)
+        method = build_method(cfg, index, ctx)
         outcome = train(method, cfg, index, open_store(f"{tmp}/out"), ctx, resume=False)
         torch.save({"model": method.model.state_dict(), "step": outcome.step}, f"{tmp}/rank{rank}.pt")
     finally:

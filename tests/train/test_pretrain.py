@@ -16,8 +16,10 @@ from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
 from slicefm.train.collapse import CollapseError, CollapseMonitor, effective_rank
 from slicefm.train.config import PretrainConfig, load_pretrain_config
 from slicefm.train.data import load_index
+from slicefm.train.distributed import DistContext
 from slicefm.train.export import load_encoder
-from slicefm.train.loop import LARS, build_method
+from slicefm.train.methods import build_method
+from slicefm.train.optim import LARS
 from slicefm.train.stage import run_pretrain
 from tests.train.conftest import tiny_config
 
@@ -45,8 +47,17 @@ def test_tiny_run_lowers_its_loss(
     preprocessed: str, out_dir: str, method: str, name: str, steps: int, extra: dict
 ) -> None:
     cfg = tiny_config(method, name, steps=steps, optimizer={"lr": 3e-3}, **extra)
-    result = run_pretrain(preprocessed, out_dir, cfg, resume=False)
+    logged: list[tuple[int, dict[str, float]]] = []
+    result = run_pretrain(
+        preprocessed, out_dir, cfg, resume=False, log_metrics=lambda m, step: logged.append((step, m))
+    )
     assert result.steps == steps
+    # The caller's callback gets every logging window (every 5 steps and the last) with the method's loss terms.
+    windows = [(step, m) for step, m in logged if "loss" in m]
+    assert [step for step, _ in windows] == sorted({*range(5, steps + 1, 5), steps})
+    terms = {"inv", "sigreg", "sigreg_collapse", "aux"}
+    assert all((terms <= set(m)) == (method == "lejepa") for _, m in windows)
+    assert [step for step, m in logged if "eff_rank" in m] == [step for step, _ in windows]
     assert result.loss_last < result.loss_first, (result.loss_first, result.loss_last)
     assert result.slices_per_s > 0 and result.collapse["eff_rank"] > 1
     encoder, meta = load_encoder(out_dir)
@@ -109,7 +120,7 @@ def test_effective_rank_counts_spread_directions() -> None:
 def test_lecl_bank_keys_are_encoded_in_eval_mode(preprocessed: str) -> None:
     cfg = tiny_config("lecl", "vit_tiny_test")
     index = load_index(open_store(preprocessed), cfg.loader.exclude_splits)
-    method = build_method(cfg, index, torch.device("cpu"))
+    method = build_method(cfg, index, DistContext())
     assert method.bank is not None and len(method.key_items) >= 3
     method.model.train()
     bn = [m for m in method.model.momentum_projector.modules() if isinstance(m, torch.nn.BatchNorm1d)]
