@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from slicefm.evaluate.metrics import Summary
 from slicefm.evaluate.paired import (
+    HOLDS,
     REFERENCE,
     SUPERVISED,
     PairedDiff,
@@ -40,9 +41,13 @@ class Comparison:
         return [s for s in self.sets if s != self.reference] if self.reference in self.sets else []
 
     def gap_closed(self, task: str, protocol: str, name: str) -> float | None:
-        """Share of the reference→supervised gap that set `name` closes on (task, protocol)."""
+        """Share of the reference→supervised gap that set `name` closes on (task, protocol); None unless the
+        ceiling itself beats the reference (its paired difference holds): a gap of noise gives no share."""
         per = self.macro[task][protocol]
         if SUPERVISED not in per or self.reference not in per or name not in per:
+            return None
+        ceiling = self.paired.get(task, {}).get(protocol, {}).get(SUPERVISED)
+        if ceiling is None or ceiling.verdict != HOLDS:
             return None
         return gap_closed(per[name].mean, per[self.reference].mean, per[SUPERVISED].mean)
 
@@ -82,7 +87,7 @@ class Comparison:
         if self._gap_sets():
             lines.append(
                 f"Gap closed = (set − {self.reference}) / ({SUPERVISED} − {self.reference}) of the means, "
-                f"n/a unless {SUPERVISED} > {self.reference}."
+                f"n/a unless {SUPERVISED} − {self.reference} holds (a ceiling at chance closes no gap)."
             )
         return "\n".join(lines)
 

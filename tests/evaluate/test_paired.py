@@ -108,6 +108,17 @@ def test_comparison_of_every_task_with_a_supervised_ceiling():
                        "+0.080 [+0.037, +0.123] holds", "+0.253 [+0.239, +0.268] holds", "0.32"]  # fmt: skip
     assert rows[0][:3] == ["location", "abmil", "3"] and rows[0][-1] == "n/a"  # supervised = random: no gap
     assert "Gap closed = (set − random) / (supervised − random)" in cmp.caption()
+    # A ceiling that does not itself beat random (its interval includes 0) closes no gap, even a tiny one.
+    noisy = {
+        "pretrained": _cv([{"a": 0.46}, {"a": 0.47}, {"a": 0.45}]),
+        "random": _cv([{"a": 0.48}, {"a": 0.50}, {"a": 0.47}]),
+        "supervised": _cv([{"a": 0.50}, {"a": 0.47}, {"a": 0.49}]),
+    }
+    chance = build_comparison([("location", "abmil", s, r) for s, r in noisy.items()], "auroc")
+    assert chance.macro["location"]["abmil"]["supervised"].mean > chance.macro["location"]["abmil"]["random"].mean
+    assert chance.paired["location"]["abmil"]["supervised"].verdict == NOT_RESOLVED
+    assert chance.gap_closed("location", "abmil", "pretrained") is None
+    assert chance.table()[1][-1] == "n/a"
 
 
 def test_comparison_errors_and_no_reference():
