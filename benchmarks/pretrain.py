@@ -6,8 +6,8 @@
 On CUDA it also prints model FLOPs utilisation (forward+backward FLOPs from torch's FLOP counter over
 one step's views / measured step time / the device's bf16 peak given by --peak-tflops). No asserts.
 
---window N also measures the steady state: the loop's metrics of every N steps (logged to a throw-away MLflow
-store, as the pipeline logs them) are read back and the windows after the first (CUDA start-up, loader
+--window N also measures the steady state: the loop's metrics of every N steps (its metrics callback, what
+the pipeline logs to MLflow) and the windows after the first (CUDA start-up, loader
 warm-up) averaged: "steady" slices/s, data wait and compute per step, MFU, and MFU over compute time only
 (what the model would reach if the loader never made it wait). --json writes every figure per run.
 """
@@ -66,24 +66,19 @@ def _mfu(flops: float | None, step_s: float, peak_tflops: float) -> float | None
 
 
 def _run(preprocessed: str, cfg: PretrainConfig, window: int, tmp: Path) -> tuple[object, list[dict]]:
-    """run_pretrain, and with `window` the loop's per-window metrics (read back from a throw-away MLflow run)."""
-    if not window:
-        with tempfile.TemporaryDirectory(dir=tmp) as out:
-            return run_pretrain(preprocessed, out, cfg, resume=False), []
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("pretrain-benchmark")
-    with tempfile.TemporaryDirectory(dir=tmp) as out, mlflow.start_run() as run:
-        r = run_pretrain(preprocessed, out, cfg, resume=False)
-    client = MlflowClient(uri)
+    """run_pretrain, and with `window` the loop's per-window metrics (its `log_metrics` callback, the one the
+    pipeline feeds to MLflow)."""
+    logged: list[tuple[dict, int]] = []
+    with tempfile.TemporaryDirectory(dir=tmp) as out:
+        r = run_pretrain(
+            preprocessed,
+            out,
+            cfg,
+            resume=False,
+            log_metrics=(lambda m, s: logged.append((dict(m), s))) if window else None,
+        )
     keys = ("slices_per_s", "data_wait_s", "compute_s")
-    hist = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in keys}
-    windows = [
-        {"step": s, **{k: hist[k].get(s, math.nan) for k in keys}} for s in sorted(hist["slices_per_s"])
-    ]
+    windows = [{"step": s, **{k: m.get(k, math.nan) for k in keys}} for m, s in logged if "slices_per_s" in m]
     return r, windows
 
 
