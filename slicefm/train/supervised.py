@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +35,12 @@ from slicefm.ssl.views import cell_class_counts
 from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, load_index, to_float, typed_lesion_mask
+from slicefm.train.loop import MetricsCallback
 
 logger = logging.getLogger(__name__)
 
 METHOD = "supervised_ceiling"  # encoder.json `method` of a supervised-ceiling export
 SUPERVISED_LABEL = "supervised"  # the embedding set's label: evaluate reads it as the ceiling
-
-MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 @dataclass
@@ -178,21 +176,32 @@ def load_labelled_slices(
     )
 
 
+def _seed(pretrain: PretrainConfig, cfg: SupervisedCeilingConfig) -> int:
+    return pretrain.seed if cfg.seed is None else cfg.seed
+
+
+def new_encoder(pretrain: PretrainConfig, in_chans: int, seed: int) -> Encoder:
+    """pretrain.encoder's architecture with fresh weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    enc = pretrain.encoder
+    return create_encoder(enc.name, enc.img_size, in_chans, **enc.overrides)
+
+
 def train_supervised(
     data: LabelledSlices,
     pretrain: PretrainConfig,
     cfg: SupervisedCeilingConfig,
     device: torch.device,
     log_metrics: MetricsCallback | None = None,
+    encoder: Encoder | None = None,
 ) -> tuple[Encoder, SupervisedResult]:
-    """Train pretrain.encoder's architecture (fresh weights, seed cfg.seed) on `data`'s targets."""
-    seed = pretrain.seed if cfg.seed is None else cfg.seed
-    torch.manual_seed(seed)
+    """Train `encoder` (default: a fresh `new_encoder`) on `data`'s targets."""
+    seed = _seed(pretrain, cfg)
     rng = np.random.default_rng(seed)
     per_window = pretrain.input_channels == "per_window"
-    in_chans = 1 if per_window else len(data.channels)
-    enc_cfg = pretrain.encoder
-    encoder = create_encoder(enc_cfg.name, enc_cfg.img_size, in_chans, **enc_cfg.overrides).to(device)
+    if encoder is None:
+        encoder = new_encoder(pretrain, 1 if per_window else len(data.channels), seed)
+    encoder = encoder.to(device)
     head = torch.nn.Linear(encoder.embed_dim, len(data.classes)).to(device)
     params = [*encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -260,14 +269,17 @@ def run_supervised_ceiling(
     (encoder.safetensors + encoder.json with label "supervised"), plus supervised_result.json."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     enc_cfg = pretrain.encoder
-    probe = create_encoder(enc_cfg.name, enc_cfg.img_size, 1, **enc_cfg.overrides)
-    grid = token_grid(probe, 1) if cfg.cells else 1
+    channels = open_store(slices_uri).read_json("preprocess.json")["channels"]
+    in_chans = 1 if pretrain.input_channels == "per_window" else len(channels)
+    # Built once: its token grid sizes the cell targets, then it is the model trained.
+    encoder = new_encoder(pretrain, in_chans, _seed(pretrain, cfg))
+    grid = token_grid(encoder, in_chans) if cfg.cells else 1
     data = load_labelled_slices(slices_uri, cfg.targets, enc_cfg.img_size, grid, cfg.max_scans)
     logger.info(
         "supervised ceiling: %d slices (%d classes: %s), %s on %s, %d steps",
         len(data.images), len(data.classes), ", ".join(data.classes), enc_cfg.name, device, cfg.steps,
     )  # fmt: skip
-    encoder, result = train_supervised(data, pretrain, cfg, device, log_metrics)
+    encoder, result = train_supervised(data, pretrain, cfg, device, log_metrics, encoder)
     meta = {
         "method": METHOD,
         "label": SUPERVISED_LABEL,
