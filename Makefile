@@ -38,22 +38,22 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check slicefm components pipelines tests benchmarks
 
 compile: setup  ## write the pipeline YAML (pipelines/slicefm_pipeline.yaml)
-	$(PY) -m slicefm.cli pipeline compile --out pipelines/slicefm_pipeline.yaml
+	$(PY) -m slicefm pipeline compile --out pipelines/slicefm_pipeline.yaml
 
 # Local (kfp.local SubprocessRunner) by default; compiles and submits to a cluster when KFP_HOST is set.
 run-pipeline: setup  ## run the whole pipeline (local, or on KFP_HOST)
 	@if [ -n "$$KFP_HOST" ]; then \
-	  $(PY) -m slicefm.cli pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
+	  $(PY) -m slicefm pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	else \
-	  $(PY) -m slicefm.cli key init --if-missing && \
-	  $(PY) -m slicefm.cli pipeline run --runner $(RUNNER) --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
+	  $(PY) -m slicefm key init --if-missing && \
+	  $(PY) -m slicefm pipeline run --runner $(RUNNER) --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	fi
 
 submit: setup  ## compile + submit to KFP_HOST
-	$(PY) -m slicefm.cli pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}
+	$(PY) -m slicefm pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}
 
 data: setup  ## (re)generate the demo phantom dataset in data/ (what data.dvc tracks)
-	$(PY) -m slicefm.cli data demo --config pipelines/configs/demo-cpu.yaml --force
+	$(PY) -m slicefm data demo --config pipelines/configs/demo-cpu.yaml --force
 
 clean-local:  ## remove local runs, MLflow db and kfp outputs (keeps .venv and data/)
 	rm -rf .slicefm

@@ -196,7 +196,7 @@ def cmd_phantom(out, n, seed, size, profile, fmt, workers):
 
 
 def _stages(uri, experiment, run_name):
-    from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
+    from slicefm.edge.tracking.pipeline_runs import child_runs, find_parent_run
 
     parent = find_parent_run(uri, experiment, run_name)
     if parent is None:
@@ -466,7 +466,7 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ $COMMIT != unknown ]] && [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
   COMMIT="$COMMIT + uncommitted changes"
 fi
-"$PY" -m slicefm.cli key init --if-missing >"$LOGS/key.log" 2>&1 || die "no pseudonymisation key: $(tail -n 3 "$LOGS/key.log")"
+"$PY" -m slicefm key init --if-missing >"$LOGS/key.log" 2>&1 || die "no pseudonymisation key: $(tail -n 3 "$LOGS/key.log")"
 PRESETS=()
 for m in "${METHODS[@]}"; do PRESETS+=("$m=$ROOT/pipelines/configs/gpu-check-$m.yaml"); done
 OVERLAY=""
@@ -537,7 +537,7 @@ start_run() {
   log "pipeline $m: started (run ${RUN_NAME[$m]}, at most $left s)"
   env -u SLICEFM_STORE -u KFP_HOST SLICEFM_HOME="$state" MLFLOW_TRACKING_URI="sqlite:///$state/mlflow.db" \
     OMP_NUM_THREADS=$(((CORES + 1) / 2)) \
-    timeout --kill-after=20 "$left" "$PY" -m slicefm.cli pipeline run --runner subprocess \
+    timeout --kill-after=20 "$left" "$PY" -m slicefm pipeline run --runner subprocess \
     --config "$OUT/configs/$m.yaml" --run-name "${RUN_NAME[$m]}" >"$LOGS/pipeline-$m.log" 2>&1 &
   RUN_PID[$m]=$!
   BG_PIDS+=($!)

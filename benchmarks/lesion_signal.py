@@ -38,10 +38,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from slicefm.config import load_config
+from slicefm.core.store import Store, open_store
 from slicefm.embed.extract import embedding_key
 from slicefm.embed.reader import EmbeddingSet
 from slicefm.evaluate.stage import run_evaluate
-from slicefm.tracking.store import Store, open_store
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, typed_lesion_mask
 
 N_LESION_TYPES = len(LESION_NAMES)  # DeepLesion's coarse types 1..8

@@ -34,8 +34,8 @@ import torch
 import yaml
 from lesion_signal import lesion_types_per_slice, slice_presence_auroc, slice_table
 
+from slicefm.core.store import open_store
 from slicefm.embed.reader import EmbeddingSet
-from slicefm.tracking.store import open_store
 from slicefm.train.collapse import effective_rank
 from slicefm.train.config import PretrainConfig
 from slicefm.train.stage import run_pretrain

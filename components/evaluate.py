@@ -45,9 +45,9 @@ def evaluate(
         The all-tasks comparison (caption and markdown table), also printed to the step's log.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import input_location, output_location
-    from slicefm.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc, publish_report
-    from slicefm.stages import evaluate_stage
+    from slicefm.edge.kfp_io import input_location, output_location
+    from slicefm.edge.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc, publish_report
+    from slicefm.edge.stages import evaluate_stage
 
     cfg = config_from_yaml(config_yaml)
     sets = [input_location(embeddings.path, embeddings.metadata)]
@@ -99,9 +99,9 @@ def external(
         The headline table (markdown).
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import input_location, output_location
-    from slicefm.kfp_reports import log_headline_metrics, publish_report
-    from slicefm.stages import external_stage
+    from slicefm.edge.kfp_io import input_location, output_location
+    from slicefm.edge.kfp_reports import log_headline_metrics, publish_report
+    from slicefm.edge.stages import external_stage
 
     cfg = config_from_yaml(config_yaml)
     out = output_location(results.path, store_uri, run_name, "external")

@@ -59,8 +59,8 @@ def extract(
         Number of slices embedded by this task.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location, require_gpus
-    from slicefm.stages import extract_stage
+    from slicefm.edge.kfp_io import URI_KEY, input_location, output_location, require_gpus
+    from slicefm.edge.stages import extract_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
@@ -102,9 +102,9 @@ def merge_embeddings(
     Returns:
         The merged set's encoder label.
     """
+    from slicefm.edge.kfp_io import URI_KEY, input_location, output_location
     from slicefm.embed.extract import merge_extracts
     from slicefm.embed.reader import EmbeddingSet
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
 
     out = output_location(embeddings.path, store_uri, run_name, name)
     uri = merge_extracts([input_location(p.path, p.metadata) for p in parts], out)

@@ -34,8 +34,8 @@ def ingest(
     """
     from slicefm.config import config_from_yaml
     from slicefm.data.pseudonym import load_key
-    from slicefm.kfp_io import URI_KEY, output_location
-    from slicefm.stages import ingest_stage
+    from slicefm.edge.kfp_io import URI_KEY, output_location
+    from slicefm.edge.stages import ingest_stage
 
     cfg = config_from_yaml(config_yaml)
     stage = "ingest" if cohort == "a" else f"ingest-{cohort}"

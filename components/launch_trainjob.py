@@ -1,6 +1,6 @@
 """Launch component: multi-node pretraining as a Kubeflow Trainer v2.1.0 TrainJob, waited for from this step.
 
-The step itself needs no GPU: it creates the TrainJob (torchrun of slicefm.train.launch on num_nodes GPU
+The step itself needs no GPU: it creates the TrainJob (torchrun of slicefm.edge.launch on num_nodes GPU
 pods), follows it to Complete or Failed and deletes it. Around the job it keeps the pipeline's "pretrain"
 MLflow stage run (tagged as a TrainJob) and, once the job completed, registers the encoder the job wrote,
 exactly as the single-node pretrain step does. It must run under a service account bound to the
@@ -75,9 +75,9 @@ def launch_trainjob(
         The TrainJob name.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.k8s.trainjob import TrainJobConfig, run_trainjob, trainjob_name
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
-    from slicefm.stages import trainjob_pretrain_stage
+    from slicefm.edge.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.edge.stages import trainjob_pretrain_stage
+    from slicefm.edge.trainjob import TrainJobConfig, run_trainjob, trainjob_name
 
     if not store_uri.startswith("s3://"):
         raise ValueError(

@@ -31,8 +31,8 @@ def preprocess(
         Number of slices written.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import URI_KEY, input_location, output_location
-    from slicefm.stages import preprocess_stage
+    from slicefm.edge.kfp_io import URI_KEY, input_location, output_location
+    from slicefm.edge.stages import preprocess_stage
 
     cfg = config_from_yaml(config_yaml)
     stage = "preprocess" if cohort == "a" else f"preprocess-{cohort}"

@@ -33,8 +33,8 @@ def pretrain(
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import encoder_metadata, input_location, output_location, require_gpus
-    from slicefm.stages import pretrain_stage
+    from slicefm.edge.kfp_io import encoder_metadata, input_location, output_location, require_gpus
+    from slicefm.edge.stages import pretrain_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
@@ -71,8 +71,8 @@ def supervised_ceiling(
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
-    from slicefm.kfp_io import encoder_metadata, input_location, output_location, require_gpus
-    from slicefm.stages import supervised_ceiling_stage
+    from slicefm.edge.kfp_io import encoder_metadata, input_location, output_location, require_gpus
+    from slicefm.edge.stages import supervised_ceiling_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)

@@ -20,7 +20,7 @@ def start_tracking(
     Returns:
         The parent run id.
     """
-    from slicefm.tracking.pipeline_runs import start_parent_run
+    from slicefm.edge.tracking.pipeline_runs import start_parent_run
 
     return start_parent_run(tracking_uri, experiment, run_name, config_yaml, data_version)
 
@@ -38,6 +38,6 @@ def finish_tracking(tracking_uri: str, experiment: str, run_name: str) -> str:
     Returns:
         The final status.
     """
-    from slicefm.tracking.pipeline_runs import finish_parent_run
+    from slicefm.edge.tracking.pipeline_runs import finish_parent_run
 
     return finish_parent_run(tracking_uri, experiment, run_name)

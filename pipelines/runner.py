@@ -11,13 +11,10 @@ from pathlib import Path
 import yaml
 
 from slicefm.config import PipelineConfig, dump_config, load_config
+from slicefm.edge.state import state_dir
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("SLICEFM_HOME") or ROOT / ".slicefm").resolve()
 
 
 def data_version(source: Path) -> str:
@@ -73,7 +70,7 @@ def _arguments(
 
 def _local_source(data) -> Path:  # noqa: ANN001
     """A dataset directory under the checkout (relative sources) or as given; phantom-generated when absent."""
-    from slicefm.pipeline_data import ensure_demo_data
+    from slicefm.edge.pipeline_data import ensure_demo_data
 
     return ensure_demo_data(data, ROOT / data.source if not Path(data.source).is_absolute() else None)
 
@@ -94,12 +91,12 @@ def run_local(config_path: Path, run_name: str | None = None, runner: str = "sub
 
     from pipelines.slicefm_pipeline import slicefm_pipeline
     from slicefm.data.pseudonym import KEY_ENV, load_key
-    from slicefm.tracking.mlflow_runs import resolve_tracking_uri
-    from slicefm.tracking.pipeline_runs import describe_run
-    from slicefm.tracking.preflight import preflight
+    from slicefm.edge.tracking.mlflow_runs import resolve_tracking_uri
+    from slicefm.edge.tracking.pipeline_runs import describe_run
+    from slicefm.edge.tracking.preflight import preflight
 
     cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
-    tracking_uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), ROOT)
+    tracking_uri = resolve_tracking_uri(None)
     store_uri = os.environ.get("SLICEFM_STORE", "")
     # An unreachable MLflow server or artifact store fails here, in seconds, before data or any stage.
     preflight(tracking_uri, store_uri or None)

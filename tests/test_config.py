@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from slicefm.config import PipelineConfig, config_from_yaml, dump_config
-from slicefm.stages import cohort_data
+from slicefm.edge.stages import cohort_data
 
 
 def test_pretraining_cohort_is_its_own_data_section() -> None:

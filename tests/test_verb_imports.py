@@ -1,7 +1,7 @@
 """Each verb imports only what its stage needs (issue 16.8): `slicefm ingest` used to spend 6 s of its 8 s
-importing torch, timm and the evaluation through slicefm.stages before reading a file.
+importing torch, timm and the evaluation through slicefm.edge.stages before reading a file.
 
-The verbs run for real, as `python -m slicefm.cli ...` in a fresh interpreter with PYTHONPROFILEIMPORTTIME=1:
+The verbs run for real, as `python -m slicefm ...` in a fresh interpreter with PYTHONPROFILEIMPORTTIME=1:
 the variable is inherited by the forkserver and every pool worker, so their imports are listed too.
 """
 
@@ -33,7 +33,7 @@ def run_verb(*argv: str) -> tuple[str, set[str]]:
         "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "slicefm.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "slicefm", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     log = "\n".join(line for line in proc.stderr.splitlines() if not _IMPORT_LINE.search(line))
@@ -82,10 +82,10 @@ def test_untracked_stages_do_not_import_mlflow_or_kfp() -> None:
     tracked run (a tracking URI) and kfp only in the pipeline verbs."""
     code = (
         "import sys\n"
-        "import slicefm.cli, slicefm.stages\n"
+        "import slicefm.edge.cli, slicefm.edge.stages\n"
         "import slicefm.train.stage, slicefm.train.supervised, slicefm.embed.extract, slicefm.embed.sources\n"
-        "import slicefm.evaluate.stage, slicefm.evaluate.external_stage, slicefm.kfp_reports\n"
-        "from slicefm.tracking.mlflow_runs import active_mlflow\n"
+        "import slicefm.evaluate.stage, slicefm.evaluate.external_stage, slicefm.edge.kfp_reports\n"
+        "from slicefm.edge.tracking.mlflow_runs import active_mlflow\n"
         "assert active_mlflow() is None\n"
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm import __version__
+from slicefm.core.store import Store, open_store, staged_output
 from slicefm.data import pseudonym
 from slicefm.data.adapters import detect_format, get_adapter
 from slicefm.data.adapters.base import AdapterResult, ScanCandidate
@@ -33,7 +34,6 @@ from slicefm.data.schemas import (
 )
 from slicefm.io.volume import InvalidScanError, Volume
 from slicefm.parallel import process_pool
-from slicefm.tracking.store import Store, open_store, staged_output
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from slicefm.core.store import Store, open_store
 from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, STACKED_WINDOW
-from slicefm.tracking.store import Store, open_store
 
 
 @dataclass

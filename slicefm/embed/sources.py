@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from slicefm.core.store import open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.tracking.store import open_store
 from slicefm.train.export import META_KEY, load_encoder
 
 log = logging.getLogger(__name__)

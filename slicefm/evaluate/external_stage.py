@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from slicefm.core.store import open_store
 from slicefm.data.pseudonym import require_same_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.metrics import METRICS, Summary
@@ -28,7 +29,6 @@ from slicefm.evaluate.stage import (
     results_key_fingerprint,
     task_data,
 )
-from slicefm.tracking.store import open_store
 
 log = logging.getLogger(__name__)
 

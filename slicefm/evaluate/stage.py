@@ -28,6 +28,7 @@ import pandas as pd
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from slicefm.core.store import Store, open_store
 from slicefm.data.pseudonym import require_same_key
 from slicefm.data.schemas import LABEL_PREFIX
 from slicefm.embed.reader import Bag, EmbeddingSet
@@ -40,7 +41,6 @@ from slicefm.evaluate.report import RowKey, by_label, combine_pages, headline_ma
 from slicefm.evaluate.splits import Splits, make_splits
 from slicefm.evaluate.summary import Comparison, build_comparison
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
-from slicefm.tracking.store import Store, open_store
 
 log = logging.getLogger(__name__)
 

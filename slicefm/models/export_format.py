@@ -1,7 +1,7 @@
 """The exported-encoder format: `encoder.safetensors` (the timm trunk's state dict) + `encoder.json` (how to
 rebuild it). Written by the training stages, read by extraction and the model registry.
 
-Low level on purpose (models + the artifact store only): `slicefm.train` writes it, `slicefm.tracking` and
+Low level on purpose (models + the artifact store only): `slicefm.train` writes it, `slicefm.edge.tracking` and
 `slicefm.embed` read it, and none of them needs the other. Nothing here talks to MLflow: the stage that
 owns the run logs the files (`ENCODER_FILES`) as artifacts.
 """
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from slicefm.core.store import open_store
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.tracking.store import open_store
 
 logger = logging.getLogger(__name__)
 

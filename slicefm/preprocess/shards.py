@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slicefm.tracking.store import NpyHeader, Store
+from slicefm.core.store import NpyHeader, Store
 
 
 def shard_of(scan_id: str, n_shards: int) -> int:

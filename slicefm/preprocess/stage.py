@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
 from slicefm.parallel import process_pool
@@ -28,7 +29,6 @@ from slicefm.preprocess.shards import shard_of, stack_key
 from slicefm.preprocess.slabs import slab_ids
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
 from slicefm.preprocess.windows import WINDOWS, HUWindow, ZScoreNorm, apply_windows_uint8, apply_zscore
-from slicefm.tracking.store import Store, open_store
 
 log = logging.getLogger(__name__)
 

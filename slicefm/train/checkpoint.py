@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slicefm.tracking.store import Store
+from slicefm.core.store import Store
 
 logger = logging.getLogger(__name__)
 

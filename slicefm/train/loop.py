@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from slicefm.core.store import Store
 from slicefm.ssl.views import crop_resize
-from slicefm.tracking.store import Store
 from slicefm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slicefm.train.collapse import CollapseMonitor
 from slicefm.train.config import PretrainConfig

@@ -1,6 +1,6 @@
 """The pretrain stage: preprocess output -> trained encoder (encoder.safetensors + encoder.json) + checkpoints.
 
-Runs as one process or under torchrun (the caller, `slicefm.train.launch`, initialises the process
+Runs as one process or under torchrun (the caller, `slicefm.edge.launch`, initialises the process
 group). Resumes from `checkpoints/latest.pt` in `out_uri` when `resume` is set. Tracking is the caller's:
 per-step metrics go to its `log_metrics` callback, and the result names what was written where.
 """
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from slicefm.core.store import open_store
 from slicefm.models.export_format import WEIGHTS_KEY, export_encoder
-from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig
 from slicefm.train.data import load_index
 from slicefm.train.distributed import DistContext

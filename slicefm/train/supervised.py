@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slicefm.core.store import open_store
 from slicefm.models.encoders import Encoder, create_encoder
 from slicefm.models.export_format import export_encoder
 from slicefm.preprocess.shards import StackReader
 from slicefm.ssl.views import cell_class_counts
-from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, load_index, to_float, typed_lesion_mask
 from slicefm.train.loop import MetricsCallback

@@ -14,8 +14,8 @@ import yaml
 from kfp import dsl
 
 from slicefm.config import PipelineConfig, dump_config
-from slicefm.tracking.mlflow_runs import start_pipeline_run
-from slicefm.tracking.pipeline_runs import child_runs
+from slicefm.edge.tracking.mlflow_runs import start_pipeline_run
+from slicefm.edge.tracking.pipeline_runs import child_runs
 from tests.pipeline.conftest import tiny_pipeline_config
 
 

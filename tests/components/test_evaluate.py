@@ -11,8 +11,8 @@ from kfp.dsl import HTML, ClassificationMetrics, Markdown, Metrics
 from mlflow.tracking import MlflowClient
 
 from components.evaluate import evaluate, external
+from slicefm.edge.tracking.mlflow_runs import start_pipeline_run
 from slicefm.evaluate.summary import Comparison
-from slicefm.tracking.mlflow_runs import start_pipeline_run
 from tests.components.conftest import component_config, dataset, stage_runs
 from tests.evaluate.test_stage import CLASSES, write_set
 

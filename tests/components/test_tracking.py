@@ -8,7 +8,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.tracking import finish_tracking, start_tracking
-from slicefm.tracking import mlflow_runs
+from slicefm.edge.tracking import mlflow_runs
 from tests.components.conftest import component_config
 
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pydicom
 import pytest
 
-from slicefm.cli import main as cli_main
+from slicefm.core.store import open_store
 from slicefm.data.adapters.ctrate import CTRATE_CLASSES
 from slicefm.data.ingest import NoUsableScansError, ingest, label_slug, read_lesions, read_scans
+from slicefm.edge.cli import main as cli_main
 from slicefm.phantom.dataset import generate_dataset
-from slicefm.tracking.store import open_store
 
 KEY = b"test-key-0123456789abcdef"
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",

@@ -60,7 +60,7 @@ def test_key_fingerprint_identifies_the_key_without_revealing_it():
 
 
 def test_key_cli_init_show_and_ingest_from_any_folder(tmp_path, monkeypatch, capsys, caplog):
-    from slicefm.cli import main as cli_main
+    from slicefm.edge.cli import main as cli_main
     from slicefm.phantom.dataset import generate_dataset
 
     dicom_source = generate_dataset(tmp_path / "src", 2, "dicom", seed=3, shape_xy=64)

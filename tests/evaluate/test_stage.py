@@ -15,6 +15,9 @@ from scipy import stats
 
 from slicefm.config import PipelineConfig
 from slicefm.data.pseudonym import KeyMismatchError
+from slicefm.edge.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc
+from slicefm.edge.stages import evaluate_stage
+from slicefm.edge.tracking import mlflow_runs
 from slicefm.embed.extract import EXTRACT_FORMAT_VERSION, embedding_key
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.evaluate.external_stage import run_external_stage
@@ -23,9 +26,6 @@ from slicefm.evaluate.report import RowKey
 from slicefm.evaluate.splits import Splits
 from slicefm.evaluate.stage import load_heads, resolve_label_columns, run_evaluate
 from slicefm.evaluate.summary import Comparison
-from slicefm.kfp_reports import comparison_scalars, log_headline_metrics, log_run_roc
-from slicefm.stages import evaluate_stage
-from slicefm.tracking import mlflow_runs
 
 D = 16
 CLASSES = ["liver", "lung", "bone"]
@@ -219,7 +219,7 @@ def test_summary_of_every_task_with_paired_differences(evaluated):
 def test_evaluate_stage_logs_every_task_to_mlflow(evaluated, tmp_path, monkeypatch):
     root, res = evaluated
     monkeypatch.setattr("slicefm.evaluate.stage.run_evaluate", lambda *args: res)
-    monkeypatch.setattr("slicefm.stages._register_champion_heads", lambda cfg, result: None)
+    monkeypatch.setattr("slicefm.edge.stages._register_champion_heads", lambda cfg, result: None)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = mlflow_runs.start_pipeline_run(tracking, "e", "r", {})
     evaluate_stage(PipelineConfig(), [], str(root / "out"), tracking, parent)

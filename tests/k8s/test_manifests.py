@@ -19,7 +19,7 @@ import jsonpatch
 import pytest
 import yaml
 
-from slicefm.k8s.trainjob import TRAINER_RELEASE, TrainJobConfig, build_trainjob
+from slicefm.edge.trainjob import TRAINER_RELEASE, TrainJobConfig, build_trainjob
 from tests.k8s.schema_check import K8S, ROOT, TRAINJOB_SCHEMA, document_errors, load_docs, trainjob_errors
 
 ALL_YAML = sorted(K8S.rglob("*.yaml"))
@@ -509,7 +509,7 @@ def test_one_kubeflow_trainer_release_everywhere():
         *K8S.rglob("*.yaml"),
         *K8S.rglob("*.md"),
         *K8S.rglob("*.json"),
-        ROOT / "slicefm" / "k8s" / "trainjob.py",
+        ROOT / "slicefm" / "edge" / "trainjob.py",
         ROOT / "components" / "launch_trainjob.py",
     ]
     mentions = {f: release_mentions(f.read_text()) for f in files}

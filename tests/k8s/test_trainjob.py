@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from slicefm.k8s.trainjob import (
+from slicefm.edge.trainjob import (
     CONFIG_DIR,
     CONFIG_ENV,
     CONFIG_PATH,
@@ -122,7 +122,7 @@ def test_built_manifest_validates_against_the_trainer_schema(settings):
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == cfg.num_nodes
     assert trainer["numProcPerNode"] == (cfg.gpus_per_node or 1)
-    assert "torchrun -m slicefm.train.launch" in trainer["command"][2]
+    assert "torchrun -m slicefm pretrain-worker" in trainer["command"][2]
     assert trainer["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
     assert {"name": CONFIG_ENV, "value": CONFIG} in trainer["env"]
     resources = trainer["resourcesPerNode"]
@@ -193,7 +193,7 @@ def test_launch_script_writes_the_config_and_hands_over_to_torchrun(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert out.startswith(f"torchrun -m slicefm.train.launch --preprocessed {PRE} --out {OUT} --config ")
+    assert out.startswith(f"torchrun -m slicefm pretrain-worker --preprocessed {PRE} --out {OUT} --config ")
     assert (tmp_path / "cfg" / "config.yaml").read_text() == tricky + "\n"
 
 
@@ -419,7 +419,7 @@ def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_
 @pytest.fixture
 def tracked_parent(tmp_path, monkeypatch) -> tuple[str, str]:
     """A sqlite MLflow store with an open pipeline parent run: (tracking URI, parent run id)."""
-    from slicefm.tracking.mlflow_runs import start_pipeline_run
+    from slicefm.edge.tracking.mlflow_runs import start_pipeline_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -427,7 +427,7 @@ def tracked_parent(tmp_path, monkeypatch) -> tuple[str, str]:
 
 
 def _copy_to_s3(local_uri: str, s3_uri: str) -> str:
-    from slicefm.tracking.store import open_store
+    from slicefm.core.store import open_store
 
     src, dst = open_store(local_uri), open_store(s3_uri)
     for key in src.list():
@@ -436,7 +436,7 @@ def _copy_to_s3(local_uri: str, s3_uri: str) -> str:
 
 
 def _pods(workdir: Path) -> Callable[[dict], None]:
-    """What a created TrainJob's pod does: slicefm.train.launch with its args, in its own process with the
+    """What a created TrainJob's pod does: `slicefm pretrain-worker` with its args, in its own process with the
     manifest's plain env values (config, MLFLOW_TRACKING_URI, MLFLOW_RUN_ID) over this environment (the
     secrets' AWS_* values are the test's own)."""
 
@@ -447,7 +447,7 @@ def _pods(workdir: Path) -> Callable[[dict], None]:
         config.write_text(env[CONFIG_ENV])
         args = [str(config) if a == CONFIG_PATH else a for a in trainer["args"]]
         done = subprocess.run(
-            [sys.executable, "-m", "slicefm.train.launch", *args],
+            [sys.executable, "-m", "slicefm", "pretrain-worker", *args],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
@@ -482,9 +482,9 @@ def test_component_tracks_the_trainjob_and_registers_the_encoder_it_wrote(
     from mlflow.tracking import MlflowClient
 
     from slicefm.config import PipelineConfig, dump_config
-    from slicefm.tracking.models import pull_model
-    from slicefm.tracking.pipeline_runs import child_runs
-    from slicefm.tracking.store import open_store
+    from slicefm.core.store import open_store
+    from slicefm.edge.tracking.models import pull_model
+    from slicefm.edge.tracking.pipeline_runs import child_runs
     from tests.train.conftest import tiny_config
 
     tracking, parent_id = tracked_parent
@@ -527,7 +527,7 @@ def test_failed_trainjob_fails_its_stage_run_and_registers_nothing(
     from mlflow.tracking import MlflowClient
 
     from slicefm.config import PipelineConfig, dump_config
-    from slicefm.tracking.pipeline_runs import child_runs
+    from slicefm.edge.tracking.pipeline_runs import child_runs
 
     tracking, parent_id = tracked_parent
     with FakeKube([RUNNING, FAILED]) as fake, pytest.raises(TrainJobFailed, match="FailedJobs"):
@@ -538,3 +538,19 @@ def test_failed_trainjob_fails_its_stage_run_and_registers_nothing(
     assert run.info.status == "FAILED" and run.data.tags["slicefm.launcher"] == "trainjob"
     assert "slicefm.registered_model" not in run.data.tags
     assert MlflowClient(tracking).search_registered_models() == []
+
+
+def test_trainjob_render_is_a_verb_of_the_one_cli_tree(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`slicefm trainjob render` prints the manifest build_trainjob makes from the same settings file."""
+    from slicefm.edge.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({"num_nodes": 3, "image": "registry.example/slicefm:1"}))
+    argv = ["trainjob", "render", "--name", NAME, "--preprocessed", PRE, "--out", OUT,
+            "--config", str(config), "--settings", str(settings)]  # fmt: skip
+    assert main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = build_trainjob(TrainJobConfig(num_nodes=3, image="registry.example/slicefm:1"), NAME, PRE, OUT, CONFIG)
+    assert printed == expected and printed["spec"]["trainer"]["numNodes"] == 3

@@ -184,7 +184,7 @@ def test_parallel_phantoms_equal_the_generator_byte_for_byte(smoke, tmp_path, se
     """The script generates cohorts with a process pool; the files are those of `slicefm data phantom`."""
     ref = tmp_path / "ref"
     subprocess.run(
-        [sys.executable, "-m", "slicefm.cli", "data", "phantom", "--n-scans", "12", "--size", "64",
+        [sys.executable, "-m", "slicefm", "data", "phantom", "--n-scans", "12", "--size", "64",
          "--seed", "0", "--format", "dicom", "--out", str(ref)],
         check=True, capture_output=True, env=_env(session_key_file),
     )  # fmt: skip

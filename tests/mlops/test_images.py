@@ -95,7 +95,7 @@ def test_sources_are_a_layer_of_their_own(project_image):
 
 
 def test_ingest_and_preprocess_in_the_image_equal_the_host(project_image, tmp_path):
-    from slicefm.cli import main as cli_main
+    from slicefm.edge.cli import main as cli_main
     from slicefm.phantom.dataset import generate_dataset
 
     src = generate_dataset(tmp_path / "src", 3, "dicom", seed=4, shape_xy=64)
@@ -129,7 +129,7 @@ def test_pipeline_runs_every_step_in_the_image(project_image, tmp_path, monkeypa
 
     from pipelines import runner
     from slicefm.data.pseudonym import KEY_ENV
-    from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
+    from slicefm.edge.tracking.pipeline_runs import child_runs, find_parent_run
     from tests.pipeline.conftest import local_run_env, tiny_pipeline_config
 
     config_path = tiny_pipeline_config(tmp_path, external=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from slicefm.cli import build_parser, main
-from slicefm.tracking.models import (
+from slicefm.edge.cli import build_parser, main
+from slicefm.edge.tracking.models import (
     MANIFEST_NAME,
     ModelIntegrityError,
     ModelSpec,
@@ -116,9 +116,9 @@ def test_pull_resolves_the_model_in_the_given_registry_not_the_global_one(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from slicefm.tracking.mlflow_runs import _global_tracking_uri
-    from slicefm.tracking.models import pull_model
-    from slicefm.tracking.registry import register_head
+    from slicefm.edge.tracking.mlflow_runs import _global_tracking_uri
+    from slicefm.edge.tracking.models import pull_model
+    from slicefm.edge.tracking.registry import register_head
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     registry = f"sqlite:///{tmp_path / 'registry.db'}"

@@ -17,10 +17,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from slicefm.cli import main
-from slicefm.models.encoders import create_encoder
-from slicefm.tracking.mlflow_runs import TrackingError, _global_tracking_uri
-from slicefm.tracking.models import (
+from slicefm.edge.cli import main
+from slicefm.edge.tracking.mlflow_runs import TrackingError, _global_tracking_uri
+from slicefm.edge.tracking.models import (
     MANIFEST_NAME,
     ModelIntegrityError,
     ModelRegistryError,
@@ -29,8 +28,9 @@ from slicefm.tracking.models import (
     set_alias,
     verify_manifest,
 )
-from slicefm.tracking.preflight import PreflightError, check_store, check_tracking_server
-from slicefm.tracking.registry import register_encoder, register_head
+from slicefm.edge.tracking.preflight import PreflightError, check_store, check_tracking_server
+from slicefm.edge.tracking.registry import register_encoder, register_head
+from slicefm.models.encoders import create_encoder
 from slicefm.train.export import export_encoder, load_encoder
 
 ENCODER = "mlops-test-encoder"

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from slicefm.config import PipelineConfig
-from slicefm.stages import preprocess_stage
-from slicefm.tracking import store as store_module
-from slicefm.tracking.store import S3Store, StoreError
+from slicefm.core import store as store_module
+from slicefm.core.store import S3Store, StoreError
+from slicefm.edge.stages import preprocess_stage
 from tests.conftest import LOOPBACK
 from tests.pipeline.conftest import bucket_keys, tiny_pipeline_config
 
@@ -115,7 +115,7 @@ def test_s3_lost_mid_stage_is_retried_then_fails_naming_key_and_endpoint_leaving
 def test_pipeline_run_with_mlflow_or_store_down_fails_before_any_stage(
     down, tmp_path, monkeypatch, s3_env, s3_admin, closed_port, caplog, requested_sleeps
 ):
-    from slicefm.cli import main
+    from slicefm.edge.cli import main
 
     dead = f"http://{LOOPBACK}:{closed_port}"
     store = f"{s3_env}/runs"
@@ -146,7 +146,7 @@ def test_pipeline_run_with_mlflow_or_store_down_fails_before_any_stage(
 def test_pipeline_start_step_refuses_an_unreachable_mlflow(closed_port):
     """On a cluster nothing runs before the start-tracking step, which checks the server first."""
     from components.tracking import start_tracking
-    from slicefm.tracking.mlflow_runs import TrackingError
+    from slicefm.edge.tracking.mlflow_runs import TrackingError
 
     dead = f"http://{LOOPBACK}:{closed_port}"
     with pytest.raises(TrackingError, match=f"MLflow tracking server {dead} unreachable"):

@@ -9,7 +9,7 @@ import torch
 
 from components.extract import extract
 from components.pretrain import pretrain
-from slicefm.kfp_io import MissingGPUError, require_gpus
+from slicefm.edge.kfp_io import MissingGPUError, require_gpus
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import runner
 from slicefm.data.pseudonym import key_fingerprint, load_key
-from slicefm.pipeline_data import dvc_dir_md5, ensure_demo_data
-from slicefm.tracking.pipeline_runs import child_runs, describe_run, find_parent_run, headline_report
+from slicefm.edge.pipeline_data import dvc_dir_md5, ensure_demo_data
+from slicefm.edge.tracking.pipeline_runs import child_runs, describe_run, find_parent_run, headline_report
 from tests.pipeline.conftest import local_run_env, tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
-from slicefm.tracking.models import MANIFEST_NAME, MANIFEST_TAG
-from slicefm.tracking.pipeline_runs import child_runs, find_parent_run
+from slicefm.edge.tracking.models import MANIFEST_NAME, MANIFEST_TAG
+from slicefm.edge.tracking.pipeline_runs import child_runs, find_parent_run
 from tests.pipeline.conftest import ROOT, bucket_keys, tiny_pipeline_config
 
 RUN = "s3-run"
@@ -28,9 +28,9 @@ def _object(s3_admin, uri: str) -> bytes:
 
 
 def _pull(spec: str, dest: Path, tracking_uri: str) -> str:
-    """`python -m slicefm.cli models pull` in a fresh process; returns its stdout."""
+    """`python -m slicefm models pull` in a fresh process; returns its stdout."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    cmd = [sys.executable, "-m", "slicefm.cli", "models", "pull", spec, "--dest", str(dest)]
+    cmd = [sys.executable, "-m", "slicefm", "models", "pull", spec, "--dest", str(dest)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
     return res.stdout

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.core.store import open_store
 from slicefm.data.ingest import write_manifests
 from slicefm.preprocess.shards import StackReader
 from slicefm.preprocess.stage import read_slices, run_preprocess
-from slicefm.tracking.store import open_store
 
 H = W = 96
 N = 12

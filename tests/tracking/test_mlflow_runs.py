@@ -20,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import slicefm
-from slicefm.tracking.mlflow_runs import (
+from slicefm.edge.state import state_dir
+from slicefm.edge.tracking.mlflow_runs import (
     MAX_PARAM_VALUE_CHARS,
     TrackingError,
     check_tracking_server,
@@ -48,7 +49,7 @@ def project_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tracking_uri(project_dir: Path) -> str:
     # One sqlite database per module: creating it runs MLflow's schema migrations (a few seconds).
-    return tracking_uri_default(project_dir)
+    return tracking_uri_default(project_dir / ".slicefm")
 
 
 @pytest.fixture(autouse=True)
@@ -61,14 +62,17 @@ def _isolated_mlflow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
 
 
 def test_tracking_uri_default_and_resolution(tmp_path: Path) -> None:
-    uri = tracking_uri_default(tmp_path)
-    assert uri == f"sqlite:///{tmp_path}/.slicefm/mlflow.db"
+    state = tmp_path / "state"
+    uri = tracking_uri_default(state)
+    assert uri == f"sqlite:///{state}/mlflow.db"
     assert uri.startswith("sqlite:////")  # four slashes: an absolute path for SQLAlchemy
-    assert tracking_uri_default(Path(".")) == f"sqlite:///{Path.cwd()}/.slicefm/mlflow.db"
-    env = {"MLFLOW_TRACKING_URI": "http://mlflow.kubeflow:5000"}
-    assert resolve_tracking_uri("http://explicit:5000", tmp_path, env) == "http://explicit:5000"
-    assert resolve_tracking_uri(None, tmp_path, env) == "http://mlflow.kubeflow:5000"
-    assert resolve_tracking_uri(None, tmp_path, {}) == uri
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow.kubeflow:5000", "SLICEFM_HOME": str(state)}
+    assert resolve_tracking_uri("http://explicit:5000", env) == "http://explicit:5000"
+    assert resolve_tracking_uri(None, env) == "http://mlflow.kubeflow:5000"
+    assert resolve_tracking_uri(None, {"SLICEFM_HOME": str(state)}) == uri
+    # One state rule: without SLICEFM_HOME (or with it empty) the state is .slicefm/ under the cwd.
+    assert resolve_tracking_uri(None, {"SLICEFM_HOME": ""}) == f"sqlite:///{Path.cwd()}/.slicefm/mlflow.db"
+    assert state_dir({}) == Path.cwd() / ".slicefm"
 
 
 def test_parent_and_nested_stages_across_processes(
@@ -94,7 +98,7 @@ def test_parent_and_nested_stages_across_processes(
     # A KFP component is its own process: the next stage only knows the tracking URI and the parent id.
     code = textwrap.dedent(f"""
         import mlflow
-        from slicefm.tracking.mlflow_runs import stage_run
+        from slicefm.edge.tracking.mlflow_runs import stage_run
         with stage_run({tracking_uri!r}, {parent_id!r}, "preprocess", {{"size": 256, "windows": ["lung"]}}) as r:
             mlflow.log_metric("n_slices", 120, step=0)
             print(r.info.run_id)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slicefm.tracking.store import LocalStore, S3Store, Store, StoreError, open_store
+from slicefm.core.store import LocalStore, S3Store, Store, StoreError, open_store
 
 MiB = 1024 * 1024
 # s3transfer never cuts parts below 5 MiB, so 6 MiB gives a genuine two-part multipart upload.

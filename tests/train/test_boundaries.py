@@ -44,7 +44,7 @@ def test_training_science_does_not_import_mlflow() -> None:
 
 
 def test_the_registry_does_not_import_the_training_package() -> None:
-    assert _loaded(("slicefm.tracking.registry",), "slicefm.train") == []
+    assert _loaded(("slicefm.edge.tracking.registry",), "slicefm.train") == []
 
 
 def test_pretraining_runs_and_exports_with_mlflow_unimportable(preprocessed: str, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from slicefm.tracking.store import open_store
+from slicefm.core.store import open_store
 from slicefm.train.data import load_index
 from slicefm.train.distributed import DistContext
 from slicefm.train.loop import train

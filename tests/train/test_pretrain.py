@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from slicefm.config import PipelineConfig
+from slicefm.core.store import open_store
 from slicefm.models.encoders import create_encoder
-from slicefm.tracking.store import open_store
 from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
 from slicefm.train.collapse import CollapseError, CollapseMonitor, effective_rank
 from slicefm.train.config import PretrainConfig, load_pretrain_config

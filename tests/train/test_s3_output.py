@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slicefm.tracking.store import open_store
+from slicefm.core.store import open_store
 from slicefm.train.export import load_encoder
 from slicefm.train.stage import run_pretrain
 from tests.train.conftest import tiny_config

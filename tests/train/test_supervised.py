@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from slicefm.core.store import open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.embed.sources import resolve_encoder
-from slicefm.tracking.store import open_store
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, typed_lesion_mask
 from slicefm.train.supervised import (

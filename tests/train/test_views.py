@@ -7,8 +7,8 @@ import pandas as pd
 import torch
 from torch.utils.data import default_collate
 
+from slicefm.core.store import open_store
 from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, lesion_crop_boxes, moco_views
-from slicefm.tracking.store import open_store
 from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
 from slicefm.train.data import (
     LESION_NAMES,

@@ -1,7 +1,7 @@
 """Atomic, deterministic file primitives the phantom writers share.
 
 Files and directories are written through the artifact store's atomic writes (a temporary sibling, then a
-rename: slicefm.tracking.store) and carry no timestamp, so a seed always gives the same bytes.
+rename: slicefm.core.store) and carry no timestamp, so a seed always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slicefm.tracking.store import open_store, staged_output
+from slicefm.core.store import open_store, staged_output
 
 
 @contextlib.contextmanager

@@ -1,17 +1,17 @@
-"""torchrun entry point: `python -m slicefm.train.launch --preprocessed URI --out URI --config YAML`.
+"""One rank of pretraining: `slicefm pretrain-worker --preprocessed URI --out URI --config YAML`, what torchrun
+starts in a TrainJob's pods (`torchrun -m slicefm pretrain-worker ...`).
 
 Initialises the process group from torchrun's environment (nccl on GPU, gloo on CPU) or runs as a
 single process when started without torchrun. The YAML is a bare PretrainConfig or a full pipeline
 config with a `pretrain:` section.
 
 An edge entry point (a TrainJob's pods run it): on rank 0 with MLFLOW_RUN_ID set it logs the training's
-per-step metrics into that run through `slicefm.tracking.mlflow_runs`. The launcher that owns the run logs
+per-step metrics into that run through `slicefm.edge.tracking.mlflow_runs`. The launcher that owns the run logs
 the encoder files and the result once the job is done.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from slicefm.tracking.mlflow_runs import joined_run, log_step_metrics
+from slicefm.edge.tracking.mlflow_runs import joined_run, log_step_metrics
 from slicefm.train.config import load_pretrain_config
 from slicefm.train.stage import run_pretrain
 
@@ -49,28 +49,17 @@ def stage_run() -> Iterator[bool]:
         yield tracked
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preprocessed", required=True, help="preprocess output (local dir or s3://)")
-    parser.add_argument("--out", required=True, help="output location (local dir or s3://)")
-    parser.add_argument("--config", required=True, type=Path, help="YAML with a pretrain: section")
-    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_pretrain_config(yaml.safe_load(args.config.read_text()))
+def run_worker(preprocessed: str, out: str, config_path: Path, *, resume: bool = True) -> None:
+    """Pretrain as this torchrun rank (or as the only process), logging to the launcher's run on rank 0."""
+    cfg = load_pretrain_config(yaml.safe_load(config_path.read_text()))
     started = init_distributed()
     try:
         with stage_run() as tracked:
             result = run_pretrain(
-                args.preprocessed, args.out, cfg, resume=not args.no_resume,
-                log_metrics=log_step_metrics if tracked else None,
-            )  # fmt: skip
+                preprocessed, out, cfg, resume=resume, log_metrics=log_step_metrics if tracked else None
+            )
         if not dist.is_initialized() or dist.get_rank() == 0:
             logging.getLogger(__name__).info("result: %s", json.dumps(result.to_dict()))
     finally:
         if started:
             dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -5,26 +5,23 @@ Pinned to Kubeflow Trainer v2.1.0 (`trainer.kubeflow.org/v1alpha1`). Pod setting
 The job runs on the ClusterTrainingRuntime `torch-distributed`, whose one replicated job and trainer
 container are both named `node`. The runtime's Torch plugin sets PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads itself, so the command is a plain
-`torchrun -m slicefm.train.launch ...`. The TrainJob's JobSet carries the TrainJob's name and JobSet labels
+`torchrun -m slicefm pretrain-worker ...`. The TrainJob's JobSet carries the TrainJob's name and JobSet labels
 every pod `jobset.sigs.k8s.io/jobset-name=<name>`: that is how the pods of a failed job are found.
 The manifest's schema: k8s/schemas/trainer-v2.1.0-trainjob.schema.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -59,7 +56,7 @@ STUCK_REASONS = {
 # No $(...) in it: Kubernetes would try to expand that as a variable reference.
 LAUNCH_SCRIPT = (
     f'mkdir -p {CONFIG_DIR} && printf "%s\\n" "${CONFIG_ENV}" > {CONFIG_PATH} '
-    '&& exec torchrun -m slicefm.train.launch "$@"'
+    '&& exec torchrun -m slicefm pretrain-worker "$@"'
 )
 
 
@@ -136,7 +133,7 @@ def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None
     if cfg.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking_uri})
         if mlflow_run_id:
-            # rank 0 logs its per-step metrics into the launcher's stage run (slicefm.train.launch)
+            # rank 0 logs its per-step metrics into the launcher's stage run (`slicefm pretrain-worker`, slicefm.edge.launch)
             env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
     if cfg.mlflow_secret:
         env += [
@@ -182,7 +179,7 @@ def build_trainjob(
     config_yaml: str,
     mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The TrainJob manifest: torchrun of slicefm.train.launch on cfg.num_nodes pods of the runtime.
+    """The TrainJob manifest: torchrun of `slicefm pretrain-worker` on cfg.num_nodes pods of the runtime.
 
     `mlflow_run_id` (with cfg.tracking_uri): the stage run the pods' rank 0 logs its training metrics to."""
     if not NAME_RE.match(name) or len(name) > MAX_NAME:
@@ -548,31 +545,3 @@ _BlockDumper.add_representer(
 
 def to_yaml(manifest: dict[str, Any]) -> str:
     return yaml.dump(manifest, Dumper=_BlockDumper, sort_keys=False, width=1000)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m slicefm.k8s.trainjob render|submit ...`: print the manifest, or run the job from a laptop."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("action", choices=["render", "submit"])
-    parser.add_argument("--name", required=True, help="TrainJob name (lower-case DNS label)")
-    parser.add_argument("--preprocessed", required=True, help="preprocess output, s3://...")
-    parser.add_argument("--out", required=True, help="pretraining output, s3://...")
-    parser.add_argument("--config", required=True, type=Path, help="pipeline or pretrain config YAML")
-    parser.add_argument("--settings", type=Path, help="YAML of TrainJobConfig fields (cluster settings)")
-    args = parser.parse_args(argv)
-    settings = yaml.safe_load(args.settings.read_text()) if args.settings else {}
-    cfg = TrainJobConfig.model_validate(settings or {})
-    config_yaml = args.config.read_text()
-    if args.action == "render":
-        manifest = build_trainjob(cfg, args.name, args.preprocessed, args.out, config_yaml)
-        sys.stdout.write(to_yaml(manifest))
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_trainjob(
-        cfg, name=args.name, preprocessed_uri=args.preprocessed, out_uri=args.out, config_yaml=config_yaml
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

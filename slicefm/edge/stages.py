@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slicefm.config import DataConfig, PipelineConfig, dump_config
+from slicefm.core.store import open_store
 from slicefm.data.pseudonym import key_fingerprint
-from slicefm.tracking import mlflow_runs  # standard library only: mlflow is imported by a tracked run
-from slicefm.tracking.store import open_store
+from slicefm.edge.tracking import mlflow_runs  # standard library only: mlflow is imported by a tracked run
 
 if TYPE_CHECKING:
     from slicefm.data.ingest import IngestResult
@@ -271,8 +271,8 @@ def evaluate_stage(
 
     The headline task's best head becomes the registry's champion in the "evaluate" stage only (the
     supervised ceiling's evaluation, "evaluate-ceiling", compares; it registers nothing)."""
+    from slicefm.edge.kfp_reports import comparison_scalars, headline_scalars
     from slicefm.evaluate.stage import run_evaluate
-    from slicefm.kfp_reports import comparison_scalars, headline_scalars
 
     params = {"tasks": ",".join(t.name for t in cfg.evaluate.tasks), "n_embedding_sets": len(embedding_uris)}
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
@@ -291,7 +291,7 @@ def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> Non
     """The best row of the headline task (by macro headline metric) -> `<name>-<task>-head`, alias champion."""
     if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
-    from slicefm.tracking.registry import register_head
+    from slicefm.edge.tracking.registry import register_head
 
     metric = cfg.evaluate.headline_metric
     scored = [(r, result.headline[r.key][metric].mean) for r in result.runs if r.task == result.headline_task]
@@ -319,8 +319,8 @@ def external_stage(
     parent_run_id: str | None = None,
 ) -> ExternalStageResult:
     """Cohort A's heads on cohort B (frozen) vs heads retrained on B, on B's test sets."""
+    from slicefm.edge.kfp_reports import headline_scalars
     from slicefm.evaluate.external_stage import run_external_stage
-    from slicefm.kfp_reports import headline_scalars
 
     params = {"tasks": ",".join(cfg.external.tasks), "protocol": cfg.external.protocol}
     with _tracked(tracking_uri, parent_run_id, "external", cfg, params):
@@ -348,8 +348,8 @@ def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -
 def _register(encoder_uri: str, model_name: str) -> None:
     """New registry version of the encoder, tagged on the stage run (only when tracking is on)."""
     if (mlflow := mlflow_runs.active_mlflow()) is not None:
-        from slicefm.tracking.models import edge_lineage
-        from slicefm.tracking.registry import register_encoder
+        from slicefm.edge.tracking.models import edge_lineage
+        from slicefm.edge.tracking.registry import register_encoder
 
         # stages.py is the edge shared by the CLI and the components: the image tag and commit are read here.
         version = register_encoder(encoder_uri, model_name, lineage=edge_lineage())

@@ -23,6 +23,8 @@ from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from slicefm.edge.state import state_dir
+
 logger = logging.getLogger(__name__)
 
 # MLflow <= 2.x servers reject param values over 500 characters; newer ones allow 6000. A pipeline may
@@ -39,18 +41,16 @@ class TrackingError(RuntimeError):
 
 
 # -- tracking URI --------------------------------------------------------------------------------------
-def tracking_uri_default(project_dir: str | Path) -> str:
-    """`sqlite:///<abs project_dir>/.slicefm/mlflow.db`, the tracking store when MLFLOW_TRACKING_URI is unset."""
-    db = Path(project_dir).expanduser().absolute() / ".slicefm" / "mlflow.db"
+def tracking_uri_default(state: str | Path) -> str:
+    """`sqlite:///<abs state dir>/mlflow.db`, the tracking store when MLFLOW_TRACKING_URI is unset."""
+    db = Path(state).expanduser().absolute() / "mlflow.db"
     return f"sqlite:///{db}"
 
 
-def resolve_tracking_uri(
-    explicit: str | None, project_dir: str | Path, environ: Mapping[str, str] | None = None
-) -> str:
-    """Explicit URI, else MLFLOW_TRACKING_URI, else the project's sqlite file (call this at the edge only)."""
+def resolve_tracking_uri(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """Explicit URI, else MLFLOW_TRACKING_URI, else the sqlite file in the state directory (slicefm.edge.state)."""
     env = os.environ if environ is None else environ
-    return explicit or env.get("MLFLOW_TRACKING_URI") or tracking_uri_default(project_dir)
+    return explicit or env.get("MLFLOW_TRACKING_URI") or tracking_uri_default(state_dir(env))
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -234,7 +234,7 @@ def log_store_files(out_uri: str, keys: Sequence[str], artifact_path: str | None
     `artifact_path`); nothing without an active run. Returns the keys logged."""
     import tempfile
 
-    from slicefm.tracking.store import open_store
+    from slicefm.core.store import open_store
 
     if (mlflow := active_mlflow()) is None:
         return []

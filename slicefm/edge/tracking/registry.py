@@ -2,7 +2,7 @@
 
 A registered version's payload (the files a consumer needs: weights, config json, `lineage.json`) is
 logged as the artifact directory of a pyfunc model, together with a MANIFEST.json of every file's sha256
-and size (see `slicefm.tracking.models`). Lineage (data version, git commit, config hash, image) is
+and size (see `slicefm.edge.tracking.models`). Lineage (data version, git commit, config hash, image) is
 written into `lineage.json` and set as `slicefm.<key>` tags on the model version, so `slicefm models
 list` shows it without downloading anything.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import mlflow.pyfunc
 
 from slicefm import __version__
-from slicefm.tracking import models
-from slicefm.tracking.store import open_store
+from slicefm.core.store import open_store
+from slicefm.edge.tracking import models
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class HeadFilesModel(mlflow.pyfunc.PythonModel):
 
 def _encoder_lineage(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Lineage already recorded in encoder.json by the pretraining stage."""
-    from slicefm.tracking.mlflow_runs import config_hash
+    from slicefm.edge.tracking.mlflow_runs import config_hash
 
     return {
         "data_version": meta.get("data_version"),
@@ -122,7 +122,7 @@ def register_head(
 
 
 def _require_active_run() -> Any:
-    from slicefm.tracking.mlflow_runs import TrackingError
+    from slicefm.edge.tracking.mlflow_runs import TrackingError
 
     run = mlflow.active_run()
     if run is None:

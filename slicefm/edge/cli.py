@@ -1,4 +1,5 @@
-"""`slicefm <verb>`: one verb per pipeline stage, plus data, config and pipeline commands."""
+"""`slicefm <verb>`: the one CLI tree. A verb per pipeline stage, plus data, key, config, pipeline, models (the
+registry) and cluster (trainjob, pretrain-worker) commands."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _key() -> bytes:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from slicefm.data.ingest import NoUsableScansError
-    from slicefm.stages import ingest_stage
+    from slicefm.edge.stages import ingest_stage
 
     cfg = _config(args.config)
     if args.format:
@@ -52,7 +53,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from slicefm.stages import preprocess_stage
+    from slicefm.edge.stages import preprocess_stage
 
     cfg = _config(args.config)
     res = preprocess_stage(cfg, args.scans, args.out)
@@ -64,7 +65,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from slicefm.stages import pretrain_stage
+    from slicefm.edge.stages import pretrain_stage
 
     cfg = _config(args.config)
     res = pretrain_stage(cfg, args.preprocessed, args.out, resume=not args.no_resume)
@@ -76,7 +77,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_supervised_ceiling(args: argparse.Namespace) -> int:
-    from slicefm.stages import supervised_ceiling_stage
+    from slicefm.edge.stages import supervised_ceiling_stage
 
     cfg = _config(args.config)
     res = supervised_ceiling_stage(cfg, args.preprocessed, args.out)
@@ -89,7 +90,7 @@ def cmd_supervised_ceiling(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from slicefm.stages import extract_stage
+    from slicefm.edge.stages import extract_stage
 
     cfg = _config(args.config)
     if args.encoder_spec:
@@ -115,7 +116,7 @@ def cmd_merge_extracts(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from slicefm.stages import evaluate_stage
+    from slicefm.edge.stages import evaluate_stage
 
     cfg = _config(args.config)
     res = evaluate_stage(cfg, args.embeddings, args.out, splits_uri=args.splits)
@@ -125,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_external(args: argparse.Namespace) -> int:
-    from slicefm.stages import external_stage
+    from slicefm.edge.stages import external_stage
 
     cfg = _config(args.config)
     res = external_stage(cfg, args.source_eval, args.embeddings, args.out)
@@ -147,7 +148,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from slicefm.pipeline_data import ensure_demo_data
+    from slicefm.edge.pipeline_data import ensure_demo_data
 
     cfg = _config(args.config)
     if args.out:
@@ -196,17 +197,19 @@ def cmd_config_default(args: argparse.Namespace) -> int:
 
 
 def _pipeline_runner():
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "pipelines").is_dir():
-        raise SystemExit("the pipeline commands run from a slicefm checkout (pipelines/ not found)")
-    sys.path.insert(0, str(root))
-    from pipelines import runner
-
+    """pipelines.runner (the graph and its runner ship with a checkout: `pip install -e .` installs them)."""
+    try:
+        from pipelines import runner
+    except ModuleNotFoundError as err:
+        raise SystemExit(
+            f"the pipeline commands need the pipelines/ and components/ packages of a slicefm checkout "
+            f"installed with `pip install -e .` ({err})"
+        ) from err
     return runner
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from slicefm.tracking.preflight import PreflightError, TrackingError
+    from slicefm.edge.tracking.preflight import PreflightError, TrackingError
 
     try:
         return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name, runner=args.runner)
@@ -373,9 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=os.environ.get("KFP_TOKEN"))
     s.set_defaults(func=cmd_pipeline_submit)
 
-    from slicefm.tracking.models_cli import add_models_parser
+    from slicefm.edge.cli_cluster import add_cluster_parsers
+    from slicefm.edge.cli_models import add_models_parser
 
     add_models_parser(sub)
+    add_cluster_parsers(sub)
     return p
 
 

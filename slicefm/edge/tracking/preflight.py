@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import secrets
 
-from slicefm.tracking.mlflow_runs import TrackingError, check_tracking_server
-from slicefm.tracking.store import StoreError, open_store
+from slicefm.core.store import StoreError, open_store
+from slicefm.edge.tracking.mlflow_runs import TrackingError, check_tracking_server
 
 logger = logging.getLogger(__name__)
 

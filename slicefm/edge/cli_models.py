@@ -15,17 +15,17 @@ log = logging.getLogger("slicefm")
 def _tracking_uri(explicit: str | None) -> str:
     """Resolve the URI (flag, MLFLOW_TRACKING_URI, project sqlite) and fail fast when a server is down:
     MLflow's own client would retry for minutes before reporting it."""
-    from slicefm.tracking.mlflow_runs import resolve_tracking_uri
-    from slicefm.tracking.preflight import check_tracking_server
+    from slicefm.edge.tracking.mlflow_runs import resolve_tracking_uri
+    from slicefm.edge.tracking.preflight import check_tracking_server
 
-    uri = resolve_tracking_uri(explicit, Path.cwd())
+    uri = resolve_tracking_uri(explicit)
     check_tracking_server(uri)
     return uri
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from slicefm.tracking.models import list_models
-    from slicefm.tracking.preflight import TrackingError
+    from slicefm.edge.tracking.models import list_models
+    from slicefm.edge.tracking.preflight import TrackingError
 
     try:
         rows = list_models(_tracking_uri(args.tracking_uri))
@@ -51,8 +51,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from slicefm.tracking.models import ModelIntegrityError, ModelRegistryError, pull_model
-    from slicefm.tracking.preflight import TrackingError
+    from slicefm.edge.tracking.models import ModelIntegrityError, ModelRegistryError, pull_model
+    from slicefm.edge.tracking.preflight import TrackingError
 
     try:
         res = pull_model(args.spec, args.dest, _tracking_uri(args.tracking_uri), overwrite=args.force)
@@ -69,7 +69,7 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the `models` verb group to the top-level `slicefm` parser."""
     group = subparsers.add_parser("models", help="the MLflow model registry: list, pull")
     verbs = group.add_subparsers(dest="models_verb", required=True)
-    uri_help = "MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else .slicefm/mlflow.db)"
+    uri_help = "MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else $SLICEFM_HOME/mlflow.db, else ./.slicefm/mlflow.db)"
 
     s = verbs.add_parser("list", help="every registered model version with aliases and lineage")
     s.add_argument("--tracking-uri", help=uri_help)

@@ -102,8 +102,8 @@ def write_text(artifact: Any, text: str) -> None:
 
 def publish_report(result: Any, report_md: Any, report_html: Any, results: Any) -> None:
     """An evaluate / external result as KFP Markdown + HTML artifacts; its location on the results Dataset."""
-    from slicefm.kfp_io import URI_KEY
-    from slicefm.tracking.store import open_store
+    from slicefm.core.store import open_store
+    from slicefm.edge.kfp_io import URI_KEY
 
     write_text(report_md, result.report_markdown)
     write_text(report_html, open_store(result.out_uri).read_bytes("report.html").decode())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from slicefm.tracking import mlflow_runs
+from slicefm.edge.tracking import mlflow_runs
 
 
 def start_parent_run(
@@ -81,8 +81,8 @@ def headline_report(stage: str, uri: str, metric: str = "auroc") -> str:
     """The summary of an evaluate / external output (results.json), as markdown: an evaluate output's
     all-tasks comparison (every task, paired differences vs random); otherwise (external, or an evaluate
     output from before the comparison) the headline task's table."""
+    from slicefm.core.store import open_store
     from slicefm.evaluate.summary import Comparison
-    from slicefm.tracking.store import open_store
 
     store = open_store(uri)
     if not store.exists("results.json"):

@@ -1,0 +1,1 @@
+"""The bottom layer: formats and utilities every package may import (the artifact store)."""

@@ -1,1 +1,0 @@
-"""Kubernetes helpers: the Kubeflow Trainer TrainJob launcher for multi-node pretraining (trainjob.py)."""
