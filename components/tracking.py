@@ -26,8 +26,11 @@ def start_tracking(
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def finish_tracking(tracking_uri: str, experiment: str, run_name: str) -> str:
-    """Exit handler: close the parent run, FINISHED when every stage run finished, FAILED otherwise.
+def finish_tracking(
+    tracking_uri: str, experiment: str, run_name: str, status: dsl.PipelineTaskFinalStatus
+) -> str:
+    """Exit handler: close the parent run, FINISHED when the pipeline succeeded and every stage run finished,
+    FAILED otherwise (a failed step that never opened an MLflow run fails the parent too).
 
     The parent is found by run name (an exit task cannot take another task's output).
 
@@ -35,9 +38,12 @@ def finish_tracking(tracking_uri: str, experiment: str, run_name: str) -> str:
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment name.
         run_name: the pipeline run name given to start_tracking.
+        status: the pipeline's final status, filled in by Kubeflow (not a parameter to set).
     Returns:
-        The final status.
+        The parent run's final status.
     """
     from slicefm.edge.tracking.pipeline_runs import finish_parent_run
 
-    return finish_parent_run(tracking_uri, experiment, run_name)
+    return finish_parent_run(
+        tracking_uri, experiment, run_name, pipeline_state=status.state, error=status.error_message
+    )

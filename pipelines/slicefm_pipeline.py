@@ -219,11 +219,14 @@ def slicefm_pipeline(
         ),
         "light", retries=3,
     )  # fmt: skip
+    # The tracking steps open and close this run's MLflow parent: never served from the cache.
+    start.set_caching_options(False)
     finish = _on_cluster(
         finish_tracking(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name),
         "light",
         retries=3,
     )
+    finish.set_caching_options(False)
     pool = {
         "accelerator": gpu_accelerator,
         "node_selector": gpu_node_selector,

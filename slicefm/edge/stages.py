@@ -269,8 +269,8 @@ def evaluate_stage(
 ) -> EvaluateResult:
     """Cross-validated heads for every task on every embedding set (same folds), report and plots.
 
-    The headline task's best head becomes the registry's champion in the "evaluate" stage only (the
-    supervised ceiling's evaluation, "evaluate-ceiling", compares; it registers nothing)."""
+    The "evaluate" stage registers the headline task's candidate head and promotes it through the gate
+    (slicefm.edge.promotion); the supervised ceiling's evaluation, "evaluate-ceiling", registers nothing."""
     from slicefm.edge.kfp_reports import comparison_scalars, headline_scalars
     from slicefm.evaluate.stage import run_evaluate
 
@@ -283,31 +283,69 @@ def evaluate_stage(
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
         _log_tree(out_uri, ".png", "plots")
         if stage == "evaluate":
-            _register_champion_heads(cfg, result)
+            _register_heads(cfg, result, embedding_uris)
     return result
 
 
-def _register_champion_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
-    """The best row of the headline task (by macro headline metric) -> `<name>-<task>-head`, alias champion."""
+def _register_heads(cfg: PipelineConfig, result: EvaluateResult, embedding_uris: list[str]) -> None:
+    """The headline task's candidate head -> a new version of `<name>-<task>-head` with its encoder's version
+    in its lineage; `champion` (head and encoder) moves only through the gate (slicefm.edge.promotion)."""
     if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
+    from mlflow.tracking import MlflowClient
+
+    from slicefm.edge import promotion
+    from slicefm.edge.tracking.models import set_alias
     from slicefm.edge.tracking.registry import register_head
+    from slicefm.evaluate.stage import load_embedding_sets
+    from slicefm.train.supervised import SUPERVISED_LABEL
 
     metric = cfg.evaluate.headline_metric
-    scored = [(r, result.headline[r.key][metric].mean) for r in result.runs if r.task == result.headline_task]
-    scored = [(r, m) for r, m in scored if m is not None]
-    if not scored:
+    rows = [
+        promotion.Scored(r.model, r.protocol, float(m), r.uri)
+        for r in result.runs
+        if r.task == result.headline_task and (m := result.headline[r.key][metric].mean) is not None
+    ]
+    candidate = promotion.pick_candidate(rows, excluded=(promotion.RANDOM_LABEL, SUPERVISED_LABEL))
+    if candidate is None:
+        mlflow.set_tag(promotion.PROMOTION_TAG, "held: no head of a pretrained encoder to register")
         return
-    best, value = max(scored, key=lambda rm: rm[1])
-    name = f"{cfg.name}-{best.task}-head"
+    client = MlflowClient()
+    head_name, encoder_name = f"{cfg.name}-{result.headline_task}-head", f"{cfg.name}-encoder"
+    metric_key = f"macro_{metric}"
+    sets = load_embedding_sets(embedding_uris)
+    weights = promotion.encoder_hashes({label: es.meta for label, es in sets.items()}).get(candidate.model)
+    encoder_version = promotion.encoder_version(client, encoder_name, weights)
+    baseline = promotion.baseline_for(rows, candidate)
+    decision = promotion.decide(
+        candidate, baseline, promotion.champion_value(client, head_name, f"slicefm.{metric_key}"), metric
+    )
     lineage = {
-        "task": best.task,
-        "embeddings": best.model,
-        "protocol": best.protocol,
-        f"macro_{metric}": value,
+        "task": result.headline_task,
+        "embeddings": candidate.model,
+        "protocol": candidate.protocol,
+        metric_key: candidate.value,
+        f"random_{metric_key}": baseline.value if baseline else None,
+        "encoder_model": encoder_name if encoder_version else None,
+        "encoder_version": encoder_version,
+        "encoder_weights_sha256": weights,
+        "promotion": ("promoted: " if decision.promote else "held: ") + decision.reason,
     }
-    version = register_head(f"{best.uri.rstrip('/')}/heads", name, lineage=lineage, aliases=("champion",))
-    mlflow.set_tags({"slicefm.registered_head": name, "slicefm.head_version": version})
+    version = register_head(f"{candidate.uri.rstrip('/')}/heads", head_name, lineage=lineage)
+    if decision.promote:
+        set_alias(head_name, version, promotion.CHAMPION)
+        if encoder_version:
+            set_alias(encoder_name, encoder_version, promotion.CHAMPION)
+    (log.info if decision.promote else log.warning)(
+        "%s version %s %s: %s", head_name, version, "promoted" if decision.promote else "held", decision.reason
+    )
+    mlflow.set_tags(
+        {
+            "slicefm.registered_head": head_name,
+            "slicefm.head_version": version,
+            promotion.PROMOTION_TAG: lineage["promotion"],
+        }
+    )
 
 
 def external_stage(

@@ -34,6 +34,8 @@ class EncoderInfo:
     overrides: dict | None = None  # timm.create_model overrides the architecture was built with
     # Pseudonymisation key fingerprint of the data it was pretrained on (None: not recorded, or no data).
     data_key_fingerprint: str | None = None
+    # sha256 of the loaded weights file (exported encoders only): the registry finds the encoder's version by it.
+    weights_sha256: str | None = None
 
 
 def _random_encoder(name: str, img_size: int, in_chans: int, seed: int, overrides: dict) -> Encoder:
@@ -114,7 +116,7 @@ def resolve_encoder(
     info = EncoderInfo(
         label, f"{spec} ({open_store(uri).uri('')})", meta["encoder"], input_channels, int(meta["in_chans"]),
         int(meta["embed_dim"]), int(meta["img_size"]), method=meta.get("method"), overrides=overrides,
-        data_key_fingerprint=meta.get("data_key_fingerprint"),
+        data_key_fingerprint=meta.get("data_key_fingerprint"), weights_sha256=meta.get("weights_sha256"),
     )  # fmt: skip
     return encoder, info
 

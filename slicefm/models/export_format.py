@@ -8,6 +8,7 @@ owns the run logs the files (`ENCODER_FILES`) as artifacts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -47,7 +48,8 @@ def export_encoder(encoder: Encoder, out_uri: str, meta: dict[str, Any]) -> dict
 
 
 def load_encoder(uri: str, map_location: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
-    """Rebuild the exported encoder by name and load its weights (strict). Returns (encoder in eval mode, meta)."""
+    """Rebuild the exported encoder by name and load its weights (strict). Returns (encoder in eval mode, meta
+    with `weights_sha256` added)."""
     store = open_store(uri)
     meta = json.loads(store.read_bytes(META_KEY))
     if meta.get("format_version") != EXPORT_VERSION:
@@ -56,6 +58,8 @@ def load_encoder(uri: str, map_location: str | torch.device = "cpu") -> tuple[En
         )
     overrides = dict(meta.get("config", {}).get("encoder", {}).get("overrides", {}))
     encoder = create_encoder(meta["encoder"], meta["img_size"], meta["in_chans"], **overrides)
-    state = st_load(store.read_bytes(WEIGHTS_KEY))
-    encoder.trunk.load_state_dict(state, strict=True)
+    weights = store.read_bytes(WEIGHTS_KEY)
+    encoder.trunk.load_state_dict(st_load(weights), strict=True)
+    # Not stored in the file: the hash of the weights actually loaded (how a head finds its encoder's version).
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     return encoder.to(map_location).eval(), meta

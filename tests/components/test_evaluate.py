@@ -24,6 +24,7 @@ EVALUATE = {
     "attention_plots": 1,
 }
 EXTERNAL = {"enabled": True, "tasks": ["location"], "protocol": "abmil"}
+HEAD = "evaluate-test-location-head"
 
 
 @pytest.fixture(autouse=True)
@@ -97,14 +98,54 @@ def test_evaluate_is_tracked_and_registers_the_champion_head(evaluated, tracking
         run.data.metrics["macro_pretrained_abmil_auroc"]
         == out["metrics"].metadata["macro_pretrained_abmil_auroc"]
     )
-    # The best pretrained-or-random row of the headline task becomes <name>-location-head@champion.
-    assert run.data.tags["slicefm.registered_head"] == "evaluate-test-location-head"
-    champion = MlflowClient(tracking_uri).get_model_version_by_alias(
-        "evaluate-test-location-head", "champion"
-    )
+    # The best pretrained row of the headline task beats random weights and there is no champion yet: it
+    # becomes <name>-location-head@champion, and its lineage says why.
+    assert run.data.tags["slicefm.registered_head"] == HEAD
+    assert run.data.tags["slicefm.promotion"].startswith("promoted: pretrained · ")
+    champion = MlflowClient(tracking_uri).get_model_version_by_alias(HEAD, "champion")
     assert (
         str(champion.version) == run.data.tags["slicefm.head_version"] and champion.run_id == run.info.run_id
     )
+    assert champion.tags["slicefm.embeddings"] == "pretrained"
+    assert float(champion.tags["slicefm.macro_auroc"]) > float(champion.tags["slicefm.random_macro_auroc"])
+
+
+def _evaluate_again(root: Path, config_yaml: str, tracking_uri: str, pretrained: str, random: str):
+    root.mkdir(parents=True, exist_ok=True)
+    parent = start_pipeline_run(tracking_uri, "components", "evaluate", {})
+    results = dataset(root, "results")
+    metrics, roc, report_html, report_md = _ui_outputs(root, "metrics", "roc", "report_html", "report_md")
+    evaluate.python_func(
+        config_yaml=config_yaml, tracking_uri=tracking_uri, parent_run_id=parent, store_uri="", run_name="r",
+        embeddings=dataset(root, "p-in", uri=pretrained), baseline=dataset(root, "r-in", uri=random),
+        results=results, metrics=metrics, roc=roc, report_html=report_html, report_md=report_md,
+    )  # fmt: skip
+    return stage_runs(tracking_uri, parent)["evaluate"]
+
+
+def test_the_gate_keeps_the_champion_unless_a_head_beats_it_and_random_weights(
+    evaluated, tracking_uri, tmp_path
+):
+    """A re-run on the same sets ties the champion (held); swapped sets lose to random weights (held). Both
+    are registered as versions, with the reason in their lineage; the alias does not move."""
+    root, config_yaml, *_ = evaluated
+    client = MlflowClient(tracking_uri)
+    before = client.get_model_version_by_alias(HEAD, "champion").version
+    signal, noise = str(root / "signal"), str(root / "noise")
+
+    tie = _evaluate_again(tmp_path / "tie", config_yaml, tracking_uri, signal, noise)
+    assert "does not beat the current champion" in tie.data.tags["slicefm.promotion"]
+    assert tie.data.tags["slicefm.promotion"].startswith("held: ")
+
+    worse = write_set(tmp_path / "worse", "pretrained", 40, seed=1, strength=0.0)
+    better = write_set(tmp_path / "better", "random", 40, seed=1, strength=10.0)
+    lost = _evaluate_again(tmp_path / "lost", config_yaml, tracking_uri, worse, better)
+    assert "does not beat random weights" in lost.data.tags["slicefm.promotion"]
+
+    assert client.get_model_version_by_alias(HEAD, "champion").version == before
+    for run in (tie, lost):
+        version = client.get_model_version(HEAD, run.data.tags["slicefm.head_version"])
+        assert version.version != before and version.tags["slicefm.promotion"].startswith("held: ")
 
 
 def test_evaluate_without_the_random_baseline_reads_only_the_pretrained_set(evaluated, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import yaml
+from kfp import dsl
 from mlflow.tracking import MlflowClient
 
 from components.tracking import finish_tracking, start_tracking
@@ -47,7 +48,9 @@ def test_start_tracking_opens_a_running_parent_run_with_config_and_lineage(
     assert open(logged).read() == config_yaml
 
 
-def test_finish_tracking_closes_the_parent_by_name_with_the_stages_outcome(tracking_uri, tmp_path):
+def test_finish_tracking_closes_the_parent_with_the_pipelines_final_status(tracking_uri, tmp_path):
+    """FINISHED only when KFP says SUCCEEDED and every stage run finished; a failed step that never opened a
+    stage run (its pod never started, its import failed) fails the parent through the final status."""
     client = MlflowClient(tracking_uri)
     config_yaml = component_config(tmp_path, "tracked")
 
@@ -57,17 +60,29 @@ def test_finish_tracking_closes_the_parent_by_name_with_the_stages_outcome(track
             data_version="",
         )  # fmt: skip
 
-    def finish(run_name: str) -> str:
+    def finish(run_name: str, state: str = "SUCCEEDED", error: str = "") -> str:
+        status = dsl.PipelineTaskFinalStatus(
+            state=state, pipeline_job_resource_name="jobs/1", pipeline_task_name="slicefm",
+            error_code=None if state == "SUCCEEDED" else 9, error_message=error,
+        )  # fmt: skip
         return finish_tracking.python_func(
-            tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name
+            tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name, status=status
         )
 
-    ok, failed, empty = start("ok"), start("failed"), start("empty")
-    for parent in (ok, failed):
+    ok, failed, empty, silent = start("ok"), start("failed"), start("empty"), start("silent")
+    for parent in (ok, failed, silent):
         with mlflow_runs.stage_run(tracking_uri, parent, "ingest"):
             pass
     with pytest.raises(RuntimeError), mlflow_runs.stage_run(tracking_uri, failed, "preprocess"):
         raise RuntimeError("stage failed")
-    assert (finish("ok"), finish("failed"), finish("empty")) == ("FINISHED", "FAILED", "FAILED")
-    assert [client.get_run(r).info.status for r in (ok, failed, empty)] == ["FINISHED", "FAILED", "FAILED"]
+    outcome = (
+        finish("ok"), finish("failed", "FAILED"), finish("empty"),
+        finish("silent", "FAILED", "task pretrain: pod OOMKilled"),
+    )  # fmt: skip
+    assert outcome == ("FINISHED", "FAILED", "FAILED", "FAILED")
+    runs = [client.get_run(r) for r in (ok, failed, empty, silent)]
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED", "FAILED"]
+    # The silent failure: its only stage run finished, yet the pipeline failed, and the tag says where.
+    assert runs[3].data.tags["slicefm.failure"] == "pipeline FAILED: task pretrain: pod OOMKilled"
+    assert runs[2].data.tags["slicefm.failure"] == "no stage ran" and "slicefm.failure" not in runs[0].data.tags
     assert finish("never-started") == "MISSING"

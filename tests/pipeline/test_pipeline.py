@@ -60,6 +60,12 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
         "system.Metrics", "system.ClassificationMetrics", "system.HTML", "system.Markdown"
     }
     assert tasks["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    # The exit handler reads the pipeline's final status (a failed step without an MLflow run fails the
+    # parent); the steps that open and close the run are never cached, ingest and preprocess are.
+    assert tasks["finish-tracking"]["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert "enableCache" not in tasks["start-tracking"]["cachingOptions"]
+    assert "enableCache" not in tasks["finish-tracking"]["cachingOptions"]
+    assert inner_tasks["ingest"]["cachingOptions"] == {"enableCache": True}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"config_yaml", "data_source", "tracking_uri", "store_uri", "run_name", "data_version",
             "external_source", "run_external", "extract_shards"} <= set(params)  # fmt: skip

@@ -108,12 +108,19 @@ def test_local_run_on_s3_registers_models_pulled_back_byte_identical(
         s3_admin, f"s3://{mlflow_bucket}/{weights_key}"
     )
 
-    # The champion head of the headline task: registered from its S3 folder, pulled by alias.
+    # The headline task's head: registered from its S3 folder with its encoder's version in its lineage (found
+    # by the weights' hash), pulled by version; `champion` (head and encoder) only where the gate promoted it.
     head_name = stages["evaluate"].data.tags["slicefm.registered_head"]
+    head_version = stages["evaluate"].data.tags["slicefm.head_version"]
     head_dest = tmp_path / "pulled-head"
-    _pull(f"{head_name}@champion", head_dest, mlflow_server)
-    head_mv = client.get_model_version_by_alias(head_name, "champion")
-    assert head_mv.version == stages["evaluate"].data.tags["slicefm.head_version"]
+    _pull(f"{head_name}:{head_version}", head_dest, mlflow_server)
+    head_mv = client.get_model_version(head_name, head_version)
+    assert (head_mv.tags["slicefm.encoder_model"], head_mv.tags["slicefm.encoder_version"]) == (name, version)
+    assert head_mv.tags["slicefm.encoder_weights_sha256"] == mv.tags["slicefm.weights_sha256"]
+    promoted = stages["evaluate"].data.tags["slicefm.promotion"].startswith("promoted: ")
+    aliases = {n: client.get_registered_model(n).aliases for n in (name, head_name)}
+    expected = {"champion": str(version)} if promoted else {}
+    assert aliases == {name: expected, head_name: {"champion": str(head_version)} if promoted else {}}
     head_source = json.loads((head_dest / "lineage.json").read_text())["source_uri"]
     assert head_source.startswith(f"{outputs['evaluate']}/") and head_source.endswith("/heads")
     head_files = _assert_pulled_matches(head_dest, s3_admin, head_source, head_mv.tags[MANIFEST_TAG])

@@ -286,6 +286,13 @@ def start_pipeline_run(tracking_uri: str, experiment: str, run_name: str, tags: 
     return str(run.info.run_id)
 
 
+def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set tags on a run by id (values cut to the param limit older servers enforce on tags too)."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:MAX_PARAM_VALUE_CHARS])
+
+
 def finish_pipeline_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Close the parent run with FINISHED, FAILED or KILLED."""
     if status not in _TERMINAL_STATUSES:

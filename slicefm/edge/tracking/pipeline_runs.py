@@ -61,14 +61,32 @@ def find_parent_run(tracking_uri: str, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
-def finish_parent_run(tracking_uri: str, experiment: str, run_name: str) -> str:
-    """FINISHED when every stage run finished (and there was at least one), else FAILED."""
+def finish_parent_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    pipeline_state: str | None = None,
+    error: str | None = None,
+) -> str:
+    """FINISHED when the pipeline's final state is SUCCEEDED (`pipeline_state`, from KFP's
+    PipelineTaskFinalStatus; None = not known) and every stage run finished (at least one), else FAILED.
+    A failure's state and error message become the parent's `slicefm.failure` tag."""
     parent = find_parent_run(tracking_uri, experiment, run_name)
     if parent is None:
         return "MISSING"
     runs = child_runs(tracking_uri, parent.info.run_id)
-    ok = bool(runs) and all(r.info.status == "FINISHED" for r in runs)
-    status = "FINISHED" if ok else "FAILED"
+    unfinished = [r.data.tags.get("slicefm.stage", r.info.run_name) for r in runs if r.info.status != "FINISHED"]
+    failure = ""
+    if pipeline_state is not None and pipeline_state != "SUCCEEDED":
+        failure = f"pipeline {pipeline_state}" + (f": {error}" if error else "")
+    elif not runs:
+        failure = "no stage ran"
+    elif unfinished:
+        failure = f"stage runs not finished: {', '.join(sorted(unfinished))}"
+    if failure:
+        mlflow_runs.tag_run(tracking_uri, parent.info.run_id, {"slicefm.failure": failure})
+    status = "FAILED" if failure else "FINISHED"
     mlflow_runs.finish_pipeline_run(tracking_uri, parent.info.run_id, status)
     return status
 

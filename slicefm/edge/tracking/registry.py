@@ -78,11 +78,12 @@ def register_encoder(
 ) -> str:
     """Log the encoder under the active run as an MLflow model and register a new version; returns it.
 
-    Lineage defaults to what encoder.json records (data version, git commit, config hash); items in
+    Lineage defaults to what encoder.json records (data version, git commit, config hash) and the weights
+    sha256 (tag `slicefm.weights_sha256`: how a head's lineage finds this version); items in
     `lineage` (e.g. `image`, `data_revision`) add to or override those.
     """
     # Imported here: slicefm.models brings torch and timm, which registering a head does not need.
-    from slicefm.models.export_format import ENCODER_FILES, META_KEY
+    from slicefm.models.export_format import ENCODER_FILES, META_KEY, WEIGHTS_KEY
 
     store = open_store(encoder_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +91,8 @@ def register_encoder(
         for key in ENCODER_FILES:
             store.download_file(key, payload / key)
         meta = json.loads((payload / META_KEY).read_text(encoding="utf-8"))
-        merged = {**_encoder_lineage(meta), **models.clean_lineage(lineage)}
+        weights = {"weights_sha256": models.sha256_file(payload / WEIGHTS_KEY)}
+        merged = {**_encoder_lineage(meta), **weights, **models.clean_lineage(lineage)}
         return _log_and_register(
             payload, "encoder", EncoderModel(), model_name, merged, aliases, source=store.uri("")
         )
