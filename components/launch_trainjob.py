@@ -76,7 +76,7 @@ def launch_trainjob(
     """
     from slicefm.config import config_from_yaml
     from slicefm.edge.kfp_io import URI_KEY, input_location, output_location
-    from slicefm.edge.stages import trainjob_pretrain_stage
+    from slicefm.edge.stages import launched_pretrain_stage
     from slicefm.edge.trainjob import TrainJobConfig, run_trainjob, trainjob_name
 
     if not store_uri.startswith("s3://"):
@@ -106,7 +106,7 @@ def launch_trainjob(
     job = TrainJobConfig.model_validate(settings)
     name = trainjob_name(run_name, "pretrain")
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
-    trainjob_pretrain_stage(
+    launched_pretrain_stage(
         cfg,
         out,
         lambda stage_run_id: run_trainjob(
@@ -119,7 +119,8 @@ def launch_trainjob(
         ),
         tracking_uri,
         parent_run_id,
-        trainjob={
+        launcher="trainjob",
+        details={
             "name": name,
             "namespace": namespace,
             "num_nodes": num_nodes,

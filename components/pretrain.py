@@ -28,22 +28,34 @@ def pretrain(
         encoder: output: encoder.safetensors + encoder.json, checkpoints/.
         accelerator, gpus: this step's GPU request (recorded in the metadata; passing them as inputs is what
             makes the pipeline's GPU parameters reach the task inside its condition). With gpus > 0 the step
-            fails at once when torch sees fewer GPUs.
+            fails at once when torch sees fewer GPUs; with gpus > 1 it trains with one process per GPU
+            (torchrun, DDP).
     Returns:
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
     from slicefm.edge.kfp_io import encoder_metadata, input_location, output_location, require_gpus
-    from slicefm.edge.stages import pretrain_stage
+    from slicefm.edge.launch import run_torchrun
+    from slicefm.edge.stages import launched_pretrain_stage, pretrain_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
-    res = pretrain_stage(cfg, input_location(slices.path, slices.metadata), out, tracking_uri, parent_run_id)
+    pre = input_location(slices.path, slices.metadata)
+    if gpus > 1:  # one process per GPU of this node (DDP), started by torchrun inside the step
+        res = launched_pretrain_stage(
+            cfg, out,
+            lambda run_id: run_torchrun(gpus, pre, out, config_yaml, mlflow_run_id=run_id, tracking_uri=tracking_uri),
+            tracking_uri, parent_run_id, launcher="torchrun", details={"nproc_per_node": gpus},
+        )  # fmt: skip
+        steps, loss_last = int(res["steps"]), float(res["loss_last"])
+    else:
+        result = pretrain_stage(cfg, pre, out, tracking_uri, parent_run_id)
+        steps, loss_last = result.steps, float(result.loss_last)
     encoder.metadata.update(
-        encoder_metadata(out, cfg.pretrain.method, cfg.pretrain.encoder.name, res.steps, accelerator, gpus)
+        encoder_metadata(out, cfg.pretrain.method, cfg.pretrain.encoder.name, steps, accelerator, gpus)
     )
-    return float(res.loss_last)
+    return loss_last
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

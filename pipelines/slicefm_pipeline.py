@@ -13,6 +13,7 @@ from components.launch_trainjob import launch_trainjob
 from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.pretrain import supervised_ceiling as supervised_ceiling_task
+from components.settings import IMAGE_PULL_SECRETS, SHM_SIZE
 from components.tracking import finish_tracking, start_tracking
 
 PIPELINE_NAME = "slicefm"
@@ -33,7 +34,8 @@ RESOURCES = {
 
 
 def _on_cluster(task, kind: str, retries: int = 0, secrets: bool = True):  # noqa: ANN001, ANN202
-    """Requests, limits, timeout, retries with backoff and credentials from Secrets (ignored by kfp.local)."""
+    """Requests, limits, timeout, retries with backoff, credentials from Secrets and the image pull secrets
+    (ignored by kfp.local)."""
     cpu, mem, mem_limit, timeout = RESOURCES[kind]
     task.set_cpu_request(cpu).set_memory_request(mem).set_memory_limit(mem_limit)
     kubernetes.set_timeout(task, timeout)
@@ -41,6 +43,8 @@ def _on_cluster(task, kind: str, retries: int = 0, secrets: bool = True):  # noq
         task.set_retry(
             num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s"
         )
+    if IMAGE_PULL_SECRETS:
+        kubernetes.set_image_pull_secrets(task, IMAGE_PULL_SECRETS)
     if secrets:
         kubernetes.use_secret_as_env(task, "slicefm-s3", S3_SECRET, optional=True)
         kubernetes.use_secret_as_env(task, "slicefm-mlflow", MLFLOW_SECRET, optional=True)
@@ -48,11 +52,11 @@ def _on_cluster(task, kind: str, retries: int = 0, secrets: bool = True):  # noq
 
 
 def _on_gpu_pool(task, accelerator: str, gpus, node_selector, tolerations):  # noqa: ANN001, ANN202
-    """GPU request on the GPU node pool (selector + tolerations), /dev/shm in memory for loader workers."""
+    """GPU request on the GPU node pool (selector + tolerations), /dev/shm in memory (SHM_SIZE) for loader workers."""
     task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
     return task
 
 

@@ -1,5 +1,6 @@
 """One rank of pretraining: `slicefm pretrain-worker --preprocessed URI --out URI --config YAML`, what torchrun
-starts in a TrainJob's pods (`torchrun -m slicefm pretrain-worker ...`).
+starts in a TrainJob's pods (`torchrun -m slicefm pretrain-worker ...`) and, through `run_torchrun`, in a
+pretrain step given several GPUs of one node.
 
 Initialises the process group from torchrun's environment (nccl on GPU, gloo on CPU) or runs as a
 single process when started without torchrun. The YAML is a bare PretrainConfig or a full pipeline
@@ -16,6 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +67,34 @@ def run_worker(preprocessed: str, out: str, config_path: Path, *, resume: bool =
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def torchrun_command(nproc: int, preprocessed: str, out: str, config_path: Path) -> list[str]:
+    """torchrun on this node: `nproc` ranks of `slicefm pretrain-worker` (a rendezvous of its own)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "slicefm", "pretrain-worker", "--preprocessed", preprocessed, "--out", out,
+        "--config", str(config_path),
+    ]  # fmt: skip
+
+
+def run_torchrun(
+    nproc: int,
+    preprocessed: str,
+    out: str,
+    config_yaml: str,
+    *,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> None:
+    """Pretrain with `nproc` processes on this node (one per GPU) and wait; rank 0 logs its per-step metrics
+    into `mlflow_run_id`. Raises naming the exit code when any rank fails."""
+    env = dict(os.environ)
+    if mlflow_run_id:
+        env.update({"MLFLOW_RUN_ID": mlflow_run_id, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})})
+    with tempfile.TemporaryDirectory(prefix="slicefm-torchrun-") as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(config_yaml)
+        done = subprocess.run(torchrun_command(nproc, preprocessed, out, config), env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun of {nproc} pretraining processes exited {done.returncode} (see the log above)")

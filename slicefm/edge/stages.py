@@ -158,29 +158,32 @@ def supervised_ceiling_stage(
     return result
 
 
-def trainjob_pretrain_stage(
+def launched_pretrain_stage(
     cfg: PipelineConfig,
     out_uri: str,
     launch: Callable[[str | None], object],
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
-    trainjob: Mapping[str, object] | None = None,
-) -> None:
-    """Pretraining run elsewhere (a multi-node TrainJob): `launch(stage_run_id)` submits it and returns once
-    it completed; the job's rank 0 logs its per-step metrics into that run (None when untracked).
+    *,
+    launcher: str = "trainjob",
+    details: Mapping[str, object] | None = None,
+) -> dict:
+    """Pretraining in other processes: `launch(stage_run_id)` starts them (a multi-node TrainJob, or torchrun
+    over this node's GPUs) and returns once they completed; their rank 0 logs its per-step metrics into that
+    run (None when untracked). Returns the pretrain_result.json they wrote.
 
-    The same stage run, metrics (from the job's pretrain_result.json) and encoder registration as
-    `pretrain_stage`; the run is tagged `slicefm.launcher=trainjob` plus `slicefm.trainjob.<key>` for
-    each item of `trainjob` (name, namespace, nodes...).
+    The same stage run, metrics and encoder registration as `pretrain_stage`; the run is tagged
+    `slicefm.launcher=<launcher>` plus `slicefm.<launcher>.<key>` for each item of `details`.
     """
     tags = {
-        "slicefm.launcher": "trainjob",
-        **{f"slicefm.trainjob.{k}": str(v) for k, v in (trainjob or {}).items()},
+        "slicefm.launcher": launcher,
+        **{f"slicefm.{launcher}.{k}": str(v) for k, v in (details or {}).items()},
     }
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id, tags) as run:
         launch(run.info.run_id if run is not None else None)
-        if run is not None:
-            _log_pretrain_metrics(open_store(out_uri).read_json("pretrain_result.json"))
+        result = open_store(out_uri).read_json("pretrain_result.json")
+        _log_pretrain_metrics(result)
+    return result
 
 
 @contextlib.contextmanager
@@ -426,7 +429,7 @@ __all__ = [
     "ingest_stage",
     "preprocess_stage",
     "pretrain_stage",
-    "trainjob_pretrain_stage",
+    "launched_pretrain_stage",
     "extract_stage",
     "evaluate_stage",
     "external_stage",

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import mlflow.artifacts
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -88,3 +89,37 @@ def test_supervised_ceiling_exports_an_encoder_extract_labels_supervised(
     encoder_dir = f"{run.info.artifact_uri}/encoder"
     logged = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=encoder_dir)}
     assert logged == {"encoder.safetensors", "encoder.json"}
+
+
+def test_pretrain_over_several_processes_runs_torchrun_and_logs_rank_0_into_the_stage_run(
+    preprocessed, tmp_path, tracking_uri, parent_run
+):
+    """What the pretrain step does with gpus > 1: torchrun starts one `slicefm pretrain-worker` per GPU (here
+    two CPU processes over gloo); the stage run gets rank 0's step metrics, the result and the registration."""
+    from slicefm.config import config_from_yaml
+    from slicefm.edge.launch import run_torchrun
+    from slicefm.edge.stages import launched_pretrain_stage
+
+    config_yaml = component_config(tmp_path, "torchrun-test")
+    out = str(tmp_path / "encoder")
+    result = launched_pretrain_stage(
+        config_from_yaml(config_yaml), out,
+        lambda run_id: run_torchrun(2, preprocessed, out, config_yaml, mlflow_run_id=run_id, tracking_uri=tracking_uri),
+        tracking_uri, parent_run, launcher="torchrun", details={"nproc_per_node": 2},
+    )  # fmt: skip
+    assert result == json.loads((Path(out) / "pretrain_result.json").read_text()) and result["steps"] == 4
+    run = stage_runs(tracking_uri, parent_run)["pretrain"]
+    assert run.info.status == "FINISHED" and run.data.tags["slicefm.launcher"] == "torchrun"
+    assert run.data.tags["slicefm.torchrun.nproc_per_node"] == "2"
+    assert run.data.metrics["loss_last"] == result["loss_last"]
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
+    assert history and max(m.step for m in history) == result["steps"]  # rank 0's windows, in the stage run
+    assert run.data.tags["slicefm.registered_model"] == "torchrun-test-encoder"
+    load_encoder(out)  # the ranks' export loads
+
+
+def test_a_failing_rank_fails_the_torchrun_launch(tmp_path):
+    from slicefm.edge.launch import run_torchrun
+
+    with pytest.raises(RuntimeError, match="torchrun of 2 pretraining processes exited 1"):
+        run_torchrun(2, str(tmp_path / "no-such-preprocess-output"), str(tmp_path / "out"), "pretrain: {}\n")

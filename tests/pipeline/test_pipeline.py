@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -81,7 +84,7 @@ def test_compiled_pipeline_runs_on_gpu_node_pools_with_secrets_and_retries(tmp_p
         assert "gpus" in res["accelerator"]["resourceCount"]
         assert k8s[name]["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
         assert k8s[name]["tolerations"] == [{"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
-        assert k8s[name]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
+        assert k8s[name]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm", "sizeLimit": "16Gi"}]
     for name, executor in executors.items():
         res = executor["container"].get("resources", {})
         assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), name  # requests everywhere
@@ -403,3 +406,19 @@ def _check_pretrain_branch(comps, dag, find, branch: dict, producer: str, train_
     assert ext["inputs"]["artifacts"]["source_results"] == {
         "componentInputArtifact": f"pipelinechannel--{ev_name}-results"
     }
+
+
+def test_cluster_settings_at_compile_time_reach_every_step(tmp_path):
+    """SLICEFM_IMAGE, SLICEFM_IMAGE_PULL_SECRETS and SLICEFM_SHM_SIZE, read when the pipeline is compiled
+    (in a fresh interpreter: components read them at import)."""
+    env = {**os.environ, "SLICEFM_IMAGE": "registry.example/slicefm:9", "SLICEFM_IMAGE_PULL_SECRETS": "regcred, other",
+           "SLICEFM_SHM_SIZE": "48Gi"}  # fmt: skip
+    out = tmp_path / "p.yaml"
+    code = f"from pipelines import runner; runner.compile_pipeline(__import__('pathlib').Path({str(out)!r}))"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT, timeout=300)
+    spec, platform = yaml.safe_load_all(out.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        assert executor["container"]["image"] == "registry.example/slicefm:9", name
+        assert [s["secretName"] for s in k8s[name]["imagePullSecret"]] == ["regcred", "other"], name
+    assert k8s["exec-pretrain"]["emptyDirMounts"][0]["sizeLimit"] == "48Gi"
