@@ -1,13 +1,17 @@
 """Multi-node pretraining as a Kubeflow Trainer TrainJob: build the manifest, submit it, wait, explain failures.
 
-Pinned to Kubeflow Trainer v2.1.0 (`trainer.kubeflow.org/v1alpha1`). Pod settings go through
-`spec.podTemplateOverrides`, the field of that release (v2.0 had podSpecOverrides, v2.2+ runtimePatches).
+Pinned to Kubeflow Trainer v2.3.0 (`trainer.kubeflow.org/v1alpha1`). The manifest is built from the API
+models of that release (PyPI `kubeflow-trainer-api`, same version), each validated with unknown fields
+forbidden, so a field the API does not have fails at build time. Pod settings (service account, node
+selector, tolerations, the /dev/shm volume and its mount, image pull secrets) go through one entry of
+`spec.runtimePatches`, patching the pod template of the `node` replicated job; releases v2.0 and v2.1 had
+podSpecOverrides / podTemplateOverrides instead, and v2.2 is not API-compatible with v2.3.
+
 The job runs on the ClusterTrainingRuntime `torch-distributed`, whose one replicated job and trainer
 container are both named `node`. The runtime's Torch plugin sets PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads itself, so the command is a plain
 `torchrun -m slicefm.train.launch ...`. The TrainJob's JobSet carries the TrainJob's name and JobSet labels
 every pod `jobset.sigs.k8s.io/jobset-name=<name>`: that is how the pods of a failed job are found.
-The manifest's schema: k8s/schemas/trainer-v2.1.0-trainjob.schema.json.
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+from kubeflow_trainer_api import models as api
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
-TRAINER_RELEASE = "v2.1.0"
+TRAINER_RELEASE = "v2.3.0"  # the release of the installed kubeflow-trainer-api models (a test checks it)
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 API_VERSION = f"{GROUP}/{VERSION}"
+PATCH_MANAGER = "slicefm/launcher"  # owner of slicefm's entry in spec.runtimePatches
+# Where the pod spec sits in an entry of spec.runtimePatches (in the manifest and in the CRD's schema).
+POD_PATCH_PATH = tuple("trainingRuntimeSpec template spec replicatedJobs template spec template spec".split())
 NODE = "node"  # replicated job and trainer container of the torch-distributed runtime
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 CONFIG_ENV = "SLICEFM_CONFIG_YAML"
@@ -91,7 +99,7 @@ class TrainJobConfig(Strict):
 
     namespace: str = "slicefm"
     image: str = "slicefm:0.1.0"  # the project image (CPU and CUDA, docker/Dockerfile)
-    runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.1.0
+    runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.3.0
     num_nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=0)  # 0: CPU nodes, one process each (gloo)
     accelerator: str = "nvidia.com/gpu"  # extended resource name of the device plugin
@@ -123,21 +131,41 @@ def trainjob_name(run_name: str, stage: str = "pretrain") -> str:
     return name
 
 
-def _secret_env(var: str, secret: str, optional: bool) -> dict[str, Any]:
-    ref = {"name": secret, "key": var, "optional": optional}
-    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
+M = TypeVar("M", bound=BaseModel)
 
 
-def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": config_yaml}]
+def _api(model: type[M], **fields: Any) -> M:
+    """An instance of a Trainer API model; None fields are left out. A field the model does not have raises
+    (the generated models would silently drop it), as does a value of the wrong type."""
+    return model.model_validate({k: v for k, v in fields.items() if v is not None}, extra="forbid")
+
+
+def _quantity(value: str) -> api.IoK8sApimachineryPkgApiResourceQuantity:
+    return api.IoK8sApimachineryPkgApiResourceQuantity(value)
+
+
+def _value_env(var: str, value: str) -> api.IoK8sApiCoreV1EnvVar:
+    return _api(api.IoK8sApiCoreV1EnvVar, name=var, value=value)
+
+
+def _secret_env(var: str, secret: str, optional: bool) -> api.IoK8sApiCoreV1EnvVar:
+    ref = _api(api.IoK8sApiCoreV1SecretKeySelector, name=secret, key=var, optional=optional)
+    source = _api(api.IoK8sApiCoreV1EnvVarSource, secret_key_ref=ref)
+    return _api(api.IoK8sApiCoreV1EnvVar, name=var, value_from=source)
+
+
+def _env(
+    cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None
+) -> list[api.IoK8sApiCoreV1EnvVar]:
+    env = [_value_env(CONFIG_ENV, config_yaml)]
     if cfg.s3_secret:
         env += [_secret_env(v, cfg.s3_secret, False) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env += [_secret_env(v, cfg.s3_secret, True) for v in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")]
     if cfg.tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking_uri})
+        env.append(_value_env("MLFLOW_TRACKING_URI", cfg.tracking_uri))
         if mlflow_run_id:
             # rank 0 logs its per-step metrics into the launcher's stage run (slicefm.train.launch)
-            env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
+            env.append(_value_env("MLFLOW_RUN_ID", mlflow_run_id))
     if cfg.mlflow_secret:
         env += [
             _secret_env(v, cfg.mlflow_secret, True)
@@ -146,7 +174,8 @@ def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None
     return env
 
 
-def _resources(cfg: TrainJobConfig) -> dict[str, dict[str, str]]:
+def _resources(cfg: TrainJobConfig) -> api.IoK8sApiCoreV1ResourceRequirements | None:
+    """Requests (CPU, memory, GPUs) and limits (memory, GPUs) per node; None when nothing is asked for."""
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if cfg.cpu_per_node:
@@ -155,23 +184,65 @@ def _resources(cfg: TrainJobConfig) -> dict[str, dict[str, str]]:
         requests["memory"] = limits["memory"] = cfg.memory_per_node
     if cfg.gpus_per_node:
         requests[cfg.accelerator] = limits[cfg.accelerator] = str(cfg.gpus_per_node)
-    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    if not requests:
+        return None
+    return _api(
+        api.IoK8sApiCoreV1ResourceRequirements,
+        requests={k: _quantity(v) for k, v in requests.items()},
+        limits={k: _quantity(v) for k, v in limits.items()} or None,
+    )
 
 
-def _pod_override(cfg: TrainJobConfig) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if cfg.service_account:
-        spec["serviceAccountName"] = cfg.service_account
-    if cfg.node_selector:
-        spec["nodeSelector"] = dict(cfg.node_selector)
-    if cfg.tolerations:
-        spec["tolerations"] = [t.manifest() for t in cfg.tolerations]
-    spec["volumes"] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}]
-    # Env of the `node` container may only be set through spec.trainer; volume mounts are allowed here.
-    spec["containers"] = [{"name": NODE, "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}]
-    if cfg.image_pull_secrets:
-        spec["imagePullSecrets"] = [{"name": s} for s in cfg.image_pull_secrets]
-    return {"targetJobs": [{"name": NODE}], "spec": spec}
+def _pod_patch(cfg: TrainJobConfig) -> api.TrainerV1alpha1PodSpecPatch:
+    """Pod settings of the `node` pods. Env of the `node` container may only be set through spec.trainer;
+    volume mounts are allowed here."""
+    shm = _api(api.IoK8sApiCoreV1EmptyDirVolumeSource, medium="Memory", size_limit=_quantity(cfg.shm_size))
+    mount = _api(api.IoK8sApiCoreV1VolumeMount, name=SHM_VOLUME, mount_path="/dev/shm")
+    return _api(
+        api.TrainerV1alpha1PodSpecPatch,
+        service_account_name=cfg.service_account or None,
+        node_selector=dict(cfg.node_selector) or None,
+        tolerations=[_api(api.IoK8sApiCoreV1Toleration, **t.manifest()) for t in cfg.tolerations] or None,
+        volumes=[_api(api.IoK8sApiCoreV1Volume, name=SHM_VOLUME, empty_dir=shm)],
+        containers=[_api(api.TrainerV1alpha1ContainerPatch, name=NODE, volume_mounts=[mount])],
+        image_pull_secrets=[
+            _api(api.IoK8sApiCoreV1LocalObjectReference, name=s) for s in cfg.image_pull_secrets
+        ]
+        or None,
+    )
+
+
+def _runtime_patch(cfg: TrainJobConfig) -> api.TrainerV1alpha1RuntimePatch:
+    """slicefm's runtimePatches entry: the pod patch, on the pod template of the `node` replicated job."""
+    pod_template = _api(api.TrainerV1alpha1PodTemplatePatch, spec=_pod_patch(cfg))
+    job_template = _api(
+        api.TrainerV1alpha1JobTemplatePatch, spec=_api(api.TrainerV1alpha1JobSpecPatch, template=pod_template)
+    )
+    node = _api(api.TrainerV1alpha1ReplicatedJobPatch, name=NODE, template=job_template)
+    jobset = _api(
+        api.TrainerV1alpha1JobSetTemplatePatch,
+        spec=_api(api.TrainerV1alpha1JobSetSpecPatch, replicated_jobs=[node]),
+    )
+    return _api(
+        api.TrainerV1alpha1RuntimePatch,
+        manager=PATCH_MANAGER,
+        training_runtime_spec=_api(api.TrainerV1alpha1TrainingRuntimeSpecPatch, template=jobset),
+    )
+
+
+def _trainer(
+    cfg: TrainJobConfig, preprocessed_uri: str, out_uri: str, config_yaml: str, mlflow_run_id: str | None
+) -> api.TrainerV1alpha1Trainer:
+    return _api(
+        api.TrainerV1alpha1Trainer,
+        image=cfg.image,
+        command=["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
+        args=["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
+        env=_env(cfg, config_yaml, mlflow_run_id),
+        num_nodes=cfg.num_nodes,
+        num_proc_per_node=cfg.gpus_per_node or 1,
+        resources_per_node=_resources(cfg),
+    )
 
 
 def build_trainjob(
@@ -184,35 +255,31 @@ def build_trainjob(
 ) -> dict[str, Any]:
     """The TrainJob manifest: torchrun of slicefm.train.launch on cfg.num_nodes pods of the runtime.
 
+    Built from the Kubeflow Trainer v2.3.0 API models and returned as their dict (camelCase, ready to send).
     `mlflow_run_id` (with cfg.tracking_uri): the stage run the pods' rank 0 logs its training metrics to."""
     if not NAME_RE.match(name) or len(name) > MAX_NAME:
         raise ValueError(f"TrainJob name {name!r}: lower-case DNS label of at most {MAX_NAME} chars expected")
     for label, uri in (("preprocessed", preprocessed_uri), ("out", out_uri)):
         if not uri.startswith("s3://"):
             raise ValueError(f"{label} location {uri!r}: every node must reach it, use s3://bucket/prefix")
-    trainer: dict[str, Any] = {
-        "image": cfg.image,
-        "command": ["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
-        "args": ["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
-        "env": _env(cfg, config_yaml, mlflow_run_id),
-        "numNodes": cfg.num_nodes,
-        "numProcPerNode": cfg.gpus_per_node or 1,
-        "resourcesPerNode": _resources(cfg),
-    }
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": cfg.namespace,
-            "labels": {"app.kubernetes.io/part-of": "slicefm", "app.kubernetes.io/component": "pretrain"},
-        },
-        "spec": {
-            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": cfg.runtime},
-            "trainer": trainer,
-            "podTemplateOverrides": [_pod_override(cfg)],
-        },
-    }
+    metadata = _api(
+        api.IoK8sApimachineryPkgApisMetaV1ObjectMeta,
+        name=name,
+        namespace=cfg.namespace,
+        labels={"app.kubernetes.io/part-of": "slicefm", "app.kubernetes.io/component": "pretrain"},
+    )
+    spec = _api(
+        api.TrainerV1alpha1TrainJobSpec,
+        runtime_ref=_api(
+            api.TrainerV1alpha1RuntimeRef, api_group=GROUP, kind="ClusterTrainingRuntime", name=cfg.runtime
+        ),
+        trainer=_trainer(cfg, preprocessed_uri, out_uri, config_yaml, mlflow_run_id),
+        runtime_patches=[_runtime_patch(cfg)],
+    )
+    job = _api(
+        api.TrainerV1alpha1TrainJob, api_version=API_VERSION, kind="TrainJob", metadata=metadata, spec=spec
+    )
+    return job.to_dict()
 
 
 # --- status and failure diagnosis ------------------------------------------------------------------

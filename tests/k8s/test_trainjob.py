@@ -1,5 +1,5 @@
-"""The TrainJob launcher: manifests valid against the Trainer v2.1.0 schema; submit / wait / failure /
-timeout / cleanup through the real kubernetes client against a fake API server on loopback."""
+"""The TrainJob launcher: manifests valid against the Kubeflow Trainer v2.3.0 API models; submit / wait /
+failure / timeout / cleanup through the real kubernetes client against a fake API server on loopback."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from slicefm.k8s.trainjob import (
     trainjob_name,
 )
 from tests.k8s.fake_apiserver import FakeKube, condition, container_status, jobs_status, pod
-from tests.k8s.schema_check import ROOT, model_errors, trainjob_errors
+from tests.k8s.schema_check import ROOT, model_errors, pod_patch, trainjob_errors
 
 PRE = "s3://bucket/runs/run-1/preprocess"
 OUT = "s3://bucket/runs/run-1/pretrain"
@@ -115,25 +115,90 @@ def _wait(fake: FakeKube, **kw):
         },
     ],
 )
-def test_built_manifest_validates_against_the_trainer_schema(settings):
+def test_built_manifest_validates_against_the_trainer_api_models(settings):
     cfg = _cfg(**settings)
     job = _manifest(cfg)
     assert trainjob_errors(job) == []
+    assert pod_setting_problems(job, cfg) == []
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == cfg.num_nodes
     assert trainer["numProcPerNode"] == (cfg.gpus_per_node or 1)
     assert "torchrun -m slicefm.train.launch" in trainer["command"][2]
     assert trainer["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
     assert {"name": CONFIG_ENV, "value": CONFIG} in trainer["env"]
-    resources = trainer["resourcesPerNode"]
+    resources = trainer.get("resourcesPerNode", {})
     if cfg.gpus_per_node:
         assert resources["limits"][cfg.accelerator] == str(cfg.gpus_per_node)
     else:
         assert not any("gpu" in k for part in resources.values() for k in part)
-    pod_spec = job["spec"]["podTemplateOverrides"][0]["spec"]
-    assert pod_spec["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.shm_size}
-    assert pod_spec.get("nodeSelector", {}) == cfg.node_selector
+    assert bool(resources) == bool(cfg.gpus_per_node or cfg.cpu_per_node or cfg.memory_per_node)
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert [p["manager"] for p in job["spec"]["runtimePatches"]] == ["slicefm/launcher"]
+
+
+def pod_setting_problems(job: dict, cfg: TrainJobConfig) -> list[str]:
+    """What the `node` pods of the built job would lack of cfg: scheduling, /dev/shm, identity."""
+    try:
+        pod = pod_patch(job)
+    except (KeyError, ValueError) as exc:
+        return [f"no runtime patch of the node pods ({exc!r})"]
+    problems = []
+    expected = {
+        "tolerations": [t.manifest() for t in cfg.tolerations] or None,
+        "nodeSelector": cfg.node_selector or None,
+        "serviceAccountName": cfg.service_account or None,
+        "imagePullSecrets": [{"name": s} for s in cfg.image_pull_secrets] or None,
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}],
+        "containers": [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+    }
+    for key, value in expected.items():
+        if pod.get(key) != value:
+            problems.append(f"{key}: {pod.get(key)!r}, expected {value!r}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["tolerations", "nodeSelector", "volumes", "containers", "sizeLimit", "runtimePatches"],
+)
+def test_a_manifest_missing_pod_settings_fails(breakage):
+    """The check above and the API validation see a manifest that lost its tolerations, node selector or
+    /dev/shm (what a v2.3 API server did to the v2.1 manifest: the pods stayed Pending)."""
+    cfg = _cfg(node_selector={"pool": "h100"}, tolerations=[GPU_TAINT])
+    job = _manifest(cfg)
+    assert pod_setting_problems(job, cfg) == []
+    if breakage == "sizeLimit":
+        del pod_patch(job)["volumes"][0]["emptyDir"]["sizeLimit"]
+    elif breakage == "runtimePatches":
+        job["spec"]["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}], "spec": pod_patch(job)}]
+        del job["spec"]["runtimePatches"]
+        assert "spec.podTemplateOverrides: unknown field" in trainjob_errors(job)
+    else:
+        del pod_patch(job)[breakage]
+    assert pod_setting_problems(job, cfg)
+
+
+def test_a_field_the_api_does_not_have_fails_at_build_time(monkeypatch):
+    """The generated models drop unknown fields silently; the launcher builds them with extra="forbid"."""
+    from kubeflow_trainer_api import models as api
+    from pydantic import ValidationError
+
+    from slicefm.k8s import trainjob
+
+    assert api.TrainerV1alpha1PodSpecPatch(node_selectr={"a": "b"}).to_dict() == {}, "what it guards against"
+    with pytest.raises(ValidationError, match="node_selectr"):
+        trainjob._api(api.TrainerV1alpha1PodSpecPatch, node_selectr={"a": "b"})
+    with pytest.raises(ValidationError, match="pod_template_overrides"):  # the v2.1 field
+        trainjob._api(api.TrainerV1alpha1TrainJobSpec, runtime_ref=None, pod_template_overrides=[])
+    with pytest.raises(ValidationError, match="numProcPerNode|num_proc_per_node"):
+        trainjob._api(api.TrainerV1alpha1Trainer, num_proc_per_node="auto")  # an int since v2.2
+
+    def typo(cfg: TrainJobConfig) -> api.TrainerV1alpha1PodSpecPatch:
+        return trainjob._api(api.TrainerV1alpha1PodSpecPatch, tolerationz=[])
+
+    monkeypatch.setattr(trainjob, "_pod_patch", typo)
+    with pytest.raises(ValidationError, match="tolerationz"):
+        _manifest()
 
 
 def test_pods_log_into_the_stage_run_only_when_tracked():
@@ -204,8 +269,9 @@ def test_completed_job_is_returned_and_deleted():
     with FakeKube([None, RUNNING, RUNNING, COMPLETE]) as fake:
         obj = _wait(fake)
     assert fake.created == [_manifest()]
+    assert obj["spec"] == _manifest()["spec"], "the server dropped nothing"
     assert trainjob_errors(fake.created[0]) == []
-    assert trainjob_errors({k: v for k, v in obj.items()}) == [], "the fake's objects follow the schema too"
+    assert trainjob_errors(obj) == [], "the fake's objects follow the API models too"
     assert obj["status"]["conditions"][-1]["type"] == "Complete"
     assert fake.count("GET", r"/trainjobs/run-1-pretrain$") == 4
     assert fake.deleted == [NAME]
@@ -404,7 +470,8 @@ def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_
     assert trainjob_errors(job) == []
     assert job["spec"]["trainer"]["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
     assert job["spec"]["trainer"]["numNodes"] == 4
-    assert job["spec"]["podTemplateOverrides"][0]["spec"]["tolerations"] == [GPU_TAINT]
+    assert pod_patch(job)["tolerations"] == [GPU_TAINT]
+    assert pod_patch(job)["volumes"][0]["emptyDir"]["sizeLimit"] == "16Gi"
     assert encoder.metadata["uri"] == OUT and encoder.metadata["trainjob"] == NAME
     assert encoder.metadata["method"] == PipelineConfig().pretrain.method
     with pytest.raises(ValueError, match="store_uri"):
