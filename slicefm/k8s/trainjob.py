@@ -5,7 +5,10 @@ models of that release (PyPI `kubeflow-trainer-api`, same version), each validat
 forbidden, so a field the API does not have fails at build time. Pod settings (service account, node
 selector, tolerations, the /dev/shm volume and its mount, image pull secrets) go through one entry of
 `spec.runtimePatches`, patching the pod template of the `node` replicated job; releases v2.0 and v2.1 had
-podSpecOverrides / podTemplateOverrides instead, and v2.2 is not API-compatible with v2.3.
+podSpecOverrides / podTemplateOverrides instead, and v2.2 is not API-compatible with v2.3. Before creating
+the job, the launcher reads the cluster's TrainJob CRD and refuses a release other than v2.3 (or a missing
+CRD); the job is created with fieldValidation=Strict, so the API server rejects a field it does not know
+instead of silently dropping it (which is how tolerations and /dev/shm used to vanish, pods left Pending).
 
 The job runs on the ClusterTrainingRuntime `torch-distributed`, whose one replicated job and trainer
 container are both named `node`. The runtime's Torch plugin sets PET_NNODES, PET_NPROC_PER_NODE,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import re
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 TRAINER_RELEASE = "v2.3.0"  # the release of the installed kubeflow-trainer-api models (a test checks it)
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 API_VERSION = f"{GROUP}/{VERSION}"
+CRD_NAME = f"{PLURAL}.{GROUP}"
 PATCH_MANAGER = "slicefm/launcher"  # owner of slicefm's entry in spec.runtimePatches
 # Where the pod spec sits in an entry of spec.runtimePatches (in the manifest and in the CRD's schema).
 POD_PATCH_PATH = tuple("trainingRuntimeSpec template spec replicatedJobs template spec template spec".split())
@@ -415,6 +420,137 @@ def _failure(
         return exc_type(namespace, name, summary, [], note=f"could not list pods: {_short(exc)}")
 
 
+# --- the cluster's Trainer release -----------------------------------------------------------------
+
+# Labels / annotations through which an installation may declare the Trainer release of its CRDs (the Helm
+# chart labels its objects helm.sh/chart=kubeflow-trainer-<version>; the upstream CRDs carry neither).
+RELEASE_KEYS = ("app.kubernetes.io/version", "helm.sh/chart")
+_RELEASE_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+class TrainerAPIMismatch(RuntimeError):
+    """The cluster's TrainJob API is not the one slicefm builds for (a Kubeflow Trainer 2.3 release)."""
+
+
+@dataclass(frozen=True)
+class InstalledTrainer:
+    """What the cluster's TrainJob CRD says about the Trainer release installed."""
+
+    served: tuple[str, ...]  # API versions served
+    storage: str | None  # the storage version
+    declared: str | None  # release declared by a label / annotation (RELEASE_KEYS), e.g. "v2.3.0"
+    shape: str  # release whose TrainJob spec the served v1alpha1 schema has: v2.0 ... v2.3, or "unknown"
+
+    def describe(self) -> str:
+        declared = f", declares release {self.declared}" if self.declared else ", declares no release"
+        return (
+            f"serves {list(self.served) or 'nothing'} (storage {self.storage}){declared}, "
+            f"spec shape of release {self.shape}"
+        )
+
+
+def _schema_props(schema: dict[str, Any], *path: str) -> dict[str, Any]:
+    """The `properties` of the OpenAPI schema at `path` (list items are stepped through); {} if absent."""
+    node: dict[str, Any] = schema
+    for key in path:
+        node = (node.get("items", node).get("properties") or {}).get(key) or {}
+    return node.get("items", node).get("properties") or {}
+
+
+def _spec_shape(schema: dict[str, Any]) -> str:
+    """The release whose TrainJob spec this schema has. v2.3 added terminationGracePeriodSeconds to the pod
+    patch of runtimePatches (kubeflow-trainer-api 2.2.0 vs 2.3.0); v2.1 had podTemplateOverrides, v2.0
+    podSpecOverrides."""
+    spec = _schema_props(schema, "spec")
+    if "runtimePatches" in spec:
+        pod = _schema_props(spec["runtimePatches"], *POD_PATCH_PATH)
+        return "v2.3" if "terminationGracePeriodSeconds" in pod else "v2.2"
+    if "podTemplateOverrides" in spec:
+        return "v2.1"
+    if "podSpecOverrides" in spec:
+        return "v2.0"
+    return "unknown"
+
+
+def _declared_release(meta: dict[str, Any]) -> str | None:
+    for key in RELEASE_KEYS:
+        for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
+            if key in source and (m := _RELEASE_RE.search(str(source[key]))):
+                return "v" + ".".join(m.groups())
+    return None
+
+
+def installed_trainer(crd: dict[str, Any]) -> InstalledTrainer:
+    """Served / storage versions, declared release and the spec shape of a TrainJob CRD object."""
+    versions = (crd.get("spec") or {}).get("versions") or []
+    ours = next((v for v in versions if v.get("name") == VERSION), {})
+    schema = (ours.get("schema") or {}).get("openAPIV3Schema") or {}
+    return InstalledTrainer(
+        served=tuple(v["name"] for v in versions if v.get("served")),
+        storage=next((v["name"] for v in versions if v.get("storage")), None),
+        declared=_declared_release(crd.get("metadata") or {}),
+        shape=_spec_shape(schema) if ours else "unknown",
+    )
+
+
+def trainer_problems(found: InstalledTrainer) -> list[str]:
+    """Why the installed TrainJob API is not the one slicefm builds for ([] when it is)."""
+    wanted = TRAINER_RELEASE.rsplit(".", 1)[0]  # v2.3: any patch release
+    problems = []
+    if VERSION not in found.served:
+        problems.append(f"{API_VERSION} is not served")
+    if found.declared and found.declared.rsplit(".", 1)[0] != wanted:
+        problems.append(f"the CRD declares release {found.declared}")
+    if found.shape != wanted and not (found.shape == "unknown" and found.declared):
+        problems.append(f"its TrainJob spec is the one of release {found.shape}")
+    return problems
+
+
+def _read_crd(api_client: Any) -> dict[str, Any] | None:
+    """The TrainJob CRD as a plain dict, None when it is not installed (raw JSON: the client's CRD models
+    choke on some real schemas)."""
+    from kubernetes import client
+
+    try:
+        resp = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(
+            CRD_NAME, _preload_content=False
+        )
+    except _api_exception() as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return json.loads(resp.data)
+
+
+def check_trainer_api(api_client: Any) -> InstalledTrainer | None:
+    """Raise TrainerAPIMismatch unless the cluster's TrainJob CRD is the one of a Trainer 2.3 release.
+
+    None when the CRD may not be read (no RBAC for it): the strict creation still rejects unknown fields."""
+    needed = (
+        f"slicefm needs Kubeflow Trainer {TRAINER_RELEASE} ({API_VERSION}, spec.runtimePatches); "
+        "see k8s/README.md"
+    )
+    try:
+        crd = _read_crd(api_client)
+    except _api_exception() as exc:
+        if exc.status not in (401, 403):
+            raise
+        log.warning("cannot read CRD %s (%s): Trainer release not checked", CRD_NAME, _short(exc))
+        return None
+    if crd is None:
+        raise TrainerAPIMismatch(
+            f"no TrainJob CRD ({CRD_NAME}) in the cluster: Trainer is not installed; {needed}"
+        )
+    found = installed_trainer(crd)
+    problems = trainer_problems(found)
+    if problems:
+        raise TrainerAPIMismatch(
+            f"the cluster's TrainJob CRD {CRD_NAME} {found.describe()}: {'; '.join(problems)}; {needed}"
+        )
+    log.info("TrainJob CRD %s %s", CRD_NAME, found.describe())
+    return found
+
+
 # --- submit / wait / cleanup ----------------------------------------------------------------------
 
 
@@ -424,12 +560,29 @@ def _api_exception() -> type[Exception]:
     return ApiException
 
 
+def _status_message(exc: Exception) -> str:
+    try:
+        return str(json.loads(getattr(exc, "body", "") or "{}").get("message") or _short(exc))
+    except ValueError:
+        return _short(exc)
+
+
 def _create(api: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    """Create with fieldValidation=Strict: the API server rejects (400) a field its TrainJob schema does not
+    have instead of dropping it silently."""
     name = manifest["metadata"]["name"]
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, manifest, field_validation="Strict"
+        )
         log.info("created TrainJob %s/%s (Kubeflow Trainer %s)", namespace, name, TRAINER_RELEASE)
     except _api_exception() as exc:
+        message = _status_message(exc)
+        if exc.status == 400 and "unknown field" in message:
+            raise TrainerAPIMismatch(
+                f"the API server rejected TrainJob {namespace}/{name}: {message} "
+                f"(built for Kubeflow Trainer {TRAINER_RELEASE})"
+            ) from exc
         if exc.status != 409:
             raise
         # Same name = same pipeline run (a retried step): follow the job that is already there.
@@ -538,17 +691,22 @@ def submit_and_wait(
     log_lines: int = 50,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    check_api: bool = True,
 ) -> dict[str, Any]:
     """Create the TrainJob, poll until Complete (returned) or Failed / timeout (TrainJobFailed).
 
     `api` is a kubernetes.client.CustomObjectsApi; `core` a CoreV1Api (default: on the same ApiClient),
-    used only to explain a failure. With `cleanup`, the TrainJob is deleted however the wait ends; on
-    SIGTERM (a cancelled pipeline run) it is deleted in any case, so no GPU keeps training for nobody.
+    used only to explain a failure. With `check_api`, the cluster's TrainJob CRD is checked first
+    (TrainerAPIMismatch unless it is a Trainer 2.3 release); the job is created with strict field
+    validation. With `cleanup`, the TrainJob is deleted however the wait ends; on SIGTERM (a cancelled
+    pipeline run) it is deleted in any case, so no GPU keeps training for nobody.
     """
     from kubernetes import client
 
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     core = core if core is not None else client.CoreV1Api(api.api_client)
+    if check_api:
+        check_trainer_api(api.api_client)
     with _sigterm_raises():
         _create(api, namespace, manifest)
         cancelled = False

@@ -36,6 +36,14 @@ NAMESPACE = "slicefm"
 ALLOWED_RBAC = {
     *(("trainer.kubeflow.org", "trainjobs", v) for v in ("get", "list", "watch", "create", "delete")),
     *(("", r, v) for r in ("pods", "pods/log") for v in ("get", "list", "watch")),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # the TrainJob CRD only (resourceNames)
+}
+CRD_READER = "slicefm-launcher-trainjob-crd"
+CRD_RULE = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "resourceNames": ["trainjobs.trainer.kubeflow.org"],
+    "verbs": ["get"],
 }
 PLACEHOLDER = "CHANGE_ME"
 
@@ -327,7 +335,7 @@ def test_kubectl_kustomize_renders_valid_objects(target):
     assert docs
     for doc in docs:
         assert document_errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == NAMESPACE
     if target == "overlays/gpu-example":
         (job,) = [d for d in docs if d["kind"] == "TrainJob"]
@@ -406,20 +414,25 @@ def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
+def _cluster_wide_problems(d: dict[str, Any]) -> list[str]:
+    """The one cluster-wide grant: get on the TrainJob CRD (by name), for the launcher's release check."""
+    name = d["metadata"]["name"]
+    if name != CRD_READER:
+        return [f"cluster-wide {d['kind']} {name}"]
+    if d["kind"] == "ClusterRole" and d["rules"] != [CRD_RULE]:
+        return [f"{name} grants more than {CRD_RULE}"]
+    return []
+
+
 def rbac_problems(docs: list[dict[str, Any]]) -> list[str]:
-    problems = [
-        f"cluster-wide {d['kind']} {d['metadata']['name']}" for d in docs if d["kind"].startswith("Cluster")
-    ]
+    problems = [p for d in docs if d["kind"].startswith("Cluster") for p in _cluster_wide_problems(d)]
     problems += [f"grants {g}" for g in sorted(granted(docs) - ALLOWED_RBAC)]
     for d in docs:
         if d["kind"] == "Role" and any("resourceNames" in r or "nonResourceURLs" in r for r in d["rules"]):
             problems.append(f"unexpected rule shape in {d['metadata']['name']}")
-        if d["kind"] == "RoleBinding":
-            if d["roleRef"] != {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "slicefm-launcher",
-            }:
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            role = ("Role", "slicefm-launcher") if d["kind"] == "RoleBinding" else ("ClusterRole", CRD_READER)
+            if d["roleRef"] != {"apiGroup": "rbac.authorization.k8s.io", "kind": role[0], "name": role[1]}:
                 problems.append(f"{d['metadata']['name']} binds {d['roleRef']}")
             for s in d["subjects"]:
                 if (s["kind"], s["name"]) != ("ServiceAccount", "slicefm-launcher"):
@@ -439,6 +452,11 @@ def test_rbac_grants_exactly_the_launcher_permissions():
         "grants ('trainer.kubeflow.org', 'trainjobs', 'update')",
     ]
     assert rbac_problems([*docs, {"kind": "ClusterRole", "metadata": {"name": "x"}, "rules": []}])
+    # the CRD reader may read that one CRD, nothing more
+    every_crd = copy.deepcopy(docs)
+    (reader,) = [d for d in every_crd if d["kind"] == "ClusterRole"]
+    del reader["rules"][0]["resourceNames"]
+    assert rbac_problems(every_crd) == [f"{CRD_READER} grants more than {CRD_RULE}"]
 
 
 def test_only_the_launcher_gets_an_api_token():

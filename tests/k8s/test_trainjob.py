@@ -1,5 +1,6 @@
-"""The TrainJob launcher: manifests valid against the Kubeflow Trainer v2.3.0 API models; submit / wait /
-failure / timeout / cleanup through the real kubernetes client against a fake API server on loopback."""
+"""The TrainJob launcher: manifests valid against the Kubeflow Trainer v2.3.0 API models; the release check of
+the cluster's CRD, strict creation, submit / wait / failure / timeout / cleanup through the real kubernetes
+client against a fake API server on loopback."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from slicefm.k8s.trainjob import (
     CONFIG_DIR,
     CONFIG_ENV,
     CONFIG_PATH,
+    CRD_NAME,
     JOBSET_NAME_LABEL,
     MAX_NAME,
     NAME_RE,
     Terminated,
+    TrainerAPIMismatch,
     TrainJobConfig,
     TrainJobFailed,
     TrainJobTimeout,
@@ -35,6 +38,7 @@ from slicefm.k8s.trainjob import (
 )
 from tests.k8s.fake_apiserver import FakeKube, condition, container_status, jobs_status, pod
 from tests.k8s.schema_check import ROOT, model_errors, pod_patch, trainjob_errors
+from tests.k8s.trainer_crd import trainjob_crd
 
 PRE = "s3://bucket/runs/run-1/preprocess"
 OUT = "s3://bucket/runs/run-1/pretrain"
@@ -406,6 +410,82 @@ def test_a_vanished_job_is_a_failure():
         _wait(fake)
 
 
+# --- the cluster's Trainer release and strict creation ------------------------------------------------
+
+
+def test_the_crd_is_checked_before_a_strict_create():
+    with FakeKube([COMPLETE]) as fake:
+        _wait(fake)
+    methods = [(m, p) for m, p, _ in fake.requests]
+    crd_get = methods.index(("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/" + CRD_NAME))
+    ((post, query),) = [(i, q) for i, (m, _, q) in enumerate(fake.requests) if m == "POST"]
+    assert crd_get < post
+    assert query["fieldValidation"] == ["Strict"]
+
+
+V21_MANIFEST_SPEC = {
+    "runtimeRef": {"name": "torch-distributed"},
+    "podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": {"tolerations": [GPU_TAINT]}}],
+}
+
+
+def test_strict_creation_refuses_what_the_api_would_drop():
+    """The v2.1 manifest on a v2.3 cluster: without strict validation the server keeps the job and drops
+    the pod settings (the pods sit Pending); under Strict it refuses the job, naming the field."""
+    old = {**_manifest(name="old-style"), "spec": V21_MANIFEST_SPEC}
+    with FakeKube([RUNNING]) as fake:
+        api, core = _apis(fake)
+        api.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "slicefm", "trainjobs", old)
+        assert "podTemplateOverrides" not in fake.stored("slicefm", "old-style")["spec"], "silently dropped"
+        with pytest.raises(TrainerAPIMismatch) as info:
+            submit_and_wait(api, {**_manifest(), "spec": V21_MANIFEST_SPEC}, core=core, poll_s=0.01)
+    assert 'strict decoding error: unknown field "spec.podTemplateOverrides"' in str(info.value)
+    assert isinstance(info.value.__cause__, ApiException) and info.value.__cause__.status == 400
+    assert [b["metadata"]["name"] for b in fake.created] == ["old-style"]
+    assert fake.deleted == [], "nothing was created, nothing to delete"
+
+
+@pytest.mark.parametrize(
+    ("crd", "expected"),
+    [
+        (None, f"no TrainJob CRD ({CRD_NAME}) in the cluster"),
+        (trainjob_crd("v2.1"), "its TrainJob spec is the one of release v2.1"),
+        (trainjob_crd("v2.2"), "its TrainJob spec is the one of release v2.2"),
+        (
+            trainjob_crd("v2.3", labels={"app.kubernetes.io/version": "v2.2.1"}),
+            "the CRD declares release v2.2.1",
+        ),
+        (trainjob_crd("v2.3", served=("v2alpha1",)), "trainer.kubeflow.org/v1alpha1 is not served"),
+    ],
+    ids=["not-installed", "v2.1", "v2.2", "declared-v2.2", "v1alpha1-not-served"],
+)
+def test_a_trainer_release_mismatch_is_a_clear_error_before_anything_is_created(crd, expected):
+    with FakeKube([COMPLETE], crd=crd) as fake, pytest.raises(TrainerAPIMismatch) as info:
+        _wait(fake)
+    msg = str(info.value)
+    assert expected in msg and "slicefm needs Kubeflow Trainer v2.3.0" in msg, msg
+    assert fake.count("POST", "") == 0 and fake.deleted == []
+
+
+@pytest.mark.parametrize(
+    "labels", [{}, {"helm.sh/chart": "kubeflow-trainer-2.3.0"}, {"app.kubernetes.io/version": "2.3.1"}]
+)
+def test_a_v23_crd_passes_the_check(labels):
+    from slicefm.k8s.trainjob import installed_trainer, trainer_problems
+
+    found = installed_trainer(trainjob_crd("v2.3", labels=labels))
+    assert trainer_problems(found) == [] and found.shape == "v2.3"
+    assert found.declared == (None if not labels else "v" + list(labels.values())[0].rsplit("-", 1)[-1])
+
+
+def test_without_rbac_for_the_crd_the_job_still_runs_under_strict_validation(caplog):
+    with FakeKube([COMPLETE], forbid_crd=True) as fake:
+        _wait(fake)
+    assert f"cannot read CRD {CRD_NAME} (HTTP 403" in caplog.text
+    ((_, _, query),) = [r for r in fake.requests if r[0] == "POST"]
+    assert query["fieldValidation"] == ["Strict"] and fake.deleted == [NAME]
+
+
 # --- kubeconfig, run_trainjob and the KFP component ---------------------------------------------------
 
 
@@ -472,6 +552,8 @@ def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_
     assert job["spec"]["trainer"]["numNodes"] == 4
     assert pod_patch(job)["tolerations"] == [GPU_TAINT]
     assert pod_patch(job)["volumes"][0]["emptyDir"]["sizeLimit"] == "16Gi"
+    ((_, _, query),) = [r for r in fake.requests if r[0] == "POST"]
+    assert query["fieldValidation"] == ["Strict"]
     assert encoder.metadata["uri"] == OUT and encoder.metadata["trainjob"] == NAME
     assert encoder.metadata["method"] == PipelineConfig().pretrain.method
     with pytest.raises(ValueError, match="store_uri"):
