@@ -1,6 +1,6 @@
-"""Launch component: multi-node pretraining as a Kubeflow Trainer v2.1.0 TrainJob, waited for from this step.
+"""Launch component: multi-node pretraining as a Kubeflow Trainer v2.3.0 TrainJob, waited for from this step.
 
-The step itself needs no GPU: it creates the TrainJob (torchrun of slicefm.edge.launch on num_nodes GPU
+The step itself needs no GPU: it creates the TrainJob (torchrun of `slicefm pretrain-worker` on num_nodes GPU
 pods), follows it to Complete or Failed and deletes it. Around the job it keeps the pipeline's "pretrain"
 MLflow stage run (tagged as a TrainJob) and, once the job completed, registers the encoder the job wrote,
 exactly as the single-node pretrain step does. It must run under a service account bound to the
@@ -63,7 +63,7 @@ def launch_trainjob(
             "nvidia-h100-80gb"} (None = no selector).
         tolerations: Kubernetes tolerations for the pool's taints, e.g. [{"key": "nvidia.com/gpu",
             "operator": "Exists", "effect": "NoSchedule"}] (None = none).
-        runtime: ClusterTrainingRuntime of Trainer v2.1.0 to run on.
+        runtime: ClusterTrainingRuntime of Trainer v2.3.0 to run on.
         shm_size: size of the in-memory /dev/shm of each pod (DataLoader workers, NCCL).
         cpu_per_node: CPU request per pod ("" = none).
         memory_per_node: memory request and limit per pod ("" = none).

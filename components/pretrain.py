@@ -34,6 +34,7 @@ def pretrain(
         Mean loss over the last steps.
     """
     from slicefm.config import config_from_yaml
+    from slicefm.core.store import open_store
     from slicefm.edge.kfp_io import encoder_metadata, input_location, output_location, require_gpus
     from slicefm.edge.launch import run_torchrun
     from slicefm.edge.stages import launched_pretrain_stage, pretrain_stage
@@ -43,11 +44,12 @@ def pretrain(
     out = output_location(encoder.path, store_uri, run_name, "pretrain")
     pre = input_location(slices.path, slices.metadata)
     if gpus > 1:  # one process per GPU of this node (DDP), started by torchrun inside the step
-        res = launched_pretrain_stage(
+        launched_pretrain_stage(
             cfg, out,
             lambda run_id: run_torchrun(gpus, pre, out, config_yaml, mlflow_run_id=run_id, tracking_uri=tracking_uri),
             tracking_uri, parent_run_id, launcher="torchrun", details={"nproc_per_node": gpus},
         )  # fmt: skip
+        res = open_store(out).read_json("pretrain_result.json")  # what the ranks wrote
         steps, loss_last = int(res["steps"]), float(res["loss_last"])
     else:
         result = pretrain_stage(cfg, pre, out, tracking_uri, parent_run_id)

@@ -167,10 +167,10 @@ def launched_pretrain_stage(
     *,
     launcher: str = "trainjob",
     details: Mapping[str, object] | None = None,
-) -> dict:
+) -> None:
     """Pretraining in other processes: `launch(stage_run_id)` starts them (a multi-node TrainJob, or torchrun
     over this node's GPUs) and returns once they completed; their rank 0 logs its per-step metrics into that
-    run (None when untracked). Returns the pretrain_result.json they wrote.
+    run (None when untracked); they write pretrain_result.json beside the encoder.
 
     The same stage run, metrics and encoder registration as `pretrain_stage`; the run is tagged
     `slicefm.launcher=<launcher>` plus `slicefm.<launcher>.<key>` for each item of `details`.
@@ -181,9 +181,8 @@ def launched_pretrain_stage(
     }
     with _pretrain_run(cfg, out_uri, tracking_uri, parent_run_id, tags) as run:
         launch(run.info.run_id if run is not None else None)
-        result = open_store(out_uri).read_json("pretrain_result.json")
-        _log_pretrain_metrics(result)
-    return result
+        if run is not None:
+            _log_pretrain_metrics(open_store(out_uri).read_json("pretrain_result.json"))
 
 
 @contextlib.contextmanager

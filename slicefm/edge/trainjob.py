@@ -1,18 +1,26 @@
 """Multi-node pretraining as a Kubeflow Trainer TrainJob: build the manifest, submit it, wait, explain failures.
 
-Pinned to Kubeflow Trainer v2.1.0 (`trainer.kubeflow.org/v1alpha1`). Pod settings go through
-`spec.podTemplateOverrides`, the field of that release (v2.0 had podSpecOverrides, v2.2+ runtimePatches).
+Pinned to Kubeflow Trainer v2.3.0 (`trainer.kubeflow.org/v1alpha1`). The manifest is built from the API
+models of that release (PyPI `kubeflow-trainer-api`, same version), each validated with unknown fields
+forbidden, so a field the API does not have fails at build time. Pod settings (service account, node
+selector, tolerations, the /dev/shm volume and its mount, image pull secrets) go through one entry of
+`spec.runtimePatches`, patching the pod template of the `node` replicated job; releases v2.0 and v2.1 had
+podSpecOverrides / podTemplateOverrides instead, and v2.2 is not API-compatible with v2.3. Before creating
+the job, the launcher reads the cluster's TrainJob CRD and refuses a release other than v2.3 (or a missing
+CRD); the job is created with fieldValidation=Strict, so the API server rejects a field it does not know
+instead of silently dropping it (which is how tolerations and /dev/shm used to vanish, pods left Pending).
+
 The job runs on the ClusterTrainingRuntime `torch-distributed`, whose one replicated job and trainer
 container are both named `node`. The runtime's Torch plugin sets PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads itself, so the command is a plain
 `torchrun -m slicefm pretrain-worker ...`. The TrainJob's JobSet carries the TrainJob's name and JobSet labels
 every pod `jobset.sigs.k8s.io/jobset-name=<name>`: that is how the pods of a failed job are found.
-The manifest's schema: k8s/schemas/trainer-v2.1.0-trainjob.schema.json.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,16 +30,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+from kubeflow_trainer_api import models as api
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
-TRAINER_RELEASE = "v2.1.0"
+TRAINER_RELEASE = "v2.3.0"  # the release of the installed kubeflow-trainer-api models (a test checks it)
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 API_VERSION = f"{GROUP}/{VERSION}"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+PATCH_MANAGER = "slicefm/launcher"  # owner of slicefm's entry in spec.runtimePatches
+# Where the pod spec sits in an entry of spec.runtimePatches (in the manifest and in the CRD's schema).
+POD_PATCH_PATH = tuple("trainingRuntimeSpec template spec replicatedJobs template spec template spec".split())
 NODE = "node"  # replicated job and trainer container of the torch-distributed runtime
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 CONFIG_ENV = "SLICEFM_CONFIG_YAML"
@@ -88,7 +101,7 @@ class TrainJobConfig(Strict):
 
     namespace: str = "slicefm"
     image: str = "slicefm:0.1.0"  # the project image (CPU and CUDA, docker/Dockerfile)
-    runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.1.0
+    runtime: str = "torch-distributed"  # ClusterTrainingRuntime installed with Trainer v2.3.0
     num_nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=0)  # 0: CPU nodes, one process each (gloo)
     accelerator: str = "nvidia.com/gpu"  # extended resource name of the device plugin
@@ -120,21 +133,41 @@ def trainjob_name(run_name: str, stage: str = "pretrain") -> str:
     return name
 
 
-def _secret_env(var: str, secret: str, optional: bool) -> dict[str, Any]:
-    ref = {"name": secret, "key": var, "optional": optional}
-    return {"name": var, "valueFrom": {"secretKeyRef": ref}}
+M = TypeVar("M", bound=BaseModel)
 
 
-def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": CONFIG_ENV, "value": config_yaml}]
+def _api(model: type[M], **fields: Any) -> M:
+    """An instance of a Trainer API model; None fields are left out. A field the model does not have raises
+    (the generated models would silently drop it), as does a value of the wrong type."""
+    return model.model_validate({k: v for k, v in fields.items() if v is not None}, extra="forbid")
+
+
+def _quantity(value: str) -> api.IoK8sApimachineryPkgApiResourceQuantity:
+    return api.IoK8sApimachineryPkgApiResourceQuantity(value)
+
+
+def _value_env(var: str, value: str) -> api.IoK8sApiCoreV1EnvVar:
+    return _api(api.IoK8sApiCoreV1EnvVar, name=var, value=value)
+
+
+def _secret_env(var: str, secret: str, optional: bool) -> api.IoK8sApiCoreV1EnvVar:
+    ref = _api(api.IoK8sApiCoreV1SecretKeySelector, name=secret, key=var, optional=optional)
+    source = _api(api.IoK8sApiCoreV1EnvVarSource, secret_key_ref=ref)
+    return _api(api.IoK8sApiCoreV1EnvVar, name=var, value_from=source)
+
+
+def _env(
+    cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None
+) -> list[api.IoK8sApiCoreV1EnvVar]:
+    env = [_value_env(CONFIG_ENV, config_yaml)]
     if cfg.s3_secret:
         env += [_secret_env(v, cfg.s3_secret, False) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env += [_secret_env(v, cfg.s3_secret, True) for v in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")]
     if cfg.tracking_uri:
-        env.append({"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking_uri})
+        env.append(_value_env("MLFLOW_TRACKING_URI", cfg.tracking_uri))
         if mlflow_run_id:
             # rank 0 logs its per-step metrics into the launcher's stage run (`slicefm pretrain-worker`, slicefm.edge.launch)
-            env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
+            env.append(_value_env("MLFLOW_RUN_ID", mlflow_run_id))
     if cfg.mlflow_secret:
         env += [
             _secret_env(v, cfg.mlflow_secret, True)
@@ -143,7 +176,8 @@ def _env(cfg: TrainJobConfig, config_yaml: str, mlflow_run_id: str | None = None
     return env
 
 
-def _resources(cfg: TrainJobConfig) -> dict[str, dict[str, str]]:
+def _resources(cfg: TrainJobConfig) -> api.IoK8sApiCoreV1ResourceRequirements | None:
+    """Requests (CPU, memory, GPUs) and limits (memory, GPUs) per node; None when nothing is asked for."""
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if cfg.cpu_per_node:
@@ -152,23 +186,65 @@ def _resources(cfg: TrainJobConfig) -> dict[str, dict[str, str]]:
         requests["memory"] = limits["memory"] = cfg.memory_per_node
     if cfg.gpus_per_node:
         requests[cfg.accelerator] = limits[cfg.accelerator] = str(cfg.gpus_per_node)
-    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    if not requests:
+        return None
+    return _api(
+        api.IoK8sApiCoreV1ResourceRequirements,
+        requests={k: _quantity(v) for k, v in requests.items()},
+        limits={k: _quantity(v) for k, v in limits.items()} or None,
+    )
 
 
-def _pod_override(cfg: TrainJobConfig) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if cfg.service_account:
-        spec["serviceAccountName"] = cfg.service_account
-    if cfg.node_selector:
-        spec["nodeSelector"] = dict(cfg.node_selector)
-    if cfg.tolerations:
-        spec["tolerations"] = [t.manifest() for t in cfg.tolerations]
-    spec["volumes"] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}]
-    # Env of the `node` container may only be set through spec.trainer; volume mounts are allowed here.
-    spec["containers"] = [{"name": NODE, "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}]
-    if cfg.image_pull_secrets:
-        spec["imagePullSecrets"] = [{"name": s} for s in cfg.image_pull_secrets]
-    return {"targetJobs": [{"name": NODE}], "spec": spec}
+def _pod_patch(cfg: TrainJobConfig) -> api.TrainerV1alpha1PodSpecPatch:
+    """Pod settings of the `node` pods. Env of the `node` container may only be set through spec.trainer;
+    volume mounts are allowed here."""
+    shm = _api(api.IoK8sApiCoreV1EmptyDirVolumeSource, medium="Memory", size_limit=_quantity(cfg.shm_size))
+    mount = _api(api.IoK8sApiCoreV1VolumeMount, name=SHM_VOLUME, mount_path="/dev/shm")
+    return _api(
+        api.TrainerV1alpha1PodSpecPatch,
+        service_account_name=cfg.service_account or None,
+        node_selector=dict(cfg.node_selector) or None,
+        tolerations=[_api(api.IoK8sApiCoreV1Toleration, **t.manifest()) for t in cfg.tolerations] or None,
+        volumes=[_api(api.IoK8sApiCoreV1Volume, name=SHM_VOLUME, empty_dir=shm)],
+        containers=[_api(api.TrainerV1alpha1ContainerPatch, name=NODE, volume_mounts=[mount])],
+        image_pull_secrets=[
+            _api(api.IoK8sApiCoreV1LocalObjectReference, name=s) for s in cfg.image_pull_secrets
+        ]
+        or None,
+    )
+
+
+def _runtime_patch(cfg: TrainJobConfig) -> api.TrainerV1alpha1RuntimePatch:
+    """slicefm's runtimePatches entry: the pod patch, on the pod template of the `node` replicated job."""
+    pod_template = _api(api.TrainerV1alpha1PodTemplatePatch, spec=_pod_patch(cfg))
+    job_template = _api(
+        api.TrainerV1alpha1JobTemplatePatch, spec=_api(api.TrainerV1alpha1JobSpecPatch, template=pod_template)
+    )
+    node = _api(api.TrainerV1alpha1ReplicatedJobPatch, name=NODE, template=job_template)
+    jobset = _api(
+        api.TrainerV1alpha1JobSetTemplatePatch,
+        spec=_api(api.TrainerV1alpha1JobSetSpecPatch, replicated_jobs=[node]),
+    )
+    return _api(
+        api.TrainerV1alpha1RuntimePatch,
+        manager=PATCH_MANAGER,
+        training_runtime_spec=_api(api.TrainerV1alpha1TrainingRuntimeSpecPatch, template=jobset),
+    )
+
+
+def _trainer(
+    cfg: TrainJobConfig, preprocessed_uri: str, out_uri: str, config_yaml: str, mlflow_run_id: str | None
+) -> api.TrainerV1alpha1Trainer:
+    return _api(
+        api.TrainerV1alpha1Trainer,
+        image=cfg.image,
+        command=["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
+        args=["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
+        env=_env(cfg, config_yaml, mlflow_run_id),
+        num_nodes=cfg.num_nodes,
+        num_proc_per_node=cfg.gpus_per_node or 1,
+        resources_per_node=_resources(cfg),
+    )
 
 
 def build_trainjob(
@@ -181,35 +257,31 @@ def build_trainjob(
 ) -> dict[str, Any]:
     """The TrainJob manifest: torchrun of `slicefm pretrain-worker` on cfg.num_nodes pods of the runtime.
 
+    Built from the Kubeflow Trainer v2.3.0 API models and returned as their dict (camelCase, ready to send).
     `mlflow_run_id` (with cfg.tracking_uri): the stage run the pods' rank 0 logs its training metrics to."""
     if not NAME_RE.match(name) or len(name) > MAX_NAME:
         raise ValueError(f"TrainJob name {name!r}: lower-case DNS label of at most {MAX_NAME} chars expected")
     for label, uri in (("preprocessed", preprocessed_uri), ("out", out_uri)):
         if not uri.startswith("s3://"):
             raise ValueError(f"{label} location {uri!r}: every node must reach it, use s3://bucket/prefix")
-    trainer: dict[str, Any] = {
-        "image": cfg.image,
-        "command": ["/bin/sh", "-c", LAUNCH_SCRIPT, "slicefm-launch"],
-        "args": ["--preprocessed", preprocessed_uri, "--out", out_uri, "--config", CONFIG_PATH],
-        "env": _env(cfg, config_yaml, mlflow_run_id),
-        "numNodes": cfg.num_nodes,
-        "numProcPerNode": cfg.gpus_per_node or 1,
-        "resourcesPerNode": _resources(cfg),
-    }
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": cfg.namespace,
-            "labels": {"app.kubernetes.io/part-of": "slicefm", "app.kubernetes.io/component": "pretrain"},
-        },
-        "spec": {
-            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": cfg.runtime},
-            "trainer": trainer,
-            "podTemplateOverrides": [_pod_override(cfg)],
-        },
-    }
+    metadata = _api(
+        api.IoK8sApimachineryPkgApisMetaV1ObjectMeta,
+        name=name,
+        namespace=cfg.namespace,
+        labels={"app.kubernetes.io/part-of": "slicefm", "app.kubernetes.io/component": "pretrain"},
+    )
+    spec = _api(
+        api.TrainerV1alpha1TrainJobSpec,
+        runtime_ref=_api(
+            api.TrainerV1alpha1RuntimeRef, api_group=GROUP, kind="ClusterTrainingRuntime", name=cfg.runtime
+        ),
+        trainer=_trainer(cfg, preprocessed_uri, out_uri, config_yaml, mlflow_run_id),
+        runtime_patches=[_runtime_patch(cfg)],
+    )
+    job = _api(
+        api.TrainerV1alpha1TrainJob, api_version=API_VERSION, kind="TrainJob", metadata=metadata, spec=spec
+    )
+    return job.to_dict()
 
 
 # --- status and failure diagnosis ------------------------------------------------------------------
@@ -345,6 +417,137 @@ def _failure(
         return exc_type(namespace, name, summary, [], note=f"could not list pods: {_short(exc)}")
 
 
+# --- the cluster's Trainer release -----------------------------------------------------------------
+
+# Labels / annotations through which an installation may declare the Trainer release of its CRDs (the Helm
+# chart labels its objects helm.sh/chart=kubeflow-trainer-<version>; the upstream CRDs carry neither).
+RELEASE_KEYS = ("app.kubernetes.io/version", "helm.sh/chart")
+_RELEASE_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+class TrainerAPIMismatch(RuntimeError):
+    """The cluster's TrainJob API is not the one slicefm builds for (a Kubeflow Trainer 2.3 release)."""
+
+
+@dataclass(frozen=True)
+class InstalledTrainer:
+    """What the cluster's TrainJob CRD says about the Trainer release installed."""
+
+    served: tuple[str, ...]  # API versions served
+    storage: str | None  # the storage version
+    declared: str | None  # release declared by a label / annotation (RELEASE_KEYS), e.g. "v2.3.0"
+    shape: str  # release whose TrainJob spec the served v1alpha1 schema has: v2.0 ... v2.3, or "unknown"
+
+    def describe(self) -> str:
+        declared = f", declares release {self.declared}" if self.declared else ", declares no release"
+        return (
+            f"serves {list(self.served) or 'nothing'} (storage {self.storage}){declared}, "
+            f"spec shape of release {self.shape}"
+        )
+
+
+def _schema_props(schema: dict[str, Any], *path: str) -> dict[str, Any]:
+    """The `properties` of the OpenAPI schema at `path` (list items are stepped through); {} if absent."""
+    node: dict[str, Any] = schema
+    for key in path:
+        node = (node.get("items", node).get("properties") or {}).get(key) or {}
+    return node.get("items", node).get("properties") or {}
+
+
+def _spec_shape(schema: dict[str, Any]) -> str:
+    """The release whose TrainJob spec this schema has. v2.3 added terminationGracePeriodSeconds to the pod
+    patch of runtimePatches (kubeflow-trainer-api 2.2.0 vs 2.3.0); v2.1 had podTemplateOverrides, v2.0
+    podSpecOverrides."""
+    spec = _schema_props(schema, "spec")
+    if "runtimePatches" in spec:
+        pod = _schema_props(spec["runtimePatches"], *POD_PATCH_PATH)
+        return "v2.3" if "terminationGracePeriodSeconds" in pod else "v2.2"
+    if "podTemplateOverrides" in spec:
+        return "v2.1"
+    if "podSpecOverrides" in spec:
+        return "v2.0"
+    return "unknown"
+
+
+def _declared_release(meta: dict[str, Any]) -> str | None:
+    for key in RELEASE_KEYS:
+        for source in (meta.get("labels") or {}, meta.get("annotations") or {}):
+            if key in source and (m := _RELEASE_RE.search(str(source[key]))):
+                return "v" + ".".join(m.groups())
+    return None
+
+
+def installed_trainer(crd: dict[str, Any]) -> InstalledTrainer:
+    """Served / storage versions, declared release and the spec shape of a TrainJob CRD object."""
+    versions = (crd.get("spec") or {}).get("versions") or []
+    ours = next((v for v in versions if v.get("name") == VERSION), {})
+    schema = (ours.get("schema") or {}).get("openAPIV3Schema") or {}
+    return InstalledTrainer(
+        served=tuple(v["name"] for v in versions if v.get("served")),
+        storage=next((v["name"] for v in versions if v.get("storage")), None),
+        declared=_declared_release(crd.get("metadata") or {}),
+        shape=_spec_shape(schema) if ours else "unknown",
+    )
+
+
+def trainer_problems(found: InstalledTrainer) -> list[str]:
+    """Why the installed TrainJob API is not the one slicefm builds for ([] when it is)."""
+    wanted = TRAINER_RELEASE.rsplit(".", 1)[0]  # v2.3: any patch release
+    problems = []
+    if VERSION not in found.served:
+        problems.append(f"{API_VERSION} is not served")
+    if found.declared and found.declared.rsplit(".", 1)[0] != wanted:
+        problems.append(f"the CRD declares release {found.declared}")
+    if found.shape != wanted and not (found.shape == "unknown" and found.declared):
+        problems.append(f"its TrainJob spec is the one of release {found.shape}")
+    return problems
+
+
+def _read_crd(api_client: Any) -> dict[str, Any] | None:
+    """The TrainJob CRD as a plain dict, None when it is not installed (raw JSON: the client's CRD models
+    choke on some real schemas)."""
+    from kubernetes import client
+
+    try:
+        resp = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(
+            CRD_NAME, _preload_content=False
+        )
+    except _api_exception() as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return json.loads(resp.data)
+
+
+def check_trainer_api(api_client: Any) -> InstalledTrainer | None:
+    """Raise TrainerAPIMismatch unless the cluster's TrainJob CRD is the one of a Trainer 2.3 release.
+
+    None when the CRD may not be read (no RBAC for it): the strict creation still rejects unknown fields."""
+    needed = (
+        f"slicefm needs Kubeflow Trainer {TRAINER_RELEASE} ({API_VERSION}, spec.runtimePatches); "
+        "see k8s/README.md"
+    )
+    try:
+        crd = _read_crd(api_client)
+    except _api_exception() as exc:
+        if exc.status not in (401, 403):
+            raise
+        log.warning("cannot read CRD %s (%s): Trainer release not checked", CRD_NAME, _short(exc))
+        return None
+    if crd is None:
+        raise TrainerAPIMismatch(
+            f"no TrainJob CRD ({CRD_NAME}) in the cluster: Trainer is not installed; {needed}"
+        )
+    found = installed_trainer(crd)
+    problems = trainer_problems(found)
+    if problems:
+        raise TrainerAPIMismatch(
+            f"the cluster's TrainJob CRD {CRD_NAME} {found.describe()}: {'; '.join(problems)}; {needed}"
+        )
+    log.info("TrainJob CRD %s %s", CRD_NAME, found.describe())
+    return found
+
+
 # --- submit / wait / cleanup ----------------------------------------------------------------------
 
 
@@ -354,12 +557,29 @@ def _api_exception() -> type[Exception]:
     return ApiException
 
 
+def _status_message(exc: Exception) -> str:
+    try:
+        return str(json.loads(getattr(exc, "body", "") or "{}").get("message") or _short(exc))
+    except ValueError:
+        return _short(exc)
+
+
 def _create(api: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    """Create with fieldValidation=Strict: the API server rejects (400) a field its TrainJob schema does not
+    have instead of dropping it silently."""
     name = manifest["metadata"]["name"]
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, manifest, field_validation="Strict"
+        )
         log.info("created TrainJob %s/%s (Kubeflow Trainer %s)", namespace, name, TRAINER_RELEASE)
     except _api_exception() as exc:
+        message = _status_message(exc)
+        if exc.status == 400 and "unknown field" in message:
+            raise TrainerAPIMismatch(
+                f"the API server rejected TrainJob {namespace}/{name}: {message} "
+                f"(built for Kubeflow Trainer {TRAINER_RELEASE})"
+            ) from exc
         if exc.status != 409:
             raise
         # Same name = same pipeline run (a retried step): follow the job that is already there.
@@ -468,17 +688,22 @@ def submit_and_wait(
     log_lines: int = 50,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    check_api: bool = True,
 ) -> dict[str, Any]:
     """Create the TrainJob, poll until Complete (returned) or Failed / timeout (TrainJobFailed).
 
     `api` is a kubernetes.client.CustomObjectsApi; `core` a CoreV1Api (default: on the same ApiClient),
-    used only to explain a failure. With `cleanup`, the TrainJob is deleted however the wait ends; on
-    SIGTERM (a cancelled pipeline run) it is deleted in any case, so no GPU keeps training for nobody.
+    used only to explain a failure. With `check_api`, the cluster's TrainJob CRD is checked first
+    (TrainerAPIMismatch unless it is a Trainer 2.3 release); the job is created with strict field
+    validation. With `cleanup`, the TrainJob is deleted however the wait ends; on SIGTERM (a cancelled
+    pipeline run) it is deleted in any case, so no GPU keeps training for nobody.
     """
     from kubernetes import client
 
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     core = core if core is not None else client.CoreV1Api(api.api_client)
+    if check_api:
+        check_trainer_api(api.api_client)
     with _sigterm_raises():
         _create(api, namespace, manifest)
         cancelled = False

@@ -1,6 +1,6 @@
 """The pretrain stage: preprocess output -> trained encoder (encoder.safetensors + encoder.json) + checkpoints.
 
-Runs as one process or under torchrun (the caller, `slicefm.edge.launch`, initialises the process
+Runs as one process or under torchrun (the caller, `slicefm pretrain-worker` in slicefm.edge.launch, initialises the process
 group). Resumes from `checkpoints/latest.pt` in `out_uri` when `resume` is set. Tracking is the caller's:
 per-step metrics go to its `log_metrics` callback, and the result names what was written where.
 """

@@ -102,12 +102,13 @@ def test_pretrain_over_several_processes_runs_torchrun_and_logs_rank_0_into_the_
 
     config_yaml = component_config(tmp_path, "torchrun-test")
     out = str(tmp_path / "encoder")
-    result = launched_pretrain_stage(
+    launched_pretrain_stage(
         config_from_yaml(config_yaml), out,
         lambda run_id: run_torchrun(2, preprocessed, out, config_yaml, mlflow_run_id=run_id, tracking_uri=tracking_uri),
         tracking_uri, parent_run, launcher="torchrun", details={"nproc_per_node": 2},
     )  # fmt: skip
-    assert result == json.loads((Path(out) / "pretrain_result.json").read_text()) and result["steps"] == 4
+    result = json.loads((Path(out) / "pretrain_result.json").read_text())
+    assert result["steps"] == 4
     run = stage_runs(tracking_uri, parent_run)["pretrain"]
     assert run.info.status == "FINISHED" and run.data.tags["slicefm.launcher"] == "torchrun"
     assert run.data.tags["slicefm.torchrun.nproc_per_node"] == "2"

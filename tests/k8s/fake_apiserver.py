@@ -4,6 +4,11 @@ It speaks the real REST protocol (paths, JSON bodies, Status errors, query param
 tested through the real `kubernetes` client, not mocks. Each GET of the TrainJob returns the next status
 of `statuses` (the last one repeats); `errors` queues HTTP error codes for the next TrainJob GETs;
 `on_create` is called with each TrainJob created (e.g. to do what its pods would) before the API answers.
+
+It serves the TrainJob CRD `crd` (default: Kubeflow Trainer v2.3's, derived from the API models; None: not
+installed) and decodes a created TrainJob as an API server does against that CRD's schema: an unknown field
+is dropped (fieldValidation Ignore, or Warn with a Warning header, the default), or the create is refused
+with 400 BadRequest "strict decoding error: unknown field ..." under fieldValidation=Strict.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.k8s.trainer_crd import strict_decode, trainjob_crd
+
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
+CRDS = re.compile(r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitions/([^/]+)$")
 T0 = "2026-01-01T00:00:00Z"
+STRICT_PREFIX = 'TrainJob in version "v1alpha1" cannot be handled as a TrainJob: strict decoding error'
 
 
 def condition(kind: str, status: str = "True", reason: str = "", message: str = "") -> dict[str, Any]:
@@ -119,6 +128,8 @@ class FakeKube:
     preexisting: dict[str, Any] | None = None
     vanish_after: int | None = None  # GETs after which the TrainJob is gone (404)
     on_create: Callable[[dict[str, Any]], None] | None = None
+    crd: dict[str, Any] | None = field(default_factory=trainjob_crd)  # None: Trainer not installed
+    forbid_crd: bool = False
     requests: list[tuple[str, str, dict[str, list[str]]]] = field(default_factory=list)
     created: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -175,26 +186,22 @@ class FakeKube:
         elif method == "DELETE" and int(req.headers.get("Content-Length", 0)):
             req.rfile.read(int(req.headers["Content-Length"]))
         if m := TRAINJOBS.match(url.path):
-            return self._trainjobs(req, method, m.group(1), m.group(2), body)
+            if self.crd is None:
+                return self._status(req, 404, "NotFound", "the server could not find the requested resource")
+            return self._trainjobs(req, method, m.group(1), m.group(2), body, query)
         if m := PODS.match(url.path):
             return self._pods(req, m.group(1), query)
         if m := LOG.match(url.path):
             return self._log(req, m.group(2), query)
+        if m := CRDS.match(url.path):
+            return self._crd(req, m.group(1))
         self._status(req, 404, "NotFound", f"no route {url.path}")
 
-    def _trainjobs(self, req: Any, method: str, ns: str, name: str | None, body: Any) -> None:
+    def _trainjobs(
+        self, req: Any, method: str, ns: str, name: str | None, body: Any, query: dict[str, list[str]]
+    ) -> None:
         if method == "POST" and name is None:
-            if self.forbid_create:
-                return self._status(req, 403, "Forbidden", "trainjobs is forbidden")
-            key = (ns, body["metadata"]["name"])
-            if key in self._jobs:
-                return self._status(req, 409, "AlreadyExists", f'trainjobs "{key[1]}" already exists')
-            obj = {**body, "metadata": {**body["metadata"], "uid": "uid-1", "creationTimestamp": T0}}
-            self._jobs[key] = obj
-            self.created.append(body)
-            if self.on_create is not None:
-                self.on_create(body)
-            return self._json(req, 201, obj)
+            return self._create(req, ns, body, query.get("fieldValidation", ["Warn"])[0])
         key = (ns, name or "")
         if key not in self._jobs:
             return self._status(req, 404, "NotFound", f'trainjobs "{name}" not found')
@@ -214,6 +221,41 @@ class FakeKube:
         if status is not None:
             obj["status"] = status
         self._json(req, 200, obj)
+
+    def _create(self, req: Any, ns: str, body: dict[str, Any], validation: str) -> None:
+        if self.forbid_create:
+            return self._status(req, 403, "Forbidden", "trainjobs is forbidden")
+        obj, unknown = strict_decode(body, self._schema())
+        if unknown and validation == "Strict":
+            fields = ", ".join(f'unknown field "{u}"' for u in unknown)
+            message = f"{STRICT_PREFIX}: {fields}"
+            return self._status(req, 400, "BadRequest", message)
+        key = (ns, body["metadata"]["name"])
+        if key in self._jobs:
+            return self._status(req, 409, "AlreadyExists", f'trainjobs "{key[1]}" already exists')
+        obj = {**obj, "metadata": {**obj["metadata"], "uid": "uid-1", "creationTimestamp": T0}}
+        self._jobs[key] = obj
+        self.created.append(body)
+        if self.on_create is not None:
+            self.on_create(body)
+        warnings = [f'299 - "unknown field \\"{u}\\""' for u in unknown] if validation == "Warn" else []
+        self._json(req, 201, obj, warnings)
+
+    def _schema(self) -> dict[str, Any]:
+        assert self.crd is not None
+        (version,) = [v for v in self.crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+        return version["schema"]["openAPIV3Schema"]
+
+    def _crd(self, req: Any, name: str) -> None:
+        if self.forbid_crd:
+            return self._status(req, 403, "Forbidden", "customresourcedefinitions is forbidden")
+        if self.crd is None or self.crd["metadata"]["name"] != name:
+            return self._status(req, 404, "NotFound", f'customresourcedefinitions "{name}" not found')
+        self._json(req, 200, self.crd)
+
+    def stored(self, ns: str, name: str) -> dict[str, Any]:
+        """The TrainJob as the server keeps it (unknown fields dropped)."""
+        return self._jobs[(ns, name)]
 
     def _pods(self, req: Any, ns: str, query: dict[str, list[str]]) -> None:
         if self.forbid_pods:
@@ -242,9 +284,11 @@ class FakeKube:
         req.end_headers()
         req.wfile.write(data)
 
-    def _json(self, req: Any, code: int, obj: Any) -> None:
+    def _json(self, req: Any, code: int, obj: Any, warnings: list[str] | None = None) -> None:
         data = json.dumps(obj).encode()
         req.send_response(code)
+        for warning in warnings or []:
+            req.send_header("Warning", warning)
         req.send_header("Content-Type", "application/json")
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()

@@ -1,16 +1,20 @@
-"""Strict manifest validation for the tests: Kubernetes OpenAPI models (kubernetes client) + JSON schemas.
+"""Strict manifest validation for the tests: Kubernetes OpenAPI models (kubernetes client), the Kubeflow
+Trainer API models (kubeflow-trainer-api) and the Kustomization JSON schema.
 
 Core kinds are walked against the `openapi_types` / `attribute_map` of the kubernetes client's models:
 unknown keys and wrong types are errors, and instantiating each model with client-side validation on
 catches missing required fields. Resource quantities must be strings here (the models type them as
-str; the API server would also take numbers). The TrainJob schema (k8s/schemas/) embeds core types
-through the keyword `x-kubernetes-model`, and marks keyed lists with `x-kubernetes-list-map-keys`.
+str; the API server would also take numbers). A TrainJob is read with the Trainer v2.3.0 models
+(`from_dict`: wrong types, missing required fields) and compared with what they read back (`to_dict`):
+a field the API does not have is dropped by the models, and reported. The rules the CRD and the Trainer
+webhook add to the types (name format, keyed lists, reserved env) are checked on top.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,11 +22,14 @@ from typing import Any
 import kubernetes.client as kc
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
+from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+from pydantic import BaseModel
+
+from slicefm.edge.trainjob import API_VERSION, POD_PATCH_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
-TRAINJOB_SCHEMA = SCHEMAS / "trainer-v2.1.0-trainjob.schema.json"
 KUSTOMIZATION_SCHEMA = SCHEMAS / "kustomization.schema.json"
 
 # (apiVersion, kind) of the core objects slicefm ships -> kubernetes client model.
@@ -118,12 +125,7 @@ def core_errors(doc: dict[str, Any]) -> list[str]:
     return model_errors(doc, CORE_KINDS[key])
 
 
-def _k8s_model_keyword(validator, model, instance, schema):  # noqa: ANN001 (jsonschema keyword API)
-    for err in model_errors(instance, model):
-        yield ValidationError(f"{model}: {err}")
-
-
-def _list_map_keys_keyword(validator, keys, instance, schema):  # noqa: ANN001
+def _list_map_keys_keyword(validator, keys, instance, schema):  # noqa: ANN001 (jsonschema keyword API)
     if not isinstance(instance, list):
         return
     seen: set[tuple] = set()
@@ -137,8 +139,7 @@ def _list_map_keys_keyword(validator, keys, instance, schema):  # noqa: ANN001
 
 
 K8sSchemaValidator = validators.extend(
-    Draft202012Validator,
-    {"x-kubernetes-model": _k8s_model_keyword, "x-kubernetes-list-map-keys": _list_map_keys_keyword},
+    Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys_keyword}
 )
 
 
@@ -158,8 +159,135 @@ def _clip(text: str, n: int = 400) -> str:
     return text if len(text) <= n else f"{text[: n // 2]} ... {text[-n // 2 :]}"
 
 
+# --- TrainJob: the Trainer API models and the rules on top of them --------------------------------------
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# The Torch plugin webhook rejects the torchrun variables it sets itself.
+RESERVED_ENV = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+# Containers whose env only spec.trainer / spec.initializer may set (the webhook rejects it in a patch).
+NO_PATCH_ENV = {"node", "dataset-initializer", "model-initializer"}
+# Lists the CRD keys by a field (x-kubernetes-list-type: map): a duplicate key is invalid.
+LIST_KEYS = {
+    "runtimePatches": "manager",
+    **dict.fromkeys(
+        [
+            "replicatedJobs",
+            "containers",
+            "initContainers",
+            "volumes",
+            "volumeMounts",
+            "env",
+            "imagePullSecrets",
+        ],
+        "name",
+    ),
+}
+
+
+def _same(original: Any, read: Any) -> bool:
+    if isinstance(read, datetime) and isinstance(original, str):  # metav1.Time comes back parsed
+        return datetime.fromisoformat(original) == read
+    return original == read and type(original) is type(read)
+
+
+def _dropped(original: Any, read: Any, path: str) -> list[str]:
+    """Where `read` (the models' to_dict) lost or changed something of `original`."""
+    if isinstance(original, dict) and isinstance(read, dict):
+        return [
+            err
+            for key, value in original.items()
+            for err in (
+                _dropped(value, read[key], f"{path}.{key}" if path else key)
+                if key in read
+                else [f"{path}.{key}: unknown field" if path else f"{key}: unknown field"]
+            )
+        ]
+    if isinstance(original, list) and isinstance(read, list) and len(original) == len(read):
+        return [
+            e
+            for i, (o, r) in enumerate(zip(original, read, strict=True))
+            for e in _dropped(o, r, f"{path}[{i}]")
+        ]
+    return [] if _same(original, read) else [f"{path}: {original!r} was read as {read!r}"]
+
+
+def api_errors(doc: Any, model: type[BaseModel] = TrainerV1alpha1TrainJob) -> list[str]:
+    """Errors of `doc` as the Trainer API model: wrong types and missing required fields (the model's
+    validation), and every field it does not have (the model drops it, the round trip shows it)."""
+    if not isinstance(doc, dict):
+        return [f"expected a mapping, got {type(doc).__name__}"]
+    try:
+        parsed = model.from_dict(doc)  # type: ignore[attr-defined]
+    except ValueError as exc:  # pydantic's ValidationError, or a oneOf wrapper's (Quantity)
+        return [f"{model.__name__}: {_clip(str(exc))}"]
+    return _dropped(doc, parsed.to_dict(), "")
+
+
+def _keyed_list_errors(node: Any, path: str) -> list[str]:
+    if isinstance(node, list):
+        return [e for i, item in enumerate(node) for e in _keyed_list_errors(item, f"{path}[{i}]")]
+    if not isinstance(node, dict):
+        return []
+    errors = []
+    for key, value in node.items():
+        if key in LIST_KEYS and isinstance(value, list):
+            names = [item.get(LIST_KEYS[key]) for item in value if isinstance(item, dict)]
+            errors += [
+                f"{path}.{key}: duplicate {LIST_KEYS[key]} {n!r}"
+                for n in sorted({n for n in names if names.count(n) > 1})
+            ]
+        errors += _keyed_list_errors(value, f"{path}.{key}" if path else key)
+    return errors
+
+
+def pod_patch(doc: dict[str, Any], job: str = "node", manager: str | None = None) -> dict[str, Any]:
+    """The pod spec a TrainJob's runtime patch (the first, or `manager`'s) sets for replicated job `job`."""
+    patches = [p for p in doc["spec"]["runtimePatches"] if manager in (None, p["manager"])]
+    node: Any = patches[0]
+    for key in POD_PATCH_PATH:
+        node = node[key]
+        if key == "replicatedJobs":
+            (node,) = [j for j in node if j["name"] == job]
+    return node
+
+
+def _pod_patches(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for i, patch in enumerate((doc.get("spec") or {}).get("runtimePatches") or []):
+        jobs = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for job in jobs.get("replicatedJobs") or []:
+            pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+            out.append((f"spec.runtimePatches[{i}] job {job.get('name')}", pod))
+    return out
+
+
+def trainjob_rule_errors(doc: dict[str, Any]) -> list[str]:
+    """What the CRD and the Trainer webhook require beyond the models' types."""
+    errors = []
+    if (doc.get("apiVersion"), doc.get("kind")) != (API_VERSION, "TrainJob"):
+        errors.append(
+            f"apiVersion/kind {doc.get('apiVersion')}/{doc.get('kind')}: {API_VERSION}/TrainJob expected"
+        )
+    name = str((doc.get("metadata") or {}).get("name") or "")
+    if not DNS_LABEL.match(name) or len(name) > 63:
+        errors.append(f"metadata.name {name!r} does not match a DNS-1035 label of at most 63 chars")
+    trainer = (doc.get("spec") or {}).get("trainer") or {}
+    for var in sorted(RESERVED_ENV & {e.get("name") for e in trainer.get("env") or []}):
+        errors.append(f"spec.trainer.env: {var} is set by the runtime's Torch plugin")
+    for key in ("numNodes", "numProcPerNode"):
+        if key in trainer and not (isinstance(trainer[key], int) and trainer[key] >= 1):
+            errors.append(f"spec.trainer.{key}: {trainer[key]!r} is not a positive integer")
+    for where, pod in _pod_patches(doc):
+        for c in [*(pod.get("containers") or []), *(pod.get("initContainers") or [])]:
+            if c.get("name") in NO_PATCH_ENV and "env" in c:
+                errors.append(f"{where}: env of container {c['name']} may only be set through spec.trainer")
+    return errors + _keyed_list_errors(doc, "")
+
+
 def trainjob_errors(doc: Any) -> list[str]:
-    return schema_errors(doc, TRAINJOB_SCHEMA)
+    """Every error of a TrainJob manifest (or object) against Kubeflow Trainer v2.3.0."""
+    errors = api_errors(doc)
+    return errors + trainjob_rule_errors(doc) if isinstance(doc, dict) else errors
 
 
 def document_errors(doc: Any) -> list[str]:

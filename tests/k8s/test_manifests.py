@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from slicefm.edge.trainjob import TRAINER_RELEASE, TrainJobConfig, build_trainjob
-from tests.k8s.schema_check import K8S, ROOT, TRAINJOB_SCHEMA, document_errors, load_docs, trainjob_errors
+from tests.k8s.schema_check import K8S, ROOT, document_errors, load_docs, pod_patch, trainjob_errors
 
 ALL_YAML = sorted(K8S.rglob("*.yaml"))
 KUSTOMIZATIONS = [p for p in ALL_YAML if p.name == "kustomization.yaml"]
@@ -36,6 +36,14 @@ NAMESPACE = "slicefm"
 ALLOWED_RBAC = {
     *(("trainer.kubeflow.org", "trainjobs", v) for v in ("get", "list", "watch", "create", "delete")),
     *(("", r, v) for r in ("pods", "pods/log") for v in ("get", "list", "watch")),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # the TrainJob CRD only (resourceNames)
+}
+CRD_READER = "slicefm-launcher-trainjob-crd"
+CRD_RULE = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "resourceNames": ["trainjobs.trainer.kubeflow.org"],
+    "verbs": ["get"],
 }
 PLACEHOLDER = "CHANGE_ME"
 
@@ -102,7 +110,7 @@ def _container(d):
 
 
 def _trainjob_spec(d):
-    return d["spec"]["podTemplateOverrides"][0]["spec"]
+    return pod_patch(d)
 
 
 # (file, document index, mutation, text expected in an error)
@@ -141,17 +149,35 @@ BROKEN: dict[str, tuple[str, int, Callable[[dict], Any], str]] = {
         lambda d: d["spec"].update(podSpecOverrides=[]),
         "podSpecOverrides",
     ),
-    "Trainer v2.2 field": (
+    "Trainer v2.1 field": (
         "trainjob/pretrain-trainjob.yaml",
         0,
-        lambda d: d["spec"].update(runtimePatches=[{"manager": "me"}]),
-        "runtimePatches",
+        lambda d: d["spec"].update(podTemplateOverrides=[{"targetJobs": [{"name": "node"}]}]),
+        "spec.podTemplateOverrides: unknown field",
     ),
-    "env on the node container override": (
+    "pod setting outside the pod patch": (
+        "trainjob/pretrain-trainjob.yaml",
+        0,
+        lambda d: d["spec"]["runtimePatches"][0]["trainingRuntimeSpec"].update(nodeSelector={"a": "b"}),
+        "trainingRuntimeSpec.nodeSelector: unknown field",
+    ),
+    "runtime patch without a manager": (
+        "trainjob/pretrain-trainjob.yaml",
+        0,
+        lambda d: d["spec"]["runtimePatches"][0].pop("manager"),
+        "manager",
+    ),
+    "duplicate runtime patch manager": (
+        "trainjob/pretrain-trainjob.yaml",
+        0,
+        lambda d: d["spec"]["runtimePatches"].append(copy.deepcopy(d["spec"]["runtimePatches"][0])),
+        "duplicate manager 'slicefm/launcher'",
+    ),
+    "env on the node container patch": (
         "trainjob/pretrain-trainjob.yaml",
         0,
         lambda d: _trainjob_spec(d)["containers"][0].update(env=[{"name": "A", "value": "b"}]),
-        "should not be valid",
+        "env of container node may only be set through spec.trainer",
     ),
     "reserved torchrun variable": (
         "trainjob/pretrain-trainjob.yaml",
@@ -163,13 +189,19 @@ BROKEN: dict[str, tuple[str, int, Callable[[dict], Any], str]] = {
         "trainjob/pretrain-trainjob.yaml",
         0,
         lambda d: _trainjob_spec(d)["volumes"].append({"name": "dshm", "emptyDir": {}}),
-        "duplicate list-map key",
+        "volumes: duplicate name 'dshm'",
     ),
     "bad core type inside a TrainJob": (
         "trainjob/pretrain-trainjob.yaml",
         0,
         lambda d: _trainjob_spec(d)["tolerations"].append({"keyy": "x"}),
-        "unknown field of V1Toleration",
+        "tolerations[1].keyy: unknown field",
+    ),
+    "wrong core type inside a TrainJob": (
+        "trainjob/pretrain-trainjob.yaml",
+        0,
+        lambda d: _trainjob_spec(d)["tolerations"][0].update(tolerationSeconds="30"),
+        "tolerationSeconds",
     ),
     "numProcPerNode out of range": (
         "trainjob/pretrain-trainjob.yaml",
@@ -254,7 +286,7 @@ def _render_overlay_trainjob() -> dict[str, Any]:
 def test_overlay_patch_applies_and_the_result_validates():
     job = _render_overlay_trainjob()
     assert trainjob_errors(job) == []
-    pod = job["spec"]["podTemplateOverrides"][0]["spec"]
+    pod = pod_patch(job)
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod[
         "tolerations"
@@ -303,7 +335,7 @@ def test_kubectl_kustomize_renders_valid_objects(target):
     assert docs
     for doc in docs:
         assert document_errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == NAMESPACE
     if target == "overlays/gpu-example":
         (job,) = [d for d in docs if d["kind"] == "TrainJob"]
@@ -382,20 +414,25 @@ def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
+def _cluster_wide_problems(d: dict[str, Any]) -> list[str]:
+    """The one cluster-wide grant: get on the TrainJob CRD (by name), for the launcher's release check."""
+    name = d["metadata"]["name"]
+    if name != CRD_READER:
+        return [f"cluster-wide {d['kind']} {name}"]
+    if d["kind"] == "ClusterRole" and d["rules"] != [CRD_RULE]:
+        return [f"{name} grants more than {CRD_RULE}"]
+    return []
+
+
 def rbac_problems(docs: list[dict[str, Any]]) -> list[str]:
-    problems = [
-        f"cluster-wide {d['kind']} {d['metadata']['name']}" for d in docs if d["kind"].startswith("Cluster")
-    ]
+    problems = [p for d in docs if d["kind"].startswith("Cluster") for p in _cluster_wide_problems(d)]
     problems += [f"grants {g}" for g in sorted(granted(docs) - ALLOWED_RBAC)]
     for d in docs:
         if d["kind"] == "Role" and any("resourceNames" in r or "nonResourceURLs" in r for r in d["rules"]):
             problems.append(f"unexpected rule shape in {d['metadata']['name']}")
-        if d["kind"] == "RoleBinding":
-            if d["roleRef"] != {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "slicefm-launcher",
-            }:
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            role = ("Role", "slicefm-launcher") if d["kind"] == "RoleBinding" else ("ClusterRole", CRD_READER)
+            if d["roleRef"] != {"apiGroup": "rbac.authorization.k8s.io", "kind": role[0], "name": role[1]}:
                 problems.append(f"{d['metadata']['name']} binds {d['roleRef']}")
             for s in d["subjects"]:
                 if (s["kind"], s["name"]) != ("ServiceAccount", "slicefm-launcher"):
@@ -415,6 +452,11 @@ def test_rbac_grants_exactly_the_launcher_permissions():
         "grants ('trainer.kubeflow.org', 'trainjobs', 'update')",
     ]
     assert rbac_problems([*docs, {"kind": "ClusterRole", "metadata": {"name": "x"}, "rules": []}])
+    # the CRD reader may read that one CRD, nothing more
+    every_crd = copy.deepcopy(docs)
+    (reader,) = [d for d in every_crd if d["kind"] == "ClusterRole"]
+    del reader["rules"][0]["resourceNames"]
+    assert rbac_problems(every_crd) == [f"{CRD_READER} grants more than {CRD_RULE}"]
 
 
 def test_only_the_launcher_gets_an_api_token():
@@ -425,7 +467,7 @@ def test_only_the_launcher_gets_an_api_token():
     (deploy,) = _of_kind("Deployment")
     assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == "slicefm-mlflow"
     job = load_docs(TEMPLATE)[0]
-    assert job["spec"]["podTemplateOverrides"][0]["spec"]["serviceAccountName"] == "slicefm-trainer"
+    assert pod_patch(job)["serviceAccountName"] == "slicefm-trainer"
 
 
 # --- MLflow server ------------------------------------------------------------------------------------
@@ -509,10 +551,12 @@ def test_one_kubeflow_trainer_release_everywhere():
         *K8S.rglob("*.yaml"),
         *K8S.rglob("*.md"),
         *K8S.rglob("*.json"),
+        ROOT / "README.md",
         ROOT / "slicefm" / "edge" / "trainjob.py",
         ROOT / "components" / "launch_trainjob.py",
     ]
     mentions = {f: release_mentions(f.read_text()) for f in files}
     assert set().union(*mentions.values()) == {TRAINER_RELEASE}, mentions
-    assert TRAINER_RELEASE in TRAINJOB_SCHEMA.name and TRAINER_RELEASE == "v2.1.0"
+    assert TRAINER_RELEASE == "v2.3.0"
+    assert TRAINER_RELEASE == "v" + importlib.metadata.version("kubeflow-trainer-api"), "the models' release"
     assert release_mentions("Kubeflow Trainer v2.2.0 and Trainer v2.1.0") == {"v2.2.0", "v2.1.0"}

@@ -1,5 +1,6 @@
-"""The TrainJob launcher: manifests valid against the Trainer v2.1.0 schema; submit / wait / failure /
-timeout / cleanup through the real kubernetes client against a fake API server on loopback."""
+"""The TrainJob launcher: manifests valid against the Kubeflow Trainer v2.3.0 API models; the release check of
+the cluster's CRD, strict creation, submit / wait / failure / timeout / cleanup through the real kubernetes
+client against a fake API server on loopback."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from slicefm.edge.trainjob import (
     CONFIG_DIR,
     CONFIG_ENV,
     CONFIG_PATH,
+    CRD_NAME,
     JOBSET_NAME_LABEL,
     MAX_NAME,
     NAME_RE,
     Terminated,
+    TrainerAPIMismatch,
     TrainJobConfig,
     TrainJobFailed,
     TrainJobTimeout,
@@ -34,7 +37,8 @@ from slicefm.edge.trainjob import (
     trainjob_name,
 )
 from tests.k8s.fake_apiserver import FakeKube, condition, container_status, jobs_status, pod
-from tests.k8s.schema_check import ROOT, model_errors, trainjob_errors
+from tests.k8s.schema_check import ROOT, model_errors, pod_patch, trainjob_errors
+from tests.k8s.trainer_crd import trainjob_crd
 
 PRE = "s3://bucket/runs/run-1/preprocess"
 OUT = "s3://bucket/runs/run-1/pretrain"
@@ -115,25 +119,90 @@ def _wait(fake: FakeKube, **kw):
         },
     ],
 )
-def test_built_manifest_validates_against_the_trainer_schema(settings):
+def test_built_manifest_validates_against_the_trainer_api_models(settings):
     cfg = _cfg(**settings)
     job = _manifest(cfg)
     assert trainjob_errors(job) == []
+    assert pod_setting_problems(job, cfg) == []
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == cfg.num_nodes
     assert trainer["numProcPerNode"] == (cfg.gpus_per_node or 1)
     assert "torchrun -m slicefm pretrain-worker" in trainer["command"][2]
     assert trainer["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
     assert {"name": CONFIG_ENV, "value": CONFIG} in trainer["env"]
-    resources = trainer["resourcesPerNode"]
+    resources = trainer.get("resourcesPerNode", {})
     if cfg.gpus_per_node:
         assert resources["limits"][cfg.accelerator] == str(cfg.gpus_per_node)
     else:
         assert not any("gpu" in k for part in resources.values() for k in part)
-    pod_spec = job["spec"]["podTemplateOverrides"][0]["spec"]
-    assert pod_spec["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.shm_size}
-    assert pod_spec.get("nodeSelector", {}) == cfg.node_selector
+    assert bool(resources) == bool(cfg.gpus_per_node or cfg.cpu_per_node or cfg.memory_per_node)
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert [p["manager"] for p in job["spec"]["runtimePatches"]] == ["slicefm/launcher"]
+
+
+def pod_setting_problems(job: dict, cfg: TrainJobConfig) -> list[str]:
+    """What the `node` pods of the built job would lack of cfg: scheduling, /dev/shm, identity."""
+    try:
+        pod = pod_patch(job)
+    except (KeyError, ValueError) as exc:
+        return [f"no runtime patch of the node pods ({exc!r})"]
+    problems = []
+    expected = {
+        "tolerations": [t.manifest() for t in cfg.tolerations] or None,
+        "nodeSelector": cfg.node_selector or None,
+        "serviceAccountName": cfg.service_account or None,
+        "imagePullSecrets": [{"name": s} for s in cfg.image_pull_secrets] or None,
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}],
+        "containers": [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+    }
+    for key, value in expected.items():
+        if pod.get(key) != value:
+            problems.append(f"{key}: {pod.get(key)!r}, expected {value!r}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["tolerations", "nodeSelector", "volumes", "containers", "sizeLimit", "runtimePatches"],
+)
+def test_a_manifest_missing_pod_settings_fails(breakage):
+    """The check above and the API validation see a manifest that lost its tolerations, node selector or
+    /dev/shm (what a v2.3 API server did to the v2.1 manifest: the pods stayed Pending)."""
+    cfg = _cfg(node_selector={"pool": "h100"}, tolerations=[GPU_TAINT])
+    job = _manifest(cfg)
+    assert pod_setting_problems(job, cfg) == []
+    if breakage == "sizeLimit":
+        del pod_patch(job)["volumes"][0]["emptyDir"]["sizeLimit"]
+    elif breakage == "runtimePatches":
+        job["spec"]["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}], "spec": pod_patch(job)}]
+        del job["spec"]["runtimePatches"]
+        assert "spec.podTemplateOverrides: unknown field" in trainjob_errors(job)
+    else:
+        del pod_patch(job)[breakage]
+    assert pod_setting_problems(job, cfg)
+
+
+def test_a_field_the_api_does_not_have_fails_at_build_time(monkeypatch):
+    """The generated models drop unknown fields silently; the launcher builds them with extra="forbid"."""
+    from kubeflow_trainer_api import models as api
+    from pydantic import ValidationError
+
+    from slicefm.edge import trainjob
+
+    assert api.TrainerV1alpha1PodSpecPatch(node_selectr={"a": "b"}).to_dict() == {}, "what it guards against"
+    with pytest.raises(ValidationError, match="node_selectr"):
+        trainjob._api(api.TrainerV1alpha1PodSpecPatch, node_selectr={"a": "b"})
+    with pytest.raises(ValidationError, match="pod_template_overrides"):  # the v2.1 field
+        trainjob._api(api.TrainerV1alpha1TrainJobSpec, runtime_ref=None, pod_template_overrides=[])
+    with pytest.raises(ValidationError, match="numProcPerNode|num_proc_per_node"):
+        trainjob._api(api.TrainerV1alpha1Trainer, num_proc_per_node="auto")  # an int since v2.2
+
+    def typo(cfg: TrainJobConfig) -> api.TrainerV1alpha1PodSpecPatch:
+        return trainjob._api(api.TrainerV1alpha1PodSpecPatch, tolerationz=[])
+
+    monkeypatch.setattr(trainjob, "_pod_patch", typo)
+    with pytest.raises(ValidationError, match="tolerationz"):
+        _manifest()
 
 
 def test_pods_log_into_the_stage_run_only_when_tracked():
@@ -204,8 +273,9 @@ def test_completed_job_is_returned_and_deleted():
     with FakeKube([None, RUNNING, RUNNING, COMPLETE]) as fake:
         obj = _wait(fake)
     assert fake.created == [_manifest()]
+    assert obj["spec"] == _manifest()["spec"], "the server dropped nothing"
     assert trainjob_errors(fake.created[0]) == []
-    assert trainjob_errors({k: v for k, v in obj.items()}) == [], "the fake's objects follow the schema too"
+    assert trainjob_errors(obj) == [], "the fake's objects follow the API models too"
     assert obj["status"]["conditions"][-1]["type"] == "Complete"
     assert fake.count("GET", r"/trainjobs/run-1-pretrain$") == 4
     assert fake.deleted == [NAME]
@@ -340,6 +410,82 @@ def test_a_vanished_job_is_a_failure():
         _wait(fake)
 
 
+# --- the cluster's Trainer release and strict creation ------------------------------------------------
+
+
+def test_the_crd_is_checked_before_a_strict_create():
+    with FakeKube([COMPLETE]) as fake:
+        _wait(fake)
+    methods = [(m, p) for m, p, _ in fake.requests]
+    crd_get = methods.index(("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/" + CRD_NAME))
+    ((post, query),) = [(i, q) for i, (m, _, q) in enumerate(fake.requests) if m == "POST"]
+    assert crd_get < post
+    assert query["fieldValidation"] == ["Strict"]
+
+
+V21_MANIFEST_SPEC = {
+    "runtimeRef": {"name": "torch-distributed"},
+    "podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": {"tolerations": [GPU_TAINT]}}],
+}
+
+
+def test_strict_creation_refuses_what_the_api_would_drop():
+    """The v2.1 manifest on a v2.3 cluster: without strict validation the server keeps the job and drops
+    the pod settings (the pods sit Pending); under Strict it refuses the job, naming the field."""
+    old = {**_manifest(name="old-style"), "spec": V21_MANIFEST_SPEC}
+    with FakeKube([RUNNING]) as fake:
+        api, core = _apis(fake)
+        api.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "slicefm", "trainjobs", old)
+        assert "podTemplateOverrides" not in fake.stored("slicefm", "old-style")["spec"], "silently dropped"
+        with pytest.raises(TrainerAPIMismatch) as info:
+            submit_and_wait(api, {**_manifest(), "spec": V21_MANIFEST_SPEC}, core=core, poll_s=0.01)
+    assert 'strict decoding error: unknown field "spec.podTemplateOverrides"' in str(info.value)
+    assert isinstance(info.value.__cause__, ApiException) and info.value.__cause__.status == 400
+    assert [b["metadata"]["name"] for b in fake.created] == ["old-style"]
+    assert fake.deleted == [], "nothing was created, nothing to delete"
+
+
+@pytest.mark.parametrize(
+    ("crd", "expected"),
+    [
+        (None, f"no TrainJob CRD ({CRD_NAME}) in the cluster"),
+        (trainjob_crd("v2.1"), "its TrainJob spec is the one of release v2.1"),
+        (trainjob_crd("v2.2"), "its TrainJob spec is the one of release v2.2"),
+        (
+            trainjob_crd("v2.3", labels={"app.kubernetes.io/version": "v2.2.1"}),
+            "the CRD declares release v2.2.1",
+        ),
+        (trainjob_crd("v2.3", served=("v2alpha1",)), "trainer.kubeflow.org/v1alpha1 is not served"),
+    ],
+    ids=["not-installed", "v2.1", "v2.2", "declared-v2.2", "v1alpha1-not-served"],
+)
+def test_a_trainer_release_mismatch_is_a_clear_error_before_anything_is_created(crd, expected):
+    with FakeKube([COMPLETE], crd=crd) as fake, pytest.raises(TrainerAPIMismatch) as info:
+        _wait(fake)
+    msg = str(info.value)
+    assert expected in msg and "slicefm needs Kubeflow Trainer v2.3.0" in msg, msg
+    assert fake.count("POST", "") == 0 and fake.deleted == []
+
+
+@pytest.mark.parametrize(
+    "labels", [{}, {"helm.sh/chart": "kubeflow-trainer-2.3.0"}, {"app.kubernetes.io/version": "2.3.1"}]
+)
+def test_a_v23_crd_passes_the_check(labels):
+    from slicefm.edge.trainjob import installed_trainer, trainer_problems
+
+    found = installed_trainer(trainjob_crd("v2.3", labels=labels))
+    assert trainer_problems(found) == [] and found.shape == "v2.3"
+    assert found.declared == (None if not labels else "v" + list(labels.values())[0].rsplit("-", 1)[-1])
+
+
+def test_without_rbac_for_the_crd_the_job_still_runs_under_strict_validation(caplog):
+    with FakeKube([COMPLETE], forbid_crd=True) as fake:
+        _wait(fake)
+    assert f"cannot read CRD {CRD_NAME} (HTTP 403" in caplog.text
+    ((_, _, query),) = [r for r in fake.requests if r[0] == "POST"]
+    assert query["fieldValidation"] == ["Strict"] and fake.deleted == [NAME]
+
+
 # --- kubeconfig, run_trainjob and the KFP component ---------------------------------------------------
 
 
@@ -404,7 +550,10 @@ def test_component_submits_the_trainjob_and_records_the_encoder(kubeconfig, tmp_
     assert trainjob_errors(job) == []
     assert job["spec"]["trainer"]["args"][:4] == ["--preprocessed", PRE, "--out", OUT]
     assert job["spec"]["trainer"]["numNodes"] == 4
-    assert job["spec"]["podTemplateOverrides"][0]["spec"]["tolerations"] == [GPU_TAINT]
+    assert pod_patch(job)["tolerations"] == [GPU_TAINT]
+    assert pod_patch(job)["volumes"][0]["emptyDir"]["sizeLimit"] == "16Gi"
+    ((_, _, query),) = [r for r in fake.requests if r[0] == "POST"]
+    assert query["fieldValidation"] == ["Strict"]
     assert encoder.metadata["uri"] == OUT and encoder.metadata["trainjob"] == NAME
     assert encoder.metadata["method"] == PipelineConfig().pretrain.method
     with pytest.raises(ValueError, match="store_uri"):
