@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
 from slicefm.config import PipelineConfig, dump_config, load_config
+from slicefm.edge.kfp_local_log import routed_stdout
 from slicefm.edge.state import state_dir
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,15 @@ def _local_source(data) -> Path:  # noqa: ANN001
 RUNNERS = ("subprocess", "docker")
 
 
-def run_local(config_path: Path, run_name: str | None = None, runner: str = "subprocess") -> int:
+def run_local(
+    config_path: Path, run_name: str | None = None, runner: str = "subprocess", *, full_log: bool = False
+) -> int:
     """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are.
 
     `runner`: "subprocess" (this Python environment) or "docker" (every step in the project image, as on a
-    cluster; `make images` first). Raises TrackingError / PreflightError before any data or step when
-    MLflow / SLICEFM_STORE is unusable.
+    cluster; `make images` first). Prints one line per task and keeps each task's log in a file under
+    `<state>/logs/<run name>/` (`full_log`: kfp.local's whole output on the terminal instead). Raises
+    TrackingError / PreflightError before any data or step when MLflow / SLICEFM_STORE is unusable.
     """
     if runner not in RUNNERS:
         raise ValueError(f"unknown runner {runner!r}; choose one of {RUNNERS}")
@@ -127,7 +132,13 @@ def run_local(config_path: Path, run_name: str | None = None, runner: str = "sub
     # demands one that is not there (they fail at once when torch sees fewer than they were given). The
     # DockerRunner's containers get no GPU devices.
     gpus = 0 if runner == "docker" else _visible_gpus()
-    slicefm_pipeline(**arguments, pretrain_gpus=gpus, extract_gpus=gpus)
+    if full_log:
+        slicefm_pipeline(**arguments, pretrain_gpus=gpus, extract_gpus=gpus)
+    else:
+        logs = state / "logs" / run_name
+        print(f"one line per task; every task's log under {logs}/ (--full-log prints them here)")
+        with routed_stdout(logs, sys.stdout):
+            slicefm_pipeline(**arguments, pretrain_gpus=gpus, extract_gpus=gpus)
     print(describe_run(tracking_uri, cfg.experiment, run_name, state / "kfp"))
     return 0
 

@@ -212,7 +212,9 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from slicefm.edge.tracking.preflight import PreflightError, TrackingError
 
     try:
-        return _pipeline_runner().run_local(Path(args.config), run_name=args.run_name, runner=args.runner)
+        return _pipeline_runner().run_local(
+            Path(args.config), run_name=args.run_name, runner=args.runner, full_log=args.full_log
+        )
     except (TrackingError, PreflightError) as err:  # MLflow or the store unusable: nothing was run
         log.error("%s", err)
         return 1
@@ -364,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="subprocess: steps in this Python environment; docker: every step in the project image "
         "(build it with `make images`). Default $RUNNER or subprocess",
     )
+    s.add_argument(
+        "--full-log", action="store_true",
+        help="print kfp.local's whole output (every step's log) instead of one line per task",
+    )  # fmt: skip
     s.set_defaults(func=cmd_pipeline_run)
     s = pl.add_parser("compile", help="write the pipeline YAML")
     s.add_argument("--out", default="pipelines/slicefm_pipeline.yaml")
