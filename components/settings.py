@@ -10,3 +10,5 @@ IMAGE_PULL_SECRETS = [s.strip() for s in os.environ.get("SLICEFM_IMAGE_PULL_SECR
 # Size limit of the in-memory /dev/shm of GPU steps (DataLoader workers pass batches through it); the memory
 # counts against the pod's limit.
 SHM_SIZE = os.environ.get("SLICEFM_SHM_SIZE", "16Gi")
+# At most this many extract shards of one embedding set run at once (ParallelFor parallelism; 0 = no cap).
+EXTRACT_PARALLELISM = int(os.environ.get("SLICEFM_EXTRACT_PARALLELISM", "4"))

@@ -4,6 +4,9 @@ and the external cohort: ingest -> preprocess -> extract with the same encoder -
 Only wiring lives here; every step is a component from components/ calling the slicefm library.
 """
 
+import json
+from pathlib import Path
+
 from kfp import dsl, kubernetes
 
 from components.evaluate import evaluate, external
@@ -13,10 +16,15 @@ from components.launch_trainjob import launch_trainjob
 from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.pretrain import supervised_ceiling as supervised_ceiling_task
-from components.settings import IMAGE_PULL_SECRETS, SHM_SIZE
+from components.settings import EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZE
 from components.tracking import finish_tracking, start_tracking
+from slicefm.config import load_config
 
 PIPELINE_NAME = "slicefm"
+# The pipeline's default config in the Kubeflow UI: the demo preset in YAML's flow style (JSON) on one line;
+# the compiler copies defaults into the YAML file's header comment, where a multi-line value breaks the file.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-cpu.yaml"
+DEFAULT_CONFIG_YAML = json.dumps(load_config(DEFAULT_CONFIG).model_dump(mode="json"), separators=(",", ":"))
 
 # Kubernetes Secrets (k8s/base/secrets.yaml) turned into environment variables of the steps.
 S3_SECRET = {
@@ -78,7 +86,11 @@ def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shard
     sets = sets or {"pretrained": False, "random": True}
     shards = _on_cluster(shard_indices(n_shards=n_shards), "light", secrets=False)
     shards.set_caching_options(True)
-    with dsl.ParallelFor(shards.output, name=f"extract-{cohort}-{'-'.join(sets)}-shards") as shard:
+    shards.set_display_name(f"shards-{cohort}-{'-'.join(sets)}")
+    loop = dsl.ParallelFor(
+        shards.output, name=f"extract-{cohort}-{'-'.join(sets)}-shards", parallelism=EXTRACT_PARALLELISM
+    )
+    with loop as shard:
         parts = {}
         for which, random_baseline in sets.items():
             task = extract(
@@ -87,6 +99,7 @@ def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shard
                 set_name=which,
             )  # fmt: skip
             task.set_caching_options(True)  # deterministic given the encoder and the slices
+            task.set_display_name(f"extract-{cohort}-{which}")
             _on_gpu_pool(_on_cluster(task, "gpu", retries=2), gpus=gpu["extract_gpus"], **gpu["pool"])
             parts[which] = task
     merged = {}
@@ -96,6 +109,7 @@ def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shard
             parts=dsl.Collected(task.outputs["embeddings"]),
         )  # fmt: skip
         _on_cluster(m, "light", retries=2).set_caching_options(True)
+        m.set_display_name(f"merge-{cohort}-{which}")
         merged[which] = m.outputs["embeddings"]
     return merged
 
@@ -169,7 +183,6 @@ def _pretrain_and_evaluate(
     name=PIPELINE_NAME, description="CT scans -> slice embeddings -> patient-level predictions (slicefm)"
 )
 def slicefm_pipeline(
-    config_yaml: str,
     data_source: str,
     tracking_uri: str,
     store_uri: str = "",
@@ -190,11 +203,13 @@ def slicefm_pipeline(
     gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
     trainer_namespace: str = "slicefm",
     trainer_image: str = "",
+    config_yaml: str = DEFAULT_CONFIG_YAML,
 ) -> None:
     """Run every slicefm stage.
 
     Args:
-        config_yaml: the whole pipeline config as YAML text (see pipelines/configs/*.yaml).
+        config_yaml: the whole pipeline config as YAML text (pipelines/configs/*.yaml); defaults to the demo
+            preset, so a run from the UI needs no pasted YAML.
         data_source: dataset root visible to the steps (DVC-tracked path).
         tracking_uri: MLflow tracking URI.
         store_uri: s3://bucket/prefix for stage outputs, or "" to keep them as KFP artifacts.
@@ -211,10 +226,14 @@ def slicefm_pipeline(
         pretrain_nodes: 1 = pretrain inside the step on one GPU node; > 1 = a Kubeflow Trainer TrainJob
             over that many nodes (needs store_uri = s3://...).
         gpu_accelerator: accelerator resource requested by GPU steps (nvidia.com/gpu, amd.com/gpu).
-        pretrain_gpus: GPUs of the pretraining step (per node for a TrainJob); extract_gpus: per extract task.
+        pretrain_gpus: GPUs of the pretraining step (per node for a TrainJob); more than 1 trains with one
+            process per GPU (torchrun).
+        extract_gpus: GPUs of each extract task.
         gpu_node_selector: node labels of the GPU node pool (e.g. {"cloud.google.com/gke-accelerator":
-            "nvidia-h100-80gb"}); gpu_tolerations: tolerations for the pool's taints.
-        trainer_namespace: namespace of the TrainJob; trainer_image: its image ("" = the project image slicefm:0.1.0).
+            "nvidia-h100-80gb"}).
+        gpu_tolerations: tolerations for the GPU pool's taints.
+        trainer_namespace: namespace of the TrainJob (pretrain_nodes > 1).
+        trainer_image: image of the TrainJob's pods ("" = the project image the steps run in).
     """
     start = _on_cluster(
         start_tracking(

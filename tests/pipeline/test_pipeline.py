@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
+from slicefm.config import config_from_yaml
 from slicefm.data.pseudonym import key_fingerprint, load_key
 from slicefm.edge.pipeline_data import dvc_dir_md5, ensure_demo_data
 from slicefm.edge.tracking.pipeline_runs import child_runs, describe_run, find_parent_run, headline_report
@@ -429,3 +430,24 @@ def test_cluster_settings_at_compile_time_reach_every_step(tmp_path):
         assert executor["container"]["image"] == "registry.example/slicefm:9", name
         assert [s["secretName"] for s in k8s[name]["imagePullSecret"]] == ["regcred", "other"], name
     assert k8s["exec-pretrain"]["emptyDirMounts"][0]["sizeLimit"] == "48Gi"
+
+
+def test_the_kubeflow_ui_form_describes_every_parameter_and_defaults_to_the_demo_config(tmp_path):
+    spec, _ = yaml.safe_load_all(runner.compile_pipeline(tmp_path / "p.yaml").read_text())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    described = {name: p.get("description", "") for name, p in params.items()}
+    assert all(described.values()), [n for n, d in described.items() if not d]
+    assert len(set(described.values())) == len(described)  # one description per parameter, none shared
+    config = config_from_yaml(params["config_yaml"]["defaultValue"])
+    assert config == runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml")
+
+    def tasks_of(dag_tasks: dict):
+        for name, task in dag_tasks.items():
+            yield name, task
+            yield from tasks_of(spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {}))
+
+    shown = {task["taskInfo"]["name"] for _, task in tasks_of(spec["root"]["dag"]["tasks"])}
+    assert {"extract-a-pretrained", "extract-a-random", "merge-a-pretrained", "shards-a-pretrained-random",
+            "extract-b-pretrained", "extract-a-supervised", "evaluate-ceiling"} <= shown  # fmt: skip
+    loops = [t for _, t in tasks_of(spec["root"]["dag"]["tasks"]) if "parameterIterator" in t]
+    assert loops and all(t["iteratorPolicy"] == {"parallelismLimit": 4} for t in loops)
