@@ -1,7 +1,7 @@
 """Pretrain component: preprocessed slices -> self-supervised encoder (single node, inside the step)."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.settings import BASE_IMAGE
 
@@ -15,6 +15,7 @@ def pretrain(
     run_name: str,
     slices: Input[Dataset],
     encoder: Output[Model],
+    metrics: Output[Metrics],
     accelerator: str = "",
     gpus: int = 0,
 ) -> float:
@@ -26,6 +27,7 @@ def pretrain(
         store_uri: artifact store (s3://...) or "" to write into the KFP artifact; run_name: store prefix.
         slices: the preprocess output.
         encoder: output: encoder.safetensors + encoder.json, checkpoints/.
+        metrics: output: steps, first/last loss, slices/s and the last collapse check (Kubeflow UI).
         accelerator, gpus: this step's GPU request (recorded in the metadata; passing them as inputs is what
             makes the pipeline's GPU parameters reach the task inside its condition). With gpus > 0 the step
             fails at once when torch sees fewer GPUs; with gpus > 1 it trains with one process per GPU
@@ -37,7 +39,7 @@ def pretrain(
     from slicefm.core.store import open_store
     from slicefm.edge.kfp_io import encoder_metadata, input_location, output_location, require_gpus
     from slicefm.edge.launch import run_torchrun
-    from slicefm.edge.stages import launched_pretrain_stage, pretrain_stage
+    from slicefm.edge.stages import launched_pretrain_stage, pretrain_scalars, pretrain_stage
 
     require_gpus(gpus)
     cfg = config_from_yaml(config_yaml)
@@ -49,11 +51,12 @@ def pretrain(
             lambda run_id: run_torchrun(gpus, pre, out, config_yaml, mlflow_run_id=run_id, tracking_uri=tracking_uri),
             tracking_uri, parent_run_id, launcher="torchrun", details={"nproc_per_node": gpus},
         )  # fmt: skip
-        res = open_store(out).read_json("pretrain_result.json")  # what the ranks wrote
-        steps, loss_last = int(res["steps"]), float(res["loss_last"])
+        result = open_store(out).read_json("pretrain_result.json")  # what the ranks wrote
     else:
-        result = pretrain_stage(cfg, pre, out, tracking_uri, parent_run_id)
-        steps, loss_last = result.steps, float(result.loss_last)
+        result = pretrain_stage(cfg, pre, out, tracking_uri, parent_run_id).to_dict()
+    for name, value in pretrain_scalars(result).items():
+        metrics.log_metric(name, value)
+    steps, loss_last = int(result["steps"]), float(result["loss_last"])
     encoder.metadata.update(
         encoder_metadata(out, cfg.pretrain.method, cfg.pretrain.encoder.name, steps, accelerator, gpus)
     )

@@ -1,13 +1,20 @@
 """Open and close the pipeline's parent MLflow run (every stage nests its own run under it)."""
 
 from kfp import dsl
+from kfp.dsl import Markdown, Output
 
 from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def start_tracking(
-    tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    config_yaml: str,
+    data_version: str,
+    mlflow_run: Output[Markdown],
+    kfp_run_id: str = "",
 ) -> str:
     """Create the parent MLflow run of this pipeline run.
 
@@ -17,12 +24,18 @@ def start_tracking(
         run_name: name of the pipeline run (also the artifact-store prefix).
         config_yaml: the pipeline config, logged as params and an artifact.
         data_version: DVC revision / md5 of the dataset, recorded as a lineage tag.
+        mlflow_run: output: Markdown linking the MLflow run (shown in the Kubeflow UI).
+        kfp_run_id: the Kubeflow run's id (the pipeline passes its job-id placeholder), tag slicefm.kfp_run_id.
     Returns:
         The parent run id.
     """
-    from slicefm.edge.tracking.pipeline_runs import start_parent_run
+    from pathlib import Path
 
-    return start_parent_run(tracking_uri, experiment, run_name, config_yaml, data_version)
+    from slicefm.edge.tracking.pipeline_runs import run_link_markdown, start_parent_run
+
+    run_id = start_parent_run(tracking_uri, experiment, run_name, config_yaml, data_version, kfp_run_id)
+    Path(mlflow_run.path).write_text(run_link_markdown(tracking_uri, run_id))
+    return run_id
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -238,7 +238,7 @@ def slicefm_pipeline(
     start = _on_cluster(
         start_tracking(
             tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, config_yaml=config_yaml,
-            data_version=data_version,
+            data_version=data_version, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ),
         "light", retries=3,
     )  # fmt: skip
@@ -260,7 +260,7 @@ def slicefm_pipeline(
         common = {
             "config_yaml": config_yaml,
             "tracking_uri": tracking_uri,
-            "parent_run_id": start.output,
+            "parent_run_id": start.outputs["Output"],
             "store_uri": store_uri,
             "run_name": run_name,
         }

@@ -203,16 +203,18 @@ def _pretrain_run(
         _register(out_uri, f"{cfg.name}-encoder")
 
 
-def _log_pretrain_metrics(result: Mapping) -> None:
-    """A PretrainResult (as its dict) -> the stage run's metrics."""
+def pretrain_scalars(result: Mapping) -> dict[str, float]:
+    """A PretrainResult (as its dict) -> the scalars the stage run and the step's KFP Metrics show."""
     keys = ("steps", "loss_first", "loss_last", "slices_per_s")
-    _log_metrics(
-        {
-            **{k: result[k] for k in keys},
-            **({"n_train_scans": result["n_train_scans"]} if result.get("n_train_scans") else {}),
-            **{f"collapse_{k}": v for k, v in result.get("collapse", {}).items()},
-        }
-    )
+    return {
+        **{k: float(result[k]) for k in keys},
+        **({"n_train_scans": float(result["n_train_scans"])} if result.get("n_train_scans") else {}),
+        **{f"collapse_{k}": float(v) for k, v in result.get("collapse", {}).items()},
+    }
+
+
+def _log_pretrain_metrics(result: Mapping) -> None:
+    _log_metrics(pretrain_scalars(result))
 
 
 def extract_stage(

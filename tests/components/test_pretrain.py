@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow.artifacts
 import pytest
 import torch
+from kfp.dsl import Metrics
 from mlflow.tracking import MlflowClient
 
 from components.pretrain import pretrain, supervised_ceiling
@@ -22,14 +23,19 @@ def test_pretrain_exports_a_loadable_encoder_and_registers_it(
     # LeJEPA with typed 2S auxiliary supervision, 4 steps at 32 px, one image per HU window.
     config_yaml = component_config(tmp_path, "pretrain-test")
     encoder = dataset(tmp_path, "encoder")
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))
     loss = pretrain.python_func(
         config_yaml=config_yaml, tracking_uri=tracking_uri, parent_run_id=parent_run, store_uri="",
         run_name="r", slices=dataset(tmp_path, "slices", uri=preprocessed), encoder=encoder,
-        accelerator="nvidia-tesla-t4",
+        metrics=metrics, accelerator="nvidia-tesla-t4",
     )  # fmt: skip
     out = Path(encoder.path)
     result = json.loads((out / "pretrain_result.json").read_text())
     assert math.isfinite(loss) and loss == result["loss_last"] and result["steps"] == 4
+    # The Kubeflow UI's Metrics: the same scalars as the stage run's.
+    assert metrics.metadata["loss_last"] == loss and metrics.metadata["steps"] == 4
+    assert {"loss_first", "slices_per_s"} <= set(metrics.metadata)
+    assert any(k.startswith("collapse_") for k in metrics.metadata)
     assert encoder.metadata == {
         "uri": encoder.path, "method": "lejepa", "encoder": "vit_tiny_test", "steps": 4,
         "accelerator": "nvidia-tesla-t4", "gpus": 0,

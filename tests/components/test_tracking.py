@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import yaml
 from kfp import dsl
+from kfp.dsl import Markdown
 from mlflow.tracking import MlflowClient
 
 from components.tracking import finish_tracking, start_tracking
@@ -27,16 +30,22 @@ def test_start_tracking_opens_a_running_parent_run_with_config_and_lineage(
     monkeypatch.setenv("SLICEFM_GIT_COMMIT", "0123abcd" * 5)
     monkeypatch.setenv("SLICEFM_IMAGE", "registry.example/slicefm:1.2.3")
     config_yaml = component_config(tmp_path, "tracked")
+    link = Markdown(name="mlflow_run", uri=str(tmp_path / "mlflow_run.md"))
     run_id = start_tracking.python_func(
         tracking_uri=tracking_uri, experiment="start-test", run_name="run-7", config_yaml=config_yaml,
-        data_version="md5:abc",
+        data_version="md5:abc", mlflow_run=link, kfp_run_id="0b5e7c1a-kfp",
     )  # fmt: skip
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "run-7"  # open until the exit handler
     assert client.get_experiment(run.info.experiment_id).name == "start-test"
     config = yaml.safe_load(config_yaml)
-    assert run.data.tags["slicefm.role"] == "pipeline"
+    assert run.data.tags["slicefm.role"] == "pipeline" and run.data.tags["slicefm.kfp_run_id"] == "0b5e7c1a-kfp"
+    # The Kubeflow UI's link to the run (a sqlite store has no web address: it names the run and the store).
+    assert Path(link.path).read_text() == (
+        f"# MLflow\n\nThis pipeline run is tracked as **run-7** (experiment {run.info.experiment_id}, run "
+        f"`{run_id}`) in `{tracking_uri}`.\n"
+    )
     assert run.data.tags["mlflow.source.git.commit"] == "0123abcd" * 5
     assert run.data.tags["slicefm.image"] == "registry.example/slicefm:1.2.3"
     assert run.data.tags["slicefm.data_version"] == "md5:abc"
@@ -57,7 +66,7 @@ def test_finish_tracking_closes_the_parent_with_the_pipelines_final_status(track
     def start(run_name: str) -> str:
         return start_tracking.python_func(
             tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name, config_yaml=config_yaml,
-            data_version="",
+            data_version="", mlflow_run=Markdown(name="m", uri=str(tmp_path / f"{run_name}.md")),
         )  # fmt: skip
 
     def finish(run_name: str, state: str = "SUCCEEDED", error: str = "") -> str:

@@ -145,11 +145,14 @@ def test_pipeline_run_with_mlflow_or_store_down_fails_before_any_stage(
 
 def test_pipeline_start_step_refuses_an_unreachable_mlflow(closed_port):
     """On a cluster nothing runs before the start-tracking step, which checks the server first."""
+    from kfp.dsl import Markdown
+
     from components.tracking import start_tracking
     from slicefm.edge.tracking.mlflow_runs import TrackingError
 
     dead = f"http://{LOOPBACK}:{closed_port}"
     with pytest.raises(TrackingError, match=f"MLflow tracking server {dead} unreachable"):
         start_tracking.python_func(
-            tracking_uri=dead, experiment="e", run_name="r", config_yaml="name: x\n", data_version=""
+            tracking_uri=dead, experiment="e", run_name="r", config_yaml="name: x\n", data_version="",
+            mlflow_run=Markdown(name="m", uri="/nonexistent/m.md"),
         )

@@ -68,6 +68,12 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     # parent); the steps that open and close the run are never cached, ingest and preprocess are.
     assert tasks["finish-tracking"]["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
     assert "enableCache" not in tasks["start-tracking"]["cachingOptions"]
+    # The MLflow parent carries the Kubeflow run's id; start-tracking's Markdown links the MLflow run.
+    kfp_run_id = tasks["start-tracking"]["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"]
+    assert kfp_run_id == "{{$.pipeline_job_uuid}}"
+    assert "mlflow_run" in comps["comp-start-tracking"]["outputDefinitions"]["artifacts"]
+    pretrain_outs = comps["comp-pretrain"]["outputDefinitions"]["artifacts"]
+    assert pretrain_outs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert "enableCache" not in tasks["finish-tracking"]["cachingOptions"]
     assert inner_tasks["ingest"]["cachingOptions"] == {"enableCache": True}
     params = spec["root"]["inputDefinitions"]["parameters"]

@@ -10,9 +10,10 @@ from slicefm.edge.tracking import mlflow_runs
 
 
 def start_parent_run(
-    tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str
+    tracking_uri: str, experiment: str, run_name: str, config_yaml: str, data_version: str, kfp_run_id: str = ""
 ) -> str:
-    """Open the parent run with lineage tags and the flattened config as params; returns its id."""
+    """Open the parent run with lineage tags (and the KFP run's id, tag `slicefm.kfp_run_id`) and the flattened
+    config as params; returns its id."""
     import os
 
     import mlflow
@@ -28,6 +29,8 @@ def start_parent_run(
         image=os.environ.get("SLICEFM_IMAGE"),
     )
     tags["slicefm.role"] = "pipeline"
+    if kfp_run_id:
+        tags["slicefm.kfp_run_id"] = kfp_run_id
     run_id = mlflow_runs.start_pipeline_run(tracking_uri, experiment, run_name, tags)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -153,3 +156,16 @@ def describe_run(tracking_uri: str, experiment: str, run_name: str, kfp_root: Pa
     if kfp_root is not None:
         lines.append(f"KFP local outputs: {kfp_root}")
     return "\n".join(lines)
+
+
+def run_link_markdown(tracking_uri: str, run_id: str) -> str:
+    """Markdown naming the MLflow run, with a link to it when the tracking server is reachable over http(s)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    name, experiment = run.info.run_name, run.info.experiment_id
+    where = f"experiment {experiment}, run `{run_id}`"
+    if tracking_uri.startswith(("http://", "https://")):
+        url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return f"# MLflow\n\nThis pipeline run is tracked as [{name}]({url}) ({where}).\n"
+    return f"# MLflow\n\nThis pipeline run is tracked as **{name}** ({where}) in `{tracking_uri}`.\n"
