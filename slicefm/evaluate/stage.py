@@ -16,6 +16,7 @@ Output layout (a directory or s3://):
 from __future__ import annotations
 
 import fnmatch
+import html
 import json
 import logging
 import re
@@ -37,7 +38,14 @@ from slicefm.evaluate.continuity import mean_continuity
 from slicefm.evaluate.metrics import METRICS, ClassScores, Summary
 from slicefm.evaluate.plots import plot_attention, plot_roc_pr
 from slicefm.evaluate.protocols import CVResult, run_abmil_cv, run_linear_probe
-from slicefm.evaluate.report import RowKey, by_label, combine_pages, headline_markdown, render_report
+from slicefm.evaluate.report import (
+    RowKey,
+    by_label,
+    combine_pages,
+    headline_markdown,
+    html_page,
+    render_report,
+)
 from slicefm.evaluate.splits import Splits, make_splits
 from slicefm.evaluate.summary import Comparison, build_comparison
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
@@ -208,7 +216,7 @@ def run_evaluate(
     continuity = _continuity(sets, scans["scan_id"].tolist(), cfg.continuity_metric)
     out.write_json("continuity.json", {k: {"mean": m, "sd": s} for k, (m, s) in continuity.items()})
     comparison = build_comparison([(r.task, r.protocol, r.model, r.result) for r in runs], cfg.headline_metric)
-    md, page = _report(report_rows, class_names, notes, continuity, cfg, sets, comparison)
+    md, page = _report(report_rows, class_names, notes, continuity, cfg, sets, comparison, _plots_html(runs))
     out.write_bytes("report.md", md.encode())
     out.write_bytes("report.html", page.encode())
     head_task = cfg.tasks[0].name
@@ -394,8 +402,9 @@ def _report(
     cfg: EvaluateConfig,
     sets: Mapping[str, EmbeddingSet],
     comparison: Comparison,
+    plots_html: str = "",
 ) -> tuple[str, str]:
-    """The all-tasks summary first, then per task its per-class tables."""
+    """The all-tasks summary first, then per task its per-class tables; the HTML ends with the plots."""
     models = [f"{n}: {es.meta['encoder']['source']} ({es.meta['encoder']['name']}, windows {es.windows})"
               for n, es in sets.items()]  # fmt: skip
     md, page = comparison.report()
@@ -408,8 +417,28 @@ def _report(
         )  # fmt: skip
         mds.append(md)
         pages.append(page)
+    if plots_html:
+        pages.append(html_page("plots", plots_html))
     full = combine_pages("slicefm evaluation", pages)
     return "\n\n".join(mds), full
+
+
+def _plots_html(runs: Sequence[RunResult]) -> str:
+    """Every run's ROC/PR and attention plots, embedded (the HTML report is one self-contained file: the
+    Kubeflow UI shows it without access to the store)."""
+    import base64
+
+    parts = []
+    for run in runs:
+        store = open_store(run.uri)
+        pngs = sorted(k for k in store.list() if k.endswith(".png"))
+        if not pngs:
+            continue
+        parts.append(f"<h3>{html.escape(f'{run.task} · {run.model} · {run.protocol}')}</h3>")
+        for key in pngs:
+            data = base64.b64encode(store.read_bytes(key)).decode("ascii")
+            parts.append(f"<img alt='{html.escape(key)}' title='{html.escape(key)}' src='data:image/png;base64,{data}'>")
+    return ("<h2>Plots</h2>\n" + "\n".join(parts)) if parts else ""
 
 
 # --- heads saved by an evaluate run (used by the external stage) -------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -132,7 +133,12 @@ def test_outputs_report_plots_and_heads(evaluated):
     md = (out / "report.md").read_text()
     assert "| model / setting | location_liver | location_lung | location_bone | macro |" in md
     assert "pretrained · probe" in md and "Latent continuity (cosine" in md
-    assert "<table>" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<table>" in page
+    # The HTML is self-contained: every run's ROC/PR and attention plots embedded, byte for byte.
+    embedded = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    on_disk = sorted(out.rglob("*.png"))
+    assert len(on_disk) >= 6 and sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in on_disk)
     metrics = pd.read_csv(out / "location" / "pretrained" / "abmil" / "metrics.csv")
     assert set(metrics["split"]) == {"val", "test"} and set(metrics["fold"]) == {0, 1, 2}
     assert list(metrics.columns[:5]) == ["fold", "split", "class", "n_pos", "n_neg"]
