@@ -1,5 +1,7 @@
 """Open and close the pipeline's parent MLflow run (every stage nests its own run under it)."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
@@ -15,48 +17,53 @@ def start_tracking(
     data_version: str,
     mlflow_run: Output[Markdown],
     kfp_run_id: str = "",
-) -> str:
-    """Create the parent MLflow run of this pipeline run.
+) -> NamedTuple("Outputs", [("parent_run_id", str), ("run_name", str)]):  # noqa: UP006 (KFP's type parser)
+    """Create the parent MLflow run of this pipeline run and settle the run's name.
 
     Args:
         tracking_uri: MLflow tracking URI (http(s)://server or sqlite:///path).
         experiment: MLflow experiment name.
-        run_name: name of the pipeline run (also the artifact-store prefix).
+        run_name: name of the pipeline run ("" = <experiment>-<KFP run id>); a name another Kubeflow run
+            already used (a cloned run) gets this run's id appended.
         config_yaml: the pipeline config, logged as params and an artifact.
         data_version: DVC revision / md5 of the dataset, recorded as a lineage tag.
         mlflow_run: output: Markdown linking the MLflow run (shown in the Kubeflow UI).
         kfp_run_id: the Kubeflow run's id (the pipeline passes its job-id placeholder), tag slicefm.kfp_run_id.
     Returns:
-        The parent run id.
+        parent_run_id: the parent run's id; run_name: the run's name (MLflow parent and store prefix).
     """
+    from collections import namedtuple
     from pathlib import Path
 
-    from slicefm.edge.tracking.pipeline_runs import run_link_markdown, start_parent_run
+    from slicefm.edge.tracking.mlflow_runs import check_tracking_server
+    from slicefm.edge.tracking.pipeline_runs import effective_run_name, run_link_markdown, start_parent_run
 
-    run_id = start_parent_run(tracking_uri, experiment, run_name, config_yaml, data_version, kfp_run_id)
+    check_tracking_server(tracking_uri)  # the first step of every run: an unreachable MLflow fails here, fast
+    name = effective_run_name(tracking_uri, experiment, run_name, kfp_run_id)
+    run_id = start_parent_run(tracking_uri, experiment, name, config_yaml, data_version, kfp_run_id)
     Path(mlflow_run.path).write_text(run_link_markdown(tracking_uri, run_id))
-    return run_id
+    return namedtuple("Outputs", ["parent_run_id", "run_name"])(run_id, name)
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def finish_tracking(
-    tracking_uri: str, experiment: str, run_name: str, status: dsl.PipelineTaskFinalStatus
+    tracking_uri: str, experiment: str, status: dsl.PipelineTaskFinalStatus, kfp_run_id: str = ""
 ) -> str:
     """Exit handler: close the parent run, FINISHED when the pipeline succeeded and every stage run finished,
     FAILED otherwise (a failed step that never opened an MLflow run fails the parent too).
 
-    The parent is found by run name (an exit task cannot take another task's output).
+    The parent is found by the Kubeflow run's id (an exit task cannot take another task's output).
 
     Args:
         tracking_uri: MLflow tracking URI.
         experiment: MLflow experiment name.
-        run_name: the pipeline run name given to start_tracking.
         status: the pipeline's final status, filled in by Kubeflow (not a parameter to set).
+        kfp_run_id: the Kubeflow run's id (the job-id placeholder), as given to start_tracking.
     Returns:
         The parent run's final status.
     """
     from slicefm.edge.tracking.pipeline_runs import finish_parent_run
 
     return finish_parent_run(
-        tracking_uri, experiment, run_name, pipeline_state=status.state, error=status.error_message
+        tracking_uri, experiment, kfp_run_id=kfp_run_id, pipeline_state=status.state, error=status.error_message
     )

@@ -97,7 +97,7 @@ def run_local(
     from pipelines.slicefm_pipeline import slicefm_pipeline
     from slicefm.data.pseudonym import KEY_ENV, load_key
     from slicefm.edge.tracking.mlflow_runs import resolve_tracking_uri
-    from slicefm.edge.tracking.pipeline_runs import describe_run
+    from slicefm.edge.tracking.pipeline_runs import describe_run, find_parent_run
     from slicefm.edge.tracking.preflight import preflight
 
     cfg: PipelineConfig = load_config(config_path)  # type: ignore[assignment]
@@ -105,6 +105,11 @@ def run_local(
     store_uri = os.environ.get("SLICEFM_STORE", "")
     # An unreachable MLflow server or artifact store fails here, in seconds, before data or any stage.
     preflight(tracking_uri, store_uri or None)
+    if run_name and find_parent_run(tracking_uri, cfg.experiment, run_name) is not None:
+        raise SystemExit(
+            f"run name {run_name!r} is taken in experiment {cfg.experiment!r} ({tracking_uri}): choose another "
+            "or leave --run-name out (a timestamped name)"
+        )
     state = state_dir()
     state.mkdir(parents=True, exist_ok=True)
     source = _local_source(cfg.data)

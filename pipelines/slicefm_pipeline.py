@@ -186,7 +186,7 @@ def slicefm_pipeline(
     data_source: str,
     tracking_uri: str,
     store_uri: str = "",
-    run_name: str = "slicefm-run",
+    run_name: str = "",
     experiment: str = "slicefm",
     data_version: str = "",
     external_source: str = "",
@@ -213,7 +213,8 @@ def slicefm_pipeline(
         data_source: dataset root visible to the steps (DVC-tracked path).
         tracking_uri: MLflow tracking URI.
         store_uri: s3://bucket/prefix for stage outputs, or "" to keep them as KFP artifacts.
-        run_name: run name (MLflow parent run name and store prefix).
+        run_name: run name (MLflow parent run name and store prefix); "" = <experiment>-<KFP run id>. A name
+            another run already used (a cloned run) gets this run's id appended.
         experiment: MLflow experiment.
         data_version: DVC md5 / git revision of the dataset (lineage tag).
         external_source: root of the external cohort (B) visible to the steps.
@@ -245,7 +246,7 @@ def slicefm_pipeline(
     # The tracking steps open and close this run's MLflow parent: never served from the cache.
     start.set_caching_options(False)
     finish = _on_cluster(
-        finish_tracking(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name),
+        finish_tracking(tracking_uri=tracking_uri, experiment=experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
         "light",
         retries=3,
     )
@@ -260,9 +261,9 @@ def slicefm_pipeline(
         common = {
             "config_yaml": config_yaml,
             "tracking_uri": tracking_uri,
-            "parent_run_id": start.outputs["Output"],
+            "parent_run_id": start.outputs["parent_run_id"],
             "store_uri": store_uri,
-            "run_name": run_name,
+            "run_name": start.outputs["run_name"],  # settled by start-tracking: unique per Kubeflow run
         }
         ing = ingest(data_source=data_source, data_version=data_version, **common)
         kubernetes.use_secret_as_env(

@@ -14,6 +14,7 @@ the pipeline can fan extraction out, and `merge_extracts` joins the parts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import time
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slicefm.core.resume import may_resume
 from slicefm.core.store import Store, open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.embed.sources import EncoderInfo
@@ -178,7 +180,16 @@ def run_extract(
     meta = pre.read_json("preprocess.json")
     windows = windows_for(list(meta["channels"]), info.input_channels)
     scans = _scan_table(pre, shard_index, n_shards)
-    existing = set(out.list("embeddings/")) | (set(out.list("patches/")) if cfg.patch_tokens else set())
+    # Finished scans are kept only when embedded by the same encoder, from the same slices, the same way.
+    identity = {
+        "encoder": asdict(info),
+        "slices_sha256": hashlib.sha256(pre.read_bytes("slices.parquet")).hexdigest(),
+        "config": cfg.model_dump(mode="json", include={"precision", "patch_tokens", "input_channels"}),
+        "windows": windows,
+    }
+    existing = set()
+    if may_resume(out, f"extract-{shard_index}-of-{n_shards}", identity):
+        existing = set(out.list("embeddings/")) | (set(out.list("patches/")) if cfg.patch_tokens else set())
 
     def finished(scan_id: str) -> bool:
         keys = [embedding_key(w, scan_id) for w in windows]

@@ -8,6 +8,7 @@ are skipped on re-runs; every file is written atomically by the store.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.core.resume import may_resume
 from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
@@ -183,6 +185,12 @@ def run_preprocess(
     lesions = read_lesions(in_store)
     by_scan = {sid: g.to_dict("records") for sid, g in lesions.groupby("scan_id")}
     cfg_json = cfg.model_dump_json()
+    # Finished scans are kept only when made from the same ingest output with the same settings.
+    identity = {
+        "config": cfg.model_dump(mode="json", exclude={"workers"}),
+        "scans_manifest_sha256": hashlib.sha256(in_store.read_bytes("scans.parquet")).hexdigest(),
+    }
+    resume = may_resume(out, "preprocess", identity) and resume
     tasks = [
         (row, by_scan.get(row["scan_id"], []), in_store.uri(""), out.uri(""), cfg_json, resume)
         for row in scans.to_dict("records")

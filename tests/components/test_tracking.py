@@ -31,10 +31,11 @@ def test_start_tracking_opens_a_running_parent_run_with_config_and_lineage(
     monkeypatch.setenv("SLICEFM_IMAGE", "registry.example/slicefm:1.2.3")
     config_yaml = component_config(tmp_path, "tracked")
     link = Markdown(name="mlflow_run", uri=str(tmp_path / "mlflow_run.md"))
-    run_id = start_tracking.python_func(
+    run_id, name = start_tracking.python_func(
         tracking_uri=tracking_uri, experiment="start-test", run_name="run-7", config_yaml=config_yaml,
         data_version="md5:abc", mlflow_run=link, kfp_run_id="0b5e7c1a-kfp",
     )  # fmt: skip
+    assert name == "run-7"
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "run-7"  # open until the exit handler
@@ -63,11 +64,12 @@ def test_finish_tracking_closes_the_parent_with_the_pipelines_final_status(track
     client = MlflowClient(tracking_uri)
     config_yaml = component_config(tmp_path, "tracked")
 
-    def start(run_name: str) -> str:
+    def start(run_name: str) -> str:  # each run its own Kubeflow run id: kfp-<name>
         return start_tracking.python_func(
             tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name, config_yaml=config_yaml,
             data_version="", mlflow_run=Markdown(name="m", uri=str(tmp_path / f"{run_name}.md")),
-        )  # fmt: skip
+            kfp_run_id=f"kfp-{run_name}",
+        ).parent_run_id  # fmt: skip
 
     def finish(run_name: str, state: str = "SUCCEEDED", error: str = "") -> str:
         status = dsl.PipelineTaskFinalStatus(
@@ -75,7 +77,7 @@ def test_finish_tracking_closes_the_parent_with_the_pipelines_final_status(track
             error_code=None if state == "SUCCEEDED" else 9, error_message=error,
         )  # fmt: skip
         return finish_tracking.python_func(
-            tracking_uri=tracking_uri, experiment="finish-test", run_name=run_name, status=status
+            tracking_uri=tracking_uri, experiment="finish-test", kfp_run_id=f"kfp-{run_name}", status=status
         )
 
     ok, failed, empty, silent = start("ok"), start("failed"), start("empty"), start("silent")
@@ -95,3 +97,25 @@ def test_finish_tracking_closes_the_parent_with_the_pipelines_final_status(track
     assert runs[3].data.tags["slicefm.failure"] == "pipeline FAILED: task pretrain: pod OOMKilled"
     assert runs[2].data.tags["slicefm.failure"] == "no stage ran" and "slicefm.failure" not in runs[0].data.tags
     assert finish("never-started") == "MISSING"
+
+
+def test_each_kubeflow_run_gets_a_name_of_its_own(tracking_uri, tmp_path):
+    """An empty run name becomes <experiment>-<KFP run id>; a clone of a named run (same parameters, another
+    KFP run) gets its id appended, so it never reuses the first run's MLflow parent or store prefix; a retry
+    of the start step within the same KFP run keeps the name."""
+    config_yaml = component_config(tmp_path, "tracked")
+
+    def start(run_name: str, kfp_run_id: str):
+        return start_tracking.python_func(
+            tracking_uri=tracking_uri, experiment="names", run_name=run_name, config_yaml=config_yaml,
+            data_version="", mlflow_run=Markdown(name="m", uri=str(tmp_path / f"{kfp_run_id}.md")),
+            kfp_run_id=kfp_run_id,
+        )  # fmt: skip
+
+    assert start("", "3f2a9c7e-1111-2222").run_name == "names-3f2a9c7e"
+    first = start("nightly", "aaaaaaaa-0001")
+    assert first.run_name == "nightly"
+    clone = start("nightly", "bbbbbbbb-0002")
+    assert clone.run_name == "nightly-bbbbbbbb" and clone.parent_run_id != first.parent_run_id
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(clone.parent_run_id).data.tags["slicefm.kfp_run_id"] == "bbbbbbbb-0002"

@@ -97,6 +97,19 @@ def test_rerun_skips_finished_scans_and_redoes_missing_ones(preprocessed, tmp_pa
     assert not list(out.rglob("*.tmp*"))
 
 
+def test_a_rerun_with_another_encoder_reembeds_every_scan(preprocessed, tmp_path):
+    """Embeddings of another encoder (here: other random weights) are never kept as finished scans."""
+    cfg = ExtractConfig(encoder="random:vit_tiny_test", batch_size=32, workers=0)
+    out = tmp_path / "emb"
+    first = run_extract(preprocessed, str(out), *_random(cfg), cfg)
+    before = {p: p.read_bytes() for p in (out / "embeddings").rglob("*.npy")}
+    other_encoder, other_info = _random(cfg, seed=1)
+    second = run_extract(preprocessed, str(out), other_encoder, other_info, cfg)
+    assert second.n_skipped == 0 and second.n_slices == first.n_slices
+    after = {p: p.read_bytes() for p in (out / "embeddings").rglob("*.npy")}
+    assert after.keys() == before.keys() and all(after[p] != before[p] for p in before)
+
+
 def test_shards_cover_every_scan_once_and_merge(preprocessed, tmp_path):
     cfg = ExtractConfig(encoder="random:vit_tiny_test", batch_size=32, workers=0)
     encoder, info = _random(cfg)

@@ -66,7 +66,17 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     assert tasks["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     # The exit handler reads the pipeline's final status (a failed step without an MLflow run fails the
     # parent); the steps that open and close the run are never cached, ingest and preprocess are.
-    assert tasks["finish-tracking"]["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    finish_inputs = tasks["finish-tracking"]["inputs"]["parameters"]
+    assert finish_inputs["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert finish_inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # Every step takes the run name start-tracking settled (unique per Kubeflow run), not the parameter.
+    assert inner_tasks["ingest"]["inputs"]["parameters"]["run_name"] == {
+        "componentInputParameter": "pipelinechannel--start-tracking-run_name"
+    }
+    handler_inputs = tasks["exit-handler-1"]["inputs"]["parameters"]
+    assert handler_inputs["pipelinechannel--start-tracking-run_name"] == {
+        "taskOutputParameter": {"producerTask": "start-tracking", "outputParameterKey": "run_name"}
+    }
     assert "enableCache" not in tasks["start-tracking"]["cachingOptions"]
     # The MLflow parent carries the Kubeflow run's id; start-tracking's Markdown links the MLflow run.
     kfp_run_id = tasks["start-tracking"]["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"]
@@ -378,7 +388,7 @@ def _check_pretrain_branch(comps, dag, find, branch: dict, producer: str, train_
     assert find(branch, "shard-indices") and find(branch, "evaluate")
     # Both ways of pretraining open their MLflow stage run under the pipeline's parent run.
     assert branch[producer]["inputs"]["parameters"]["parent_run_id"] == {
-        "componentInputParameter": "pipelinechannel--start-tracking-Output"
+        "componentInputParameter": "pipelinechannel--start-tracking-parent_run_id"
     }
     (ev_name,) = find(branch, "evaluate")
     # Extraction fans out over shards (pretrained + random-weight twin), collected by two merges.
@@ -457,3 +467,16 @@ def test_the_kubeflow_ui_form_describes_every_parameter_and_defaults_to_the_demo
             "extract-b-pretrained", "extract-a-supervised", "evaluate-ceiling"} <= shown  # fmt: skip
     loops = [t for _, t in tasks_of(spec["root"]["dag"]["tasks"]) if "parameterIterator" in t]
     assert loops and all(t["iteratorPolicy"] == {"parallelismLimit": 4} for t in loops)
+
+
+def test_a_local_run_refuses_a_run_name_already_taken(tmp_path, monkeypatch):
+    """Two local runs never share an MLflow parent or outputs: a taken --run-name stops before any data."""
+    from slicefm.edge.tracking.mlflow_runs import start_pipeline_run
+
+    config_path = tiny_pipeline_config(tmp_path)
+    tracking = local_run_env(tmp_path, monkeypatch)
+    cfg = runner.load_config(config_path)
+    start_pipeline_run(tracking, cfg.experiment, "taken", {"slicefm.role": "pipeline"})
+    with pytest.raises(SystemExit, match="run name 'taken' is taken"):
+        runner.run_local(config_path, run_name="taken")
+    assert not (tmp_path / "state" / "kfp").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -114,6 +115,21 @@ def test_rerun_skips_finished_scans_and_redoes_missing_ones(tmp_path):
     res = run_preprocess(str(tmp_path / "ing"), str(tmp_path / "pre"), cfg)
     assert res.n_skipped == 2 and res.n_slices == 3 * N
     assert not list((tmp_path / "pre").rglob("*.tmp*"))
+
+
+def test_a_rerun_with_other_settings_recomputes_instead_of_keeping_stale_scans(tmp_path, caplog):
+    """Resume keeps finished scans only when they were made with the same settings from the same ingest
+    output: a changed size recomputes every scan (and says what changed); the same settings again resume."""
+    make_ingest(str(tmp_path / "ing"))
+    pre = str(tmp_path / "pre")
+    run_preprocess(str(tmp_path / "ing"), pre, PreprocessConfig(size=32, workers=1))
+    with caplog.at_level(logging.WARNING, logger="slicefm.core.resume"):
+        res = run_preprocess(str(tmp_path / "ing"), pre, PreprocessConfig(size=48, workers=2))
+    assert res.n_skipped == 0 and "different config; recomputing" in caplog.text
+    stacks = [np.load(p) for p in sorted((tmp_path / "pre" / "shards").rglob("*.npy"))]
+    assert stacks and all(s.shape[-1] == 48 for s in stacks)  # nothing of the 32 px run survives
+    again = run_preprocess(str(tmp_path / "ing"), pre, PreprocessConfig(size=48, workers=1))  # workers: no
+    assert again.n_skipped == 3  # same work: resumed
 
 
 def test_parallel_workers_match_serial(tmp_path):

@@ -49,33 +49,50 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list:
     return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def find_parent_run(tracking_uri: str, experiment: str, run_name: str):
-    """The pipeline's parent run by name (None when it was never created)."""
+def find_parent_run(tracking_uri: str, experiment: str, run_name: str = "", *, kfp_run_id: str = ""):
+    """The pipeline's parent run by its Kubeflow run id (tag slicefm.kfp_run_id) when given, else by name
+    (the newest of that name); None when it was never created."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
+    which = f"tags.`slicefm.kfp_run_id` = '{kfp_run_id}'" if kfp_run_id else f"tags.mlflow.runName = '{run_name}'"
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.mlflow.runName = '{run_name}' and tags.slicefm.role = 'pipeline'",
+        filter_string=f"{which} and tags.slicefm.role = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
+
+
+def effective_run_name(tracking_uri: str, experiment: str, run_name: str, kfp_run_id: str) -> str:
+    """The run's name, its MLflow parent's name and its store prefix: `run_name`, or `<experiment>-<first 8 of
+    the KFP run id>` when empty. A name another Kubeflow run already used (a run cloned in the UI copies its
+    parameters) gets this run's id appended, so two runs never share a parent run or a store prefix."""
+    short = kfp_run_id.replace("-", "")[:8]
+    if not run_name:
+        return f"{experiment}-{short}" if short else experiment
+    existing = find_parent_run(tracking_uri, experiment, run_name)
+    if existing is None or not kfp_run_id or existing.data.tags.get("slicefm.kfp_run_id") == kfp_run_id:
+        return run_name
+    return f"{run_name}-{short}"
 
 
 def finish_parent_run(
     tracking_uri: str,
     experiment: str,
-    run_name: str,
+    run_name: str = "",
     *,
+    kfp_run_id: str = "",
     pipeline_state: str | None = None,
     error: str | None = None,
 ) -> str:
     """FINISHED when the pipeline's final state is SUCCEEDED (`pipeline_state`, from KFP's
     PipelineTaskFinalStatus; None = not known) and every stage run finished (at least one), else FAILED.
     A failure's state and error message become the parent's `slicefm.failure` tag."""
-    parent = find_parent_run(tracking_uri, experiment, run_name)
+    parent = find_parent_run(tracking_uri, experiment, run_name, kfp_run_id=kfp_run_id)
     if parent is None:
         return "MISSING"
     runs = child_runs(tracking_uri, parent.info.run_id)
