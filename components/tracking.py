@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Markdown, Output
+from kfp.dsl import Dataset, Input, Markdown, Output
 
 from components.settings import BASE_IMAGE
 
@@ -17,7 +17,7 @@ def start_tracking(
     data_version: str,
     mlflow_run: Output[Markdown],
     kfp_run_id: str = "",
-) -> NamedTuple("Outputs", [("parent_run_id", str), ("run_name", str)]):  # noqa: UP006 (KFP's type parser)
+) -> NamedTuple("Outputs", [("parent_run_id", str), ("run_name", str), ("data_config_yaml", str)]):  # noqa: UP006
     """Create the parent MLflow run of this pipeline run and settle the run's name.
 
     Args:
@@ -30,11 +30,14 @@ def start_tracking(
         mlflow_run: output: Markdown linking the MLflow run (shown in the Kubeflow UI).
         kfp_run_id: the Kubeflow run's id (the pipeline passes its job-id placeholder), tag slicefm.kfp_run_id.
     Returns:
-        parent_run_id: the parent run's id; run_name: the run's name (MLflow parent and store prefix).
+        parent_run_id: the parent run's id; run_name: the run's name (MLflow parent and store prefix);
+        data_config_yaml: the config's data sections only, for the cacheable ingest and preprocess steps.
     """
     from collections import namedtuple
     from pathlib import Path
 
+    from slicefm.config import config_from_yaml
+    from slicefm.edge.stages import data_config_yaml
     from slicefm.edge.tracking.mlflow_runs import check_tracking_server
     from slicefm.edge.tracking.pipeline_runs import effective_run_name, run_link_markdown, start_parent_run
 
@@ -42,7 +45,8 @@ def start_tracking(
     name = effective_run_name(tracking_uri, experiment, run_name, kfp_run_id)
     run_id = start_parent_run(tracking_uri, experiment, name, config_yaml, data_version, kfp_run_id)
     Path(mlflow_run.path).write_text(run_link_markdown(tracking_uri, run_id))
-    return namedtuple("Outputs", ["parent_run_id", "run_name"])(run_id, name)
+    outputs = namedtuple("Outputs", ["parent_run_id", "run_name", "data_config_yaml"])
+    return outputs(run_id, name, data_config_yaml(config_from_yaml(config_yaml)))
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -67,3 +71,21 @@ def finish_tracking(
     return finish_parent_run(
         tracking_uri, experiment, kfp_run_id=kfp_run_id, pipeline_state=status.state, error=status.error_message
     )
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def record_stage(tracking_uri: str, parent_run_id: str, output: Input[Dataset]) -> str:
+    """The MLflow stage run of a cacheable step (ingest, preprocess), nested under this run's parent, from the
+    record the step kept in its output; tagged slicefm.cached=true when the step was a cache hit.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        parent_run_id: the pipeline's parent run.
+        output: the cacheable step's output.
+    Returns:
+        The stage's name.
+    """
+    from slicefm.edge.kfp_io import input_location
+    from slicefm.edge.stages import record_stage as record
+
+    return record(tracking_uri, parent_run_id, input_location(output.path, output.metadata))

@@ -81,13 +81,19 @@ RUNNERS = ("subprocess", "docker")
 
 
 def run_local(
-    config_path: Path, run_name: str | None = None, runner: str = "subprocess", *, full_log: bool = False
+    config_path: Path,
+    run_name: str | None = None,
+    runner: str = "subprocess",
+    *,
+    full_log: bool = False,
+    cache: bool = True,
 ) -> int:
     """Run every stage on this machine through kfp.local, tracked in MLflow; print where results are.
 
     `runner`: "subprocess" (this Python environment) or "docker" (every step in the project image, as on a
     cluster; `make images` first). Prints one line per task and keeps each task's log in a file under
-    `<state>/logs/<run name>/` (`full_log`: kfp.local's whole output on the terminal instead). Raises
+    `<state>/logs/<run name>/` (`full_log`: kfp.local's whole output on the terminal instead). With `cache`
+    an unchanged ingest / preprocess of an earlier run in the same state directory is reused. Raises
     TrackingError / PreflightError before any data or step when MLflow / SLICEFM_STORE is unusable.
     """
     if runner not in RUNNERS:
@@ -124,7 +130,7 @@ def run_local(
         kfp_runner = _container_runner(state, sources, tracking_uri, store_uri)
     else:
         kfp_runner = local.SubprocessRunner(use_venv=False)
-    local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True)
+    local.init(runner=kfp_runner, pipeline_root=str(state / "kfp"), raise_on_error=True, enable_caching=cache)
     print(
         f"running pipeline {cfg.name!r} locally (kfp.local, {runner} runner) as {run_name}; data {source}; "
         f"MLflow {tracking_uri}"

@@ -17,7 +17,7 @@ from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.pretrain import supervised_ceiling as supervised_ceiling_task
 from components.settings import EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZE
-from components.tracking import finish_tracking, start_tracking
+from components.tracking import finish_tracking, record_stage, start_tracking
 from slicefm.config import load_config
 
 PIPELINE_NAME = "slicefm"
@@ -68,15 +68,28 @@ def _on_gpu_pool(task, accelerator: str, gpus, node_selector, tolerations):  # n
     return task
 
 
+def _stage_args(common: dict) -> dict:
+    """The inputs every per-run stage takes (the data steps' own config is not one of them)."""
+    return {k: v for k, v in common.items() if k != "data_config_yaml"}
+
+
 def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: str):  # noqa: ANN001, ANN202
-    """Ingest + preprocess one further cohort ("b" external, "p" pretraining); returns the preprocess task."""
-    ing = ingest(data_source=source, data_version=version, cohort=cohort, **common)
-    ing.set_display_name(f"ingest-{label}")
+    """Ingest + preprocess one cohort ("a" development, "b" external, "p" pretraining); returns the preprocess
+    task. Both are cacheable (no per-run input: the data sections of the config, the source, its version, the
+    store); an uncached record step after each logs its MLflow stage run under this run's parent."""
+    data = {"config_yaml": common["data_config_yaml"], "store_uri": common["store_uri"]}
+    ing = ingest(data_source=source, data_version=version, cohort=cohort, **data)
+    ing.set_display_name("ingest" if cohort == "a" else f"ingest-{label}")
     kubernetes.use_secret_as_env(_on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET)
     ing.set_caching_options(True)
-    pre = preprocess(scans=ing.outputs["scans"], cohort=cohort, **common)
-    pre.set_display_name(f"preprocess-{label}")
+    pre = preprocess(scans=ing.outputs["scans"], cohort=cohort, **data)
+    pre.set_display_name("preprocess" if cohort == "a" else f"preprocess-{label}")
     _on_cluster(pre, "data", retries=2).set_caching_options(True)
+    for task, stage in ((ing, "ingest"), (pre, "preprocess")):
+        output = task.outputs["scans" if stage == "ingest" else "slices"]
+        rec = record_stage(tracking_uri=common["tracking_uri"], parent_run_id=common["parent_run_id"], output=output)
+        rec.set_display_name(f"record-{stage}" + ("" if cohort == "a" else f"-{label}"))
+        _on_cluster(rec, "light", retries=3).set_caching_options(False)
     return pre
 
 
@@ -94,7 +107,7 @@ def _embed_cohort(common: dict, gpu: dict, cohort: str, slices, encoder, n_shard
         parts = {}
         for which, random_baseline in sets.items():
             task = extract(
-                **common, cohort=cohort, shard_index=shard, n_shards=n_shards, random_baseline=random_baseline,
+                **_stage_args(common), cohort=cohort, shard_index=shard, n_shards=n_shards, random_baseline=random_baseline,
                 slices=slices, encoder=encoder, accelerator=gpu["pool"]["accelerator"], gpus=gpu["extract_gpus"],
                 set_name=which,
             )  # fmt: skip
@@ -123,19 +136,19 @@ def _evaluate_encoder(
     evaluated beside them on the same folds ("evaluate-ceiling": kfp.local cannot merge branches with
     dsl.OneOf, so the ceiling gets an evaluation of its own instead of a second copy of the whole graph)."""
     emb_a = _embed_cohort(common, gpu, "a", pre.outputs["slices"], encoder, gpu["shards"])
-    ev = _on_cluster(evaluate(embeddings=emb_a["pretrained"], baseline=emb_a["random"], **common), "eval", retries=1)
+    ev = _on_cluster(evaluate(embeddings=emb_a["pretrained"], baseline=emb_a["random"], **_stage_args(common)), "eval", retries=1)
     ev.set_caching_options(False)
     with dsl.If(run_external == True, name="external-cohort"):  # noqa: E712  (a KFP condition)
         pre_b = _ingest_and_preprocess(common, external_source, data_version, "b", "external")
         emb_b = _embed_cohort(common, gpu, "b", pre_b.outputs["slices"], encoder, gpu["shards"])
         ext = external(
-            source_results=ev.outputs["results"], embeddings=emb_b["pretrained"], baseline=emb_b["random"], **common
+            source_results=ev.outputs["results"], embeddings=emb_b["pretrained"], baseline=emb_b["random"], **_stage_args(common)
         )
         _on_cluster(ext, "eval", retries=1).set_caching_options(False)
     with dsl.If(supervised_ceiling == True, name="supervised-ceiling"):  # noqa: E712  (a KFP condition)
         sup = supervised_ceiling_task(
             slices=train_pre.outputs["slices"], accelerator=gpu["pool"]["accelerator"], gpus=gpu["pretrain_gpus"],
-            **common,
+            **_stage_args(common),
         )  # fmt: skip
         _on_gpu_pool(_on_cluster(sup, "gpu", retries=1), gpus=gpu["pretrain_gpus"], **gpu["pool"])
         sup.set_caching_options(False)
@@ -144,7 +157,7 @@ def _evaluate_encoder(
         )
         ev_sup = evaluate(
             embeddings=emb_a["pretrained"], baseline=emb_a["random"], ceiling=emb_sup["supervised"],
-            splits=ev.outputs["results"], **common,
+            splits=ev.outputs["results"], **_stage_args(common),
         )  # fmt: skip
         ev_sup.set_display_name("evaluate-ceiling")
         _on_cluster(ev_sup, "eval", retries=1).set_caching_options(False)
@@ -161,7 +174,7 @@ def _pretrain_and_evaluate(
     with dsl.If(pretrain_nodes <= 1, name="pretrain-single-node"):
         train = pretrain(
             slices=train_pre.outputs["slices"], accelerator=pool["accelerator"], gpus=gpu["pretrain_gpus"],
-            **common,
+            **_stage_args(common),
         )  # fmt: skip
         _on_gpu_pool(_on_cluster(train, "gpu", retries=1), gpus=gpu["pretrain_gpus"], **pool)
         train.set_caching_options(False)  # training is not cached unless a user asks for it
@@ -264,14 +277,9 @@ def slicefm_pipeline(
             "parent_run_id": start.outputs["parent_run_id"],
             "store_uri": store_uri,
             "run_name": start.outputs["run_name"],  # settled by start-tracking: unique per Kubeflow run
+            "data_config_yaml": start.outputs["data_config_yaml"],  # the cacheable data steps' config
         }
-        ing = ingest(data_source=data_source, data_version=data_version, **common)
-        kubernetes.use_secret_as_env(
-            _on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET
-        )
-        ing.set_caching_options(True)
-        pre = _on_cluster(preprocess(scans=ing.outputs["scans"], **common), "data", retries=2)
-        pre.set_caching_options(True)
+        pre = _ingest_and_preprocess(common, data_source, data_version, "a", "development")
         downstream = {
             "external_source": external_source, "data_version": data_version, "run_external": run_external,
             "pretrain_nodes": pretrain_nodes, "trainer_namespace": trainer_namespace, "trainer_image": trainer_image,

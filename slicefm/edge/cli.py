@@ -213,8 +213,9 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
     try:
         return _pipeline_runner().run_local(
-            Path(args.config), run_name=args.run_name, runner=args.runner, full_log=args.full_log
-        )
+            Path(args.config), run_name=args.run_name, runner=args.runner, full_log=args.full_log,
+            cache=not args.no_cache,
+        )  # fmt: skip
     except (TrackingError, PreflightError) as err:  # MLflow or the store unusable: nothing was run
         log.error("%s", err)
         return 1
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--full-log", action="store_true",
         help="print kfp.local's whole output (every step's log) instead of one line per task",
+    )  # fmt: skip
+    s.add_argument(
+        "--no-cache", action="store_true",
+        help="recompute every step (by default an unchanged ingest / preprocess of an earlier run is reused)",
     )  # fmt: skip
     s.set_defaults(func=cmd_pipeline_run)
     s = pl.add_parser("compile", help="write the pipeline YAML")

@@ -3,7 +3,8 @@
 With `store_uri` empty the step writes into its KFP output artifact (kfp.local keeps it under the
 pipeline root; a cluster uploads it to the KFP object store). With `store_uri` = s3://bucket/prefix the
 step writes to <store_uri>/<run_name>/<stage>/ and the artifact records that URI in its metadata, so
-the next step (and users) read the data from S3 directly.
+the next step (and users) read the data from S3 directly. Cacheable steps (ingest, preprocess) take no
+per-run input: they write to <store_uri>/cache/<stage>/<content hash> instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ def output_location(artifact_path: str, store_uri: str, run_name: str, stage: st
         return f"{store_uri.rstrip('/')}/{run_name}/{stage}"
     Path(artifact_path).mkdir(parents=True, exist_ok=True)
     return artifact_path
+
+
+def cached_output_location(artifact_path: str, store_uri: str, stage: str, identity: dict) -> str:
+    """Where a cacheable step writes: with a store, <store_uri>/cache/<stage>/<hash of what determines the
+    output> (no run name: an unchanged step of a later run is a cache hit that points here); else its artifact."""
+    import hashlib
+    import json
+
+    from slicefm import __version__
+
+    key = {**identity, "slicefm_version": __version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return output_location(artifact_path, store_uri, "cache", f"{stage}/{digest}")
 
 
 def input_location(artifact_path: str, metadata: dict | None) -> str:

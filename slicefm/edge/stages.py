@@ -53,6 +53,54 @@ def _tracked(
         yield run
 
 
+STAGE_RECORD = "stage_record.json"
+
+
+def _write_record(
+    out_uri: str, stage: str, cfg: PipelineConfig, params: Mapping, metrics: Mapping, artifacts: list[str]
+) -> None:
+    """What the stage run logs, kept beside the output: a cached step's record step logs it in a later run."""
+    import time
+
+    record = {
+        "stage": stage, "params": dict(params), "metrics": {k: float(v) for k, v in metrics.items()},
+        "artifacts": artifacts, "config_hash": mlflow_runs.config_hash(cfg.model_dump(mode="json")),
+        "written_at": time.time(),
+    }  # fmt: skip
+    open_store(out_uri).write_json(STAGE_RECORD, record)
+
+
+def record_stage(tracking_uri: str, parent_run_id: str, out_uri: str) -> str:
+    """The nested stage run of a cacheable step, from the record in its output; tagged `slicefm.cached=true`
+    when the output predates this pipeline run (a cache hit). Returns the stage's name."""
+    from mlflow.tracking import MlflowClient
+
+    record = open_store(out_uri).read_json(STAGE_RECORD)
+    parent_start = MlflowClient(tracking_uri).get_run(parent_run_id).info.start_time / 1000.0
+    tags = {
+        "slicefm.stage": record["stage"],
+        "slicefm.config_hash": record["config_hash"],
+        "slicefm.output": out_uri,
+        "slicefm.cached": str(record["written_at"] < parent_start).lower(),
+    }
+    with mlflow_runs.stage_run(tracking_uri, parent_run_id, record["stage"], record["params"], tags):
+        _log_metrics(record["metrics"])
+        _log_artifacts(out_uri, record["artifacts"])
+    return str(record["stage"])
+
+
+def data_config_yaml(cfg: PipelineConfig) -> str:
+    """Only the sections ingest and preprocess read (every cohort's data, ingest, preprocess), as the config
+    YAML those steps receive: a change elsewhere (training, evaluation, the run's name) keeps their cache."""
+    from slicefm.config import ExternalSection
+
+    slim = PipelineConfig(
+        data=cfg.data, ingest=cfg.ingest, preprocess=cfg.preprocess, pretrain_data=cfg.pretrain_data,
+        external=ExternalSection(data=cfg.external.data),
+    )  # fmt: skip
+    return dump_config(slim)
+
+
 def ingest_stage(
     cfg: PipelineConfig,
     source: str,
@@ -82,10 +130,11 @@ def ingest_stage(
             max_tilt_deg=cfg.ingest.max_tilt_deg,
         )  # fmt: skip
         open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
-        _log_metrics(
-            {"n_scans": result.n_scans, "n_quarantined": result.n_quarantined, "n_lesions": result.n_lesions}
-        )
-        _log_artifacts(out_uri, ["dataset.json", "quarantine.csv", "config.yaml"])
+        metrics = {"n_scans": result.n_scans, "n_quarantined": result.n_quarantined, "n_lesions": result.n_lesions}
+        artifacts = ["dataset.json", "quarantine.csv", "config.yaml"]
+        _write_record(out_uri, stage, cfg, params, metrics, artifacts)
+        _log_metrics(metrics)
+        _log_artifacts(out_uri, artifacts)
     return result
 
 
@@ -113,7 +162,9 @@ def preprocess_stage(
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = run_preprocess(scans_uri, out_uri, cfg.preprocess)
         open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
-        _log_metrics({"n_scans": result.n_scans, "n_slices": result.n_slices, "n_skipped": result.n_skipped})
+        metrics = {"n_scans": result.n_scans, "n_slices": result.n_slices, "n_skipped": result.n_skipped}
+        _write_record(out_uri, stage, cfg, params, metrics, ["preprocess.json", "config.yaml"])
+        _log_metrics(metrics)
         _log_artifacts(out_uri, ["preprocess.json", "config.yaml"])
     return result
 
@@ -431,6 +482,8 @@ __all__ = [
     "preprocess_stage",
     "pretrain_stage",
     "launched_pretrain_stage",
+    "record_stage",
+    "data_config_yaml",
     "extract_stage",
     "evaluate_stage",
     "external_stage",

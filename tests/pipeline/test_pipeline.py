@@ -69,14 +69,22 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     finish_inputs = tasks["finish-tracking"]["inputs"]["parameters"]
     assert finish_inputs["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
     assert finish_inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-    # Every step takes the run name start-tracking settled (unique per Kubeflow run), not the parameter.
-    assert inner_tasks["ingest"]["inputs"]["parameters"]["run_name"] == {
-        "componentInputParameter": "pipelinechannel--start-tracking-run_name"
-    }
+    # Every per-run step takes the run name start-tracking settled (unique per Kubeflow run); the cacheable
+    # data steps take no per-run input at all (their config: the data sections start-tracking hands out).
     handler_inputs = tasks["exit-handler-1"]["inputs"]["parameters"]
     assert handler_inputs["pipelinechannel--start-tracking-run_name"] == {
         "taskOutputParameter": {"producerTask": "start-tracking", "outputParameterKey": "run_name"}
     }
+    for step in ("ingest", "preprocess"):
+        params = inner_tasks[step]["inputs"]["parameters"]
+        assert not {"run_name", "parent_run_id", "tracking_uri"} & set(params), step
+        assert params["config_yaml"] == {"componentInputParameter": "pipelinechannel--start-tracking-data_config_yaml"}
+        assert inner_tasks[step]["cachingOptions"] == {"enableCache": True}
+        record = inner_tasks[f"record-stage{'' if step == 'ingest' else '-2'}"]
+        assert "enableCache" not in record["cachingOptions"]
+        assert record["inputs"]["parameters"]["parent_run_id"] == {
+            "componentInputParameter": "pipelinechannel--start-tracking-parent_run_id"
+        }
     assert "enableCache" not in tasks["start-tracking"]["cachingOptions"]
     # The MLflow parent carries the Kubeflow run's id; start-tracking's Markdown links the MLflow run.
     kfp_run_id = tasks["start-tracking"]["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"]
@@ -85,7 +93,6 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     pretrain_outs = comps["comp-pretrain"]["outputDefinitions"]["artifacts"]
     assert pretrain_outs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert "enableCache" not in tasks["finish-tracking"]["cachingOptions"]
-    assert inner_tasks["ingest"]["cachingOptions"] == {"enableCache": True}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"config_yaml", "data_source", "tracking_uri", "store_uri", "run_name", "data_version",
             "external_source", "run_external", "extract_shards"} <= set(params)  # fmt: skip
