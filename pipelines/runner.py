@@ -78,6 +78,9 @@ def _local_source(data) -> Path:  # noqa: ANN001
 
 
 RUNNERS = ("subprocess", "docker")
+# Credentials and endpoints the DockerRunner's steps get from this environment (with the pseudonymisation key).
+DOCKER_STEP_ENV = ("MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                   "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")  # fmt: skip
 
 
 def run_local(
@@ -157,8 +160,7 @@ def _container_runner(state: Path, sources: list[Path], tracking_uri: str, store
 
     ensure_engine()
     require_image(BASE_IMAGE)
-    passed = (KEY_ENV, "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-              "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")  # fmt: skip
+    passed = (KEY_ENV, *DOCKER_STEP_ENV)
     env = {k: os.environ[k] for k in passed if os.environ.get(k)} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
     network = tracking_uri.startswith(("http:", "https:")) or store_uri.startswith("s3:")
     (state / "kfp").mkdir(parents=True, exist_ok=True)  # else dockerd creates the mount source root-only

@@ -13,6 +13,7 @@ import pytest
 
 from pipelines import kfp_submit, runner
 from slicefm.config import dump_config, load_config
+from slicefm.edge.cli import main
 from tests.pipeline.fake_kfp import API, FakeKfp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +112,29 @@ def test_submit_uploads_a_version_per_commit_and_reuses_it(tmp_path, capsys):
         f"submitted {fake.runs[1]['display_name']} (experiment 'slicefm-ci', service account the namespace's "
         f"default): {fake.url}/#/runs/details/{fake.run_ids[1]}",
     ]
+
+
+def test_cli_submit_reads_its_settings_from_the_environment(monkeypatch, capsys):
+    """A multi-user cluster: the namespace's own pipeline (not the shared one of the same name), the version
+    named by KFP_PIPELINE_VERSION, the run in KFP_EXPERIMENT under KFP_SERVICE_ACCOUNT."""
+    with FakeKfp(multi_user=True) as fake:
+        shared = fake.add_pipeline("slicefm")
+        for name, value in (("KFP_HOST", fake.url), ("KFP_NAMESPACE", "team-a"), ("KFP_EXPERIMENT", "nightly"),
+                            ("KFP_PIPELINE_VERSION", "release-1"), ("KFP_SERVICE_ACCOUNT", "slicefm-runner")):  # fmt: skip
+            monkeypatch.setenv(name, value)
+        assert main(["pipeline", "submit", "--config", str(CONFIG)]) == 0
+
+    (own,) = (p for p in fake.pipelines.values() if p["pipeline_id"] != shared)
+    assert own["namespace"] == "team-a"
+    (version,) = fake.versions.values()
+    assert (version["pipeline_id"], version["display_name"]) == (own["pipeline_id"], "release-1")
+    (experiment,) = fake.experiments.values()
+    assert (experiment["display_name"], experiment["namespace"]) == ("nightly", "team-a")
+    (run,) = fake.runs
+    assert run["service_account"] == "slicefm-runner"
+    listed = [q for m, p, q in fake.requests if (m, p) == ("GET", f"{API}/pipelines")]
+    assert listed and all(q["namespace"] == ["team-a"] for q in listed)
+    assert "version 'release-1' uploaded" in capsys.readouterr().out
 
 
 def test_an_existing_version_is_reused_unless_it_holds_another_spec(capsys):
