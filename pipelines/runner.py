@@ -172,7 +172,7 @@ def _cluster_arguments(cfg: PipelineConfig, tracking_uri: str, run_name: str) ->
     else the config's sources)."""
     return _arguments(
         cfg,
-        os.environ.get("SLICEFM_DATA_SOURCE", cfg.data.source),
+        os.environ.get("SLICEFM_DATA_SOURCE") or cfg.data.source,  # CI sets an unset secret to ""
         tracking_uri,
         os.environ.get("SLICEFM_STORE", ""),
         run_name,

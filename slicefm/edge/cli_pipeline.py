@@ -160,6 +160,7 @@ def add_compile_parser(verbs: argparse._SubParsersAction) -> None:
 
 
 def add_submit_parser(verbs: argparse._SubParsersAction) -> None:
+    """`pipeline submit`; an empty variable counts as unset (CI sets unset secrets to "")."""
     s = _parser(
         verbs, "submit", "compile and submit to a Kubeflow Pipelines endpoint", SUBMIT_ENV, SUBMIT_DESCRIPTION
     )
@@ -167,20 +168,20 @@ def add_submit_parser(verbs: argparse._SubParsersAction) -> None:
         "--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default {DEFAULT_CONFIG})"
     )
     s.add_argument(
-        "--host", default=os.environ.get("KFP_HOST"),
+        "--host", default=os.environ.get("KFP_HOST") or None,
         help="Kubeflow Pipelines endpoint, e.g. https://kubeflow.example.org/pipeline (default $KFP_HOST)",
     )  # fmt: skip
     s.add_argument(
-        "--namespace", default=os.environ.get("KFP_NAMESPACE"),
+        "--namespace", default=os.environ.get("KFP_NAMESPACE") or None,
         help="Kubernetes namespace of the pipeline, experiment and run on a multi-user cluster "
         "(default $KFP_NAMESPACE; none: single-user, the pipeline is shared)",
     )  # fmt: skip
     s.add_argument(
-        "--experiment", default=os.environ.get("KFP_EXPERIMENT", "slicefm"),
+        "--experiment", default=os.environ.get("KFP_EXPERIMENT") or "slicefm",
         help="Kubeflow experiment of the run, created when absent (default $KFP_EXPERIMENT or slicefm)",
     )  # fmt: skip
     s.add_argument(
-        "--token", default=os.environ.get("KFP_TOKEN"),
+        "--token", default=os.environ.get("KFP_TOKEN") or None,
         help="bearer token for the endpoint (default $KFP_TOKEN; none: no Authorization header)",
     )  # fmt: skip
     s.add_argument(

@@ -116,12 +116,14 @@ def test_submit_uploads_a_version_per_commit_and_reuses_it(tmp_path, capsys):
 
 def test_cli_submit_reads_its_settings_from_the_environment(monkeypatch, capsys):
     """A multi-user cluster: the namespace's own pipeline (not the shared one of the same name), the version
-    named by KFP_PIPELINE_VERSION, the run in KFP_EXPERIMENT under KFP_SERVICE_ACCOUNT."""
+    named by KFP_PIPELINE_VERSION, the run in KFP_EXPERIMENT under KFP_SERVICE_ACCOUNT; empty variables unset."""
     with FakeKfp(multi_user=True) as fake:
         shared = fake.add_pipeline("slicefm")
         for name, value in (("KFP_HOST", fake.url), ("KFP_NAMESPACE", "team-a"), ("KFP_EXPERIMENT", "nightly"),
                             ("KFP_PIPELINE_VERSION", "release-1"), ("KFP_SERVICE_ACCOUNT", "slicefm-runner")):  # fmt: skip
             monkeypatch.setenv(name, value)
+        for unset_secret in ("KFP_TOKEN", "SLICEFM_DATA_SOURCE"):  # what CI sets for a secret that is not set
+            monkeypatch.setenv(unset_secret, "")
         assert main(["pipeline", "submit", "--config", str(CONFIG)]) == 0
 
     (own,) = (p for p in fake.pipelines.values() if p["pipeline_id"] != shared)
@@ -132,6 +134,7 @@ def test_cli_submit_reads_its_settings_from_the_environment(monkeypatch, capsys)
     assert (experiment["display_name"], experiment["namespace"]) == ("nightly", "team-a")
     (run,) = fake.runs
     assert run["service_account"] == "slicefm-runner"
+    assert run["runtime_config"]["parameters"]["data_source"] == load_config(CONFIG).data.source
     listed = [q for m, p, q in fake.requests if (m, p) == ("GET", f"{API}/pipelines")]
     assert listed and all(q["namespace"] == ["team-a"] for q in listed)
     assert "version 'release-1' uploaded" in capsys.readouterr().out
