@@ -40,7 +40,8 @@ lint: setup  ## ruff
 compile: setup  ## write the pipeline YAML (pipelines/slicefm_pipeline.yaml)
 	$(PY) -m slicefm pipeline compile --out pipelines/slicefm_pipeline.yaml
 
-# Local (kfp.local SubprocessRunner) by default; compiles and submits to a cluster when KFP_HOST is set.
+# Local (kfp.local SubprocessRunner) by default; with KFP_HOST set, `slicefm pipeline submit`: compile, upload the
+# pipeline version named by the git commit (reused when it exists) and start a run under $KFP_SERVICE_ACCOUNT.
 run-pipeline: setup  ## run the whole pipeline (local, or on KFP_HOST)
 	@if [ -n "$$KFP_HOST" ]; then \
 	  $(PY) -m slicefm pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
@@ -49,7 +50,7 @@ run-pipeline: setup  ## run the whole pipeline (local, or on KFP_HOST)
 	  $(PY) -m slicefm pipeline run --runner $(RUNNER) --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}; \
 	fi
 
-submit: setup  ## compile + submit to KFP_HOST
+submit: setup  ## compile, upload a pipeline version named by the git commit, start a run on KFP_HOST
 	$(PY) -m slicefm pipeline submit --host "$$KFP_HOST" --config $${CONFIG:-pipelines/configs/demo-cpu.yaml}
 
 data: setup  ## (re)generate the demo phantom dataset in data/ (what data.dvc tracks)

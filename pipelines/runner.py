@@ -78,6 +78,9 @@ def _local_source(data) -> Path:  # noqa: ANN001
 
 
 RUNNERS = ("subprocess", "docker")
+# Credentials and endpoints the DockerRunner's steps get from this environment (with the pseudonymisation key).
+DOCKER_STEP_ENV = ("MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                   "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")  # fmt: skip
 
 
 def run_local(
@@ -168,19 +171,47 @@ def _container_runner(state: Path, sources: list[Path], tracking_uri: str, store
 
     ensure_engine()
     require_image(BASE_IMAGE)
-    passed = (KEY_ENV, "MLFLOW_TRACKING_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-              "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")  # fmt: skip
+    passed = (KEY_ENV, *DOCKER_STEP_ENV)
     env = {k: os.environ[k] for k in passed if os.environ.get(k)} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
     network = tracking_uri.startswith(("http:", "https:")) or store_uri.startswith("s3:")
     (state / "kfp").mkdir(parents=True, exist_ok=True)  # else dockerd creates the mount source root-only
     return docker_runner(state, [s.resolve() for s in sources], env, network)
 
 
+def _cluster_arguments(cfg: PipelineConfig, tracking_uri: str, run_name: str) -> dict:
+    """The run's pipeline parameters: datasets and the store as the cluster's pods see them (SLICEFM_* variables,
+    else the config's sources)."""
+    return _arguments(
+        cfg,
+        os.environ.get("SLICEFM_DATA_SOURCE") or cfg.data.source,  # CI sets an unset secret to ""
+        tracking_uri,
+        os.environ.get("SLICEFM_STORE", ""),
+        run_name,
+        data_version(ROOT / cfg.data.source),
+        os.environ.get("SLICEFM_EXTERNAL_SOURCE", cfg.external.data.source if cfg.external.enabled else ""),
+        os.environ.get("SLICEFM_PRETRAIN_SOURCE", cfg.pretrain_data.source if cfg.pretrain_data else ""),
+        data_version(ROOT / cfg.pretrain_data.source) if cfg.pretrain_data else "",
+    )
+
+
 def submit(
-    config_path: Path, host: str | None, namespace: str | None, experiment: str, token: str | None
+    config_path: Path,
+    host: str | None,
+    namespace: str | None,
+    experiment: str,
+    token: str | None,
+    service_account: str | None = None,
+    version_name: str | None = None,
 ) -> int:
-    """Compile and start a run on a Kubeflow Pipelines endpoint; prints the run URL."""
-    import kfp
+    """Compile the pipeline, register it in Kubeflow Pipelines and start a run; prints the URLs.
+
+    The pipeline `slicefm` (PIPELINE_NAME) is created when absent; its version is named by the checkout's git
+    commit (pipelines.kfp_submit.commit_version) unless `version_name` is given, and reused when it exists (the
+    same commit submitted again). The run goes to `experiment` (created when absent) under `service_account`
+    (None: the namespace's default).
+    """
+    from pipelines import kfp_submit
+    from pipelines.slicefm_pipeline import PIPELINE_DESCRIPTION, PIPELINE_NAME
 
     if not host:
         raise SystemExit("set KFP_HOST (or --host) to the Kubeflow Pipelines endpoint")
@@ -188,23 +219,23 @@ def submit(
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise SystemExit("set MLFLOW_TRACKING_URI to the in-cluster MLflow server for cluster runs")
+    version_name = version_name or kfp_submit.commit_version(ROOT)
+    if not version_name:
+        raise SystemExit(
+            f"{ROOT} is not a git checkout: name the pipeline version with --version-name or KFP_PIPELINE_VERSION"
+        )
     run_name = f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "slicefm_pipeline.yaml")
-        client = kfp.Client(host=host, existing_token=token, namespace=namespace)
-        args = _arguments(
-            cfg,
-            os.environ.get("SLICEFM_DATA_SOURCE", cfg.data.source),
-            tracking_uri,
-            os.environ.get("SLICEFM_STORE", ""),
-            run_name,
-            data_version(ROOT / cfg.data.source),
-            os.environ.get("SLICEFM_EXTERNAL_SOURCE", cfg.external.data.source if cfg.external.enabled else ""),
-            os.environ.get("SLICEFM_PRETRAIN_SOURCE", cfg.pretrain_data.source if cfg.pretrain_data else ""),
-            data_version(ROOT / cfg.pretrain_data.source) if cfg.pretrain_data else "",
+    args = _cluster_arguments(cfg, tracking_uri, run_name)
+    with tempfile.TemporaryDirectory() as tmp, kfp_submit.api_errors(host):
+        package = compile_pipeline(Path(tmp) / f"{PIPELINE_NAME}.yaml")
+        client = kfp_submit.connect(host, token, namespace)
+        commit = kfp_submit.head_commit(ROOT)
+        version = kfp_submit.register(
+            client, package, PIPELINE_NAME, version_name, namespace, commit, description=PIPELINE_DESCRIPTION
         )
-        run = client.create_run_from_pipeline_package(
-            str(package), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace
-        )
-    print(f"submitted {run_name}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
+        run_id = kfp_submit.start_run(client, version, experiment, namespace, run_name, args, service_account)
+    for line in kfp_submit.summary(
+        host, PIPELINE_NAME, version, run_name, run_id, experiment, service_account
+    ):
+        print(line)
     return 0

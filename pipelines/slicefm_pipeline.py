@@ -20,7 +20,10 @@ from components.settings import EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZ
 from components.tracking import finish_tracking, record_stage, start_tracking
 from slicefm.config import load_config
 
+# The pipeline's name in the Kubeflow UI, whatever the config's `name` (`slicefm pipeline submit` adds a version
+# per git commit to it).
 PIPELINE_NAME = "slicefm"
+PIPELINE_DESCRIPTION = "CT scans -> slice embeddings -> patient-level predictions (slicefm)"
 # The pipeline's default config in the Kubeflow UI: the demo preset in YAML's flow style (JSON) on one line;
 # the compiler copies defaults into the YAML file's header comment, where a multi-line value breaks the file.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-cpu.yaml"
@@ -192,9 +195,7 @@ def _pretrain_and_evaluate(
         _evaluate_encoder(common, gpu, train_pre, eval_pre, job.outputs["encoder"], *downstream)
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME, description="CT scans -> slice embeddings -> patient-level predictions (slicefm)"
-)
+@dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
 def slicefm_pipeline(
     data_source: str,
     tracking_uri: str,

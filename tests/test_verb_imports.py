@@ -67,7 +67,14 @@ def test_data_ingest_preprocess_import_only_their_stage(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["ingest", "--help"], ["key", "show"], ["key", "init", "--if-missing"], ["config", "default"]],
+    [
+        ["ingest", "--help"],
+        ["pipeline", "run", "--help"],
+        ["pipeline", "submit", "--help"],
+        ["key", "show"],
+        ["key", "init", "--if-missing"],
+        ["config", "default"],
+    ],
     ids=lambda argv: " ".join(argv),
 )
 def test_light_verbs_import_nothing_heavy(argv: list[str]) -> None:

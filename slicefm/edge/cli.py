@@ -196,47 +196,6 @@ def cmd_config_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline_runner():
-    """pipelines.runner (the graph and its runner ship with a checkout: `pip install -e .` installs them)."""
-    try:
-        from pipelines import runner
-    except ModuleNotFoundError as err:
-        raise SystemExit(
-            f"the pipeline commands need the pipelines/ and components/ packages of a slicefm checkout "
-            f"installed with `pip install -e .` ({err})"
-        ) from err
-    return runner
-
-
-def cmd_pipeline_run(args: argparse.Namespace) -> int:
-    from slicefm.edge.tracking.preflight import PreflightError, TrackingError
-
-    try:
-        return _pipeline_runner().run_local(
-            Path(args.config), run_name=args.run_name, runner=args.runner, full_log=args.full_log,
-            cache=not args.no_cache,
-        )  # fmt: skip
-    except (TrackingError, PreflightError) as err:  # MLflow or the store unusable: nothing was run
-        log.error("%s", err)
-        return 1
-
-
-def cmd_pipeline_compile(args: argparse.Namespace) -> int:
-    path = _pipeline_runner().compile_pipeline(Path(args.out))
-    print(f"compiled pipeline -> {path}")
-    return 0
-
-
-def cmd_pipeline_submit(args: argparse.Namespace) -> int:
-    return _pipeline_runner().submit(
-        Path(args.config),
-        host=args.host,
-        namespace=args.namespace,
-        experiment=args.experiment,
-        token=args.token,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slicefm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -354,42 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(func=cmd_config_default)
 
-    pl = sub.add_parser("pipeline", help="the Kubeflow pipeline").add_subparsers(
-        dest="pipeline_verb", required=True
-    )
-    s = pl.add_parser("run", help="run locally with kfp.local (SubprocessRunner, or DockerRunner with --runner docker)")
-    s.add_argument("--config", default="pipelines/configs/demo-cpu.yaml")
-    s.add_argument("--run-name")
-    s.add_argument(
-        "--runner",
-        choices=["subprocess", "docker"],
-        default=os.environ.get("RUNNER") or "subprocess",
-        help="subprocess: steps in this Python environment; docker: every step in the project image "
-        "(build it with `make images`). Default $RUNNER or subprocess",
-    )
-    s.add_argument(
-        "--full-log", action="store_true",
-        help="print kfp.local's whole output (every step's log) instead of one line per task",
-    )  # fmt: skip
-    s.add_argument(
-        "--no-cache", action="store_true",
-        help="recompute every step (by default an unchanged ingest / preprocess of an earlier run is reused)",
-    )  # fmt: skip
-    s.set_defaults(func=cmd_pipeline_run)
-    s = pl.add_parser("compile", help="write the pipeline YAML")
-    s.add_argument("--out", default="pipelines/slicefm_pipeline.yaml")
-    s.set_defaults(func=cmd_pipeline_compile)
-    s = pl.add_parser("submit", help="compile and submit to a Kubeflow Pipelines endpoint")
-    s.add_argument("--config", default="pipelines/configs/demo-cpu.yaml")
-    s.add_argument("--host", default=os.environ.get("KFP_HOST"))
-    s.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE"))
-    s.add_argument("--experiment", default=os.environ.get("KFP_EXPERIMENT", "slicefm"))
-    s.add_argument("--token", default=os.environ.get("KFP_TOKEN"))
-    s.set_defaults(func=cmd_pipeline_submit)
-
     from slicefm.edge.cli_cluster import add_cluster_parsers
     from slicefm.edge.cli_models import add_models_parser
+    from slicefm.edge.cli_pipeline import add_pipeline_parsers
 
+    add_pipeline_parsers(sub)
     add_models_parser(sub)
     add_cluster_parsers(sub)
     return p
