@@ -12,3 +12,7 @@ IMAGE_PULL_SECRETS = [s.strip() for s in os.environ.get("SLICEFM_IMAGE_PULL_SECR
 SHM_SIZE = os.environ.get("SLICEFM_SHM_SIZE", "16Gi")
 # At most this many extract shards of one embedding set run at once (ParallelFor parallelism; 0 = no cap).
 EXTRACT_PARALLELISM = int(os.environ.get("SLICEFM_EXTRACT_PARALLELISM", "4"))
+# A PersistentVolumeClaim the ingest steps mount to keep fetched data (dvc pull, s3://) between steps and runs
+# ("" = each ingest step fetches into a temporary directory of its pod).
+DATA_PVC = os.environ.get("SLICEFM_DATA_PVC", "")
+DATA_WORKSPACE = "/mnt/slicefm-data"

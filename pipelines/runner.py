@@ -180,8 +180,14 @@ def _container_runner(state: Path, sources: list[Path], tracking_uri: str, store
 
 def _cluster_arguments(cfg: PipelineConfig, tracking_uri: str, run_name: str) -> dict:
     """The run's pipeline parameters: datasets and the store as the cluster's pods see them (SLICEFM_* variables,
-    else the config's sources)."""
-    return _arguments(
+    else the config's sources). With SLICEFM_DVC_REMOTE the ingest steps pull the checkout's data.dvc
+    revision from that remote and read the (relative) sources inside it."""
+    remote = os.environ.get("SLICEFM_DVC_REMOTE", "")
+    dvc_file = ROOT / "data.dvc"
+    if remote and not dvc_file.exists():
+        raise SystemExit(f"SLICEFM_DVC_REMOTE is set but {dvc_file} is missing")
+    dvc = {"data_dvc_file": dvc_file.read_text(), "dvc_remote": remote} if remote else {}
+    return dvc | _arguments(
         cfg,
         os.environ.get("SLICEFM_DATA_SOURCE") or cfg.data.source,  # CI sets an unset secret to ""
         tracking_uri,

@@ -16,7 +16,7 @@ from components.launch_trainjob import launch_trainjob
 from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.pretrain import supervised_ceiling as supervised_ceiling_task
-from components.settings import EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZE
+from components.settings import DATA_PVC, DATA_WORKSPACE, EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZE
 from components.tracking import finish_tracking, record_stage, start_tracking
 from slicefm.config import load_config
 
@@ -73,7 +73,11 @@ def _on_gpu_pool(task, accelerator: str, gpus, node_selector, tolerations):  # n
 
 def _stage_args(common: dict) -> dict:
     """The inputs every per-run stage takes (the data steps' own config is not one of them)."""
-    return {k: v for k, v in common.items() if k != "data_config_yaml"}
+    return {k: v for k, v in common.items() if k not in _DATA_ONLY}
+
+
+# Inputs of the data steps alone (not of the per-run stages).
+_DATA_ONLY = ("data_config_yaml", "data_dvc_file", "dvc_remote")
 
 
 def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: str):  # noqa: ANN001, ANN202
@@ -81,7 +85,12 @@ def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: st
     task. Both are cacheable (no per-run input: the data sections of the config, the source, its version, the
     store); an uncached record step after each logs its MLflow stage run under this run's parent."""
     data = {"config_yaml": common["data_config_yaml"], "store_uri": common["store_uri"]}
-    ing = ingest(data_source=source, data_version=version, cohort=cohort, **data)
+    ing = ingest(
+        data_source=source, data_version=version, cohort=cohort, dvc_file=common["data_dvc_file"],
+        dvc_remote=common["dvc_remote"], workspace=DATA_WORKSPACE if DATA_PVC else "", **data,
+    )  # fmt: skip
+    if DATA_PVC:  # fetched data kept on a volume between steps and runs
+        kubernetes.mount_pvc(ing, pvc_name=DATA_PVC, mount_path=DATA_WORKSPACE)
     ing.set_display_name("ingest" if cohort == "a" else f"ingest-{label}")
     kubernetes.use_secret_as_env(_on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET)
     ing.set_caching_options(True)
@@ -217,6 +226,8 @@ def slicefm_pipeline(
     gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
     trainer_namespace: str = "slicefm",
     trainer_image: str = "",
+    data_dvc_file: str = "",
+    dvc_remote: str = "",
     config_yaml: str = DEFAULT_CONFIG_YAML,
 ) -> None:
     """Run every slicefm stage.
@@ -224,7 +235,9 @@ def slicefm_pipeline(
     Args:
         config_yaml: the whole pipeline config as YAML text (pipelines/configs/*.yaml); defaults to the demo
             preset, so a run from the UI needs no pasted YAML.
-        data_source: dataset root visible to the steps (DVC-tracked path).
+        data_source: the dataset the steps read: a path they see (a mounted volume), an s3://bucket/prefix
+            (downloaded by the ingest step), or with data_dvc_file a path inside the DVC-tracked output
+            (data/demo).
         tracking_uri: MLflow tracking URI.
         store_uri: s3://bucket/prefix for stage outputs, or "" to keep them as KFP artifacts.
         run_name: run name (MLflow parent run name and store prefix); "" = <experiment>-<KFP run id>. A name
@@ -249,6 +262,9 @@ def slicefm_pipeline(
         gpu_tolerations: tolerations for the GPU pool's taints.
         trainer_namespace: namespace of the TrainJob (pretrain_nodes > 1).
         trainer_image: image of the TrainJob's pods ("" = the project image the steps run in).
+        data_dvc_file: the text of data.dvc at the data revision to use (`make submit` sends the checkout's);
+            the ingest steps `dvc pull` it from dvc_remote ("" = read data_source as it is).
+        dvc_remote: URL of the DVC remote holding the data (s3://bucket/dvcstore).
     """
     start = _on_cluster(
         start_tracking(
@@ -279,6 +295,8 @@ def slicefm_pipeline(
             "store_uri": store_uri,
             "run_name": start.outputs["run_name"],  # settled by start-tracking: unique per Kubeflow run
             "data_config_yaml": start.outputs["data_config_yaml"],  # the cacheable data steps' config
+            "data_dvc_file": data_dvc_file,
+            "dvc_remote": dvc_remote,
         }
         pre = _ingest_and_preprocess(common, data_source, data_version, "a", "development")
         downstream = {

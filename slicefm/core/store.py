@@ -533,6 +533,16 @@ class S3Store(Store):
                 keys.extend(obj["Key"][len(root) :] for obj in page.get("Contents", []))
         return sorted(keys)
 
+    def listing(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(key, size, ETag) of every object under `prefix`, from the listing alone (no request per object)."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        rows: list[tuple[str, int, str]] = []
+        with self._errors("listing", ""):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                rows.extend((o["Key"][len(root) :], int(o["Size"]), o.get("ETag", "")) for o in page.get("Contents", []))
+        return sorted(rows)
+
     def delete(self, key: str, missing_ok: bool = False) -> None:
         # S3 DeleteObject succeeds on missing keys; check first so both stores behave the same.
         if not missing_ok and not self.exists(key):

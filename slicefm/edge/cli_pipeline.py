@@ -20,6 +20,8 @@ COMPILE_ENV = (
     ("SLICEFM_SHM_SIZE", "size of the in-memory /dev/shm of the GPU steps (default 16Gi; cluster)"),
     ("SLICEFM_EXTRACT_PARALLELISM", "extract shards of one embedding set running at once (default 4, 0: no "
      "cap; cluster)"),
+    ("SLICEFM_DATA_PVC", "a PersistentVolumeClaim the ingest steps mount to keep pulled data between steps and "
+     "runs (default none: a temporary directory per step; cluster)"),
 )  # fmt: skip
 _S3_TO_DOCKER = "passed into the steps' containers with --runner docker"
 RUN_ENV = (
@@ -52,6 +54,8 @@ SUBMIT_ENV = (
     ("SLICEFM_DATA_SOURCE", "cohort A's dataset root as the pods see it (default: the config's data.source)"),
     ("SLICEFM_EXTERNAL_SOURCE", "the external cohort's dataset root (default: the config's, when enabled)"),
     ("SLICEFM_PRETRAIN_SOURCE", "the pretraining cohort's dataset root (default: the config's pretrain_data)"),
+    ("SLICEFM_DVC_REMOTE", "URL of the DVC remote holding data/ (s3://bucket/dvcstore): the ingest steps then "
+     "`dvc pull` the checkout's data.dvc revision and read the sources inside it (`make data-push` first)"),
     *COMPILE_ENV,
 )  # fmt: skip
 SUBMIT_DESCRIPTION = """\

@@ -443,7 +443,7 @@ def test_cluster_settings_at_compile_time_reach_every_step(tmp_path):
     """SLICEFM_IMAGE, SLICEFM_IMAGE_PULL_SECRETS and SLICEFM_SHM_SIZE, read when the pipeline is compiled
     (in a fresh interpreter: components read them at import)."""
     env = {**os.environ, "SLICEFM_IMAGE": "registry.example/slicefm:9", "SLICEFM_IMAGE_PULL_SECRETS": "regcred, other",
-           "SLICEFM_SHM_SIZE": "48Gi"}  # fmt: skip
+           "SLICEFM_SHM_SIZE": "48Gi", "SLICEFM_DATA_PVC": "ct-data"}  # fmt: skip
     out = tmp_path / "p.yaml"
     code = f"from pipelines import runner; runner.compile_pipeline(__import__('pathlib').Path({str(out)!r}))"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT, timeout=300)
@@ -453,6 +453,10 @@ def test_cluster_settings_at_compile_time_reach_every_step(tmp_path):
         assert executor["container"]["image"] == "registry.example/slicefm:9", name
         assert [s["secretName"] for s in k8s[name]["imagePullSecret"]] == ["regcred", "other"], name
     assert k8s["exec-pretrain"]["emptyDirMounts"][0]["sizeLimit"] == "48Gi"
+    # The ingest steps keep fetched data on the PVC, mounted where their workspace parameter points.
+    (mount,) = k8s["exec-ingest"]["pvcMount"]
+    assert mount["mountPath"] == "/mnt/slicefm-data" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "ct-data"
+    assert "pvcMount" not in k8s["exec-preprocess"]
 
 
 def test_the_kubeflow_ui_form_describes_every_parameter_and_defaults_to_the_demo_config(tmp_path):
@@ -487,3 +491,14 @@ def test_a_local_run_refuses_a_run_name_already_taken(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="run name 'taken' is taken"):
         runner.run_local(config_path, run_name="taken")
     assert not (tmp_path / "state" / "kfp").exists()
+
+
+def test_submitted_runs_pull_the_checkouts_data_revision_when_a_dvc_remote_is_set(monkeypatch):
+    cfg = runner.load_config(ROOT / "pipelines/configs/demo-cpu.yaml")
+    monkeypatch.delenv("SLICEFM_DVC_REMOTE", raising=False)
+    plain = runner._cluster_arguments(cfg, "http://mlflow:5000", "r")
+    assert "data_dvc_file" not in plain and plain["data_source"] == "data/demo"
+    monkeypatch.setenv("SLICEFM_DVC_REMOTE", "s3://bucket/dvcstore")
+    args = runner._cluster_arguments(cfg, "http://mlflow:5000", "r")
+    assert args["data_dvc_file"] == (ROOT / "data.dvc").read_text() and args["dvc_remote"] == "s3://bucket/dvcstore"
+    assert args["data_version"] == runner.data_version(ROOT / "data/demo")  # the md5 the pull verifies
