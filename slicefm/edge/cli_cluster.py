@@ -4,7 +4,6 @@ laptop or CI) and `pretrain-worker` (one torchrun rank of pretraining, what a Tr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 

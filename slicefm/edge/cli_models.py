@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 log = logging.getLogger("slicefm")
 
