@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from slicefm.core.config import Strict
 from slicefm.embed.config import ExtractConfig
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class WindowSpec(Strict):

@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from slicefm.core.config import Strict
 
 logger = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EncoderConfig(_Strict):
+class EncoderConfig(Strict):
     """Backbone by timm / slicefm registry name; `overrides` go to timm.create_model (e.g. drop_path_rate)."""
 
     name: str = "vit_conv_base"
@@ -27,7 +25,7 @@ class EncoderConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["adamw", "lars"] = "adamw"
     # Base lr per 256 samples when lr_scaling == "batch/256" (moco-v3 / CLEAR code), else absolute.
     lr: float = Field(1e-4, gt=0)
@@ -41,7 +39,7 @@ class OptimizerConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     """Length of training and the linear warm-up (epochs unless the *_steps fields are set)."""
 
     epochs: int = Field(100, ge=1)
@@ -50,7 +48,7 @@ class ScheduleConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_epochs
 
 
-class MoCoConfig(_Strict):
+class MoCoConfig(Strict):
     temperature: float = Field(0.2, gt=0)
     momentum: float = Field(0.99, ge=0, le=1)  # m0 of the cosine schedule towards 1
     proj_dim: int = Field(256, ge=1)
@@ -62,7 +60,7 @@ class MoCoConfig(_Strict):
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction (BYOL / moco-v3)
 
 
-class LECLConfig(_Strict):
+class LECLConfig(Strict):
     """CLEAR's lesion-enhanced contrastive learning on top of MoCo-v3 (method "lecl")."""
 
     lesion_lambda: float = Field(0.0, ge=0)  # paper grid {0, 1, 3, 5}; 0 was best
@@ -74,7 +72,7 @@ class LECLConfig(_Strict):
     bank_init_full: bool = True  # encode every key slice once before training
 
 
-class LeJEPAConfig(_Strict):
+class LeJEPAConfig(Strict):
     lam: float = Field(0.02, ge=0, le=1)  # DALE-CT code / LeJEPA minimal recipe
     # SIGReg's statistic grows ~linearly with the global batch N, so lam alone means a different strength at
     # every batch size. reference_batch R states lam at global batch R (loss uses SIGReg * R / N); None = the
@@ -100,7 +98,7 @@ class LeJEPAConfig(_Strict):
     num_knots: int = Field(17, ge=2)
 
 
-class AuxConfig(_Strict):
+class AuxConfig(Strict):
     """DALE-CT auxiliary supervision (LeJEPA only): None, 1S (organs, CLS) or 2S (+ abnormalities, patches)."""
 
     mode: Literal["1S", "2S"] | None = None
@@ -116,7 +114,7 @@ class AuxConfig(_Strict):
     lesion_classes: Literal["any", "typed"] = "any"
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     """BYOL / moco-v3 style photometric and geometric augmentation adapted to CT windows."""
 
     hflip_prob: float = Field(0.5, ge=0, le=1)
@@ -127,12 +125,12 @@ class AugmentConfig(_Strict):
     blur_sigma: tuple[float, float] = (0.1, 1.5)  # pixels, in the output frame
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     every_steps: int = Field(1000, ge=1)
     keep_history: bool = False  # also keep step-numbered copies
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     every_steps: int = Field(50, ge=1)
     collapse_every: int = Field(200, ge=1)
     # Whole slices the backbone's effective rank is measured on (RankMe needs many more rows than dims).
@@ -154,7 +152,7 @@ class LoggingConfig(_Strict):
         return data
 
 
-class LoaderConfig(_Strict):
+class LoaderConfig(Strict):
     batch_size: int = Field(256, ge=2)  # per rank
     workers: int = Field(4, ge=0)
     pin_memory: bool = True
@@ -162,7 +160,7 @@ class LoaderConfig(_Strict):
     exclude_splits: list[str] = Field(default_factory=lambda: ["test"])  # never pretrain on test scans
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     method: Literal["moco", "lecl", "lejepa"] = "moco"
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA only; CPU always fp32
@@ -196,7 +194,7 @@ def load_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     return PretrainConfig.model_validate(data)
 
 
-class SupervisedCeilingConfig(_Strict):
+class SupervisedCeilingConfig(Strict):
     """The supervised ceiling (slicefm.train.supervised): pretrain.encoder's architecture trained on the
     pretraining cohort's labels, evaluated beside the pretrained and random-weight encoders."""
 
