@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slicefm.config import DataConfig, PipelineConfig, dump_config
+from slicefm.config import PipelineConfig, dump_config
 from slicefm.core.store import open_store
+from slicefm.data.config import DataConfig
 from slicefm.data.pseudonym import key_fingerprint
 from slicefm.edge.tracking import mlflow_runs  # standard library only: mlflow is imported by a tracked run
 
