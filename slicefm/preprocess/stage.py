@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from slicefm.core.parallel import process_pool
 from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
-from slicefm.parallel import process_pool
 from slicefm.preprocess.boxes import map_box_to_output
 from slicefm.preprocess.config import WINDOWS, HUWindow, PreprocessConfig
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
@@ -189,7 +189,7 @@ def run_preprocess(
     ]
     skipped = 0
     if cfg.workers > 1 and len(tasks) > 1:
-        with process_pool(cfg.workers) as pool:
+        with process_pool(cfg.workers, preload=(__name__,)) as pool:  # torch and data.ingest with it
             results = list(
                 tqdm(pool.map(_scan_task, tasks), total=len(tasks), desc="preprocess", unit="scan")
             )
