@@ -25,7 +25,6 @@ from slicefm.core.store import Store, open_store, staged_output
 from slicefm.data import pseudonym
 from slicefm.data.adapters import detect_format, get_adapter
 from slicefm.data.adapters.base import AdapterResult, ScanCandidate
-from slicefm.data.redact import redact_uids
 from slicefm.data.schemas import (
     LABEL_PREFIX,
     LesionsSchema,
@@ -33,6 +32,7 @@ from slicefm.data.schemas import (
     ScansSchema,
     validate,
 )
+from slicefm.io.redact import redact_uids
 from slicefm.io.volume import InvalidScanError, Volume
 
 log = logging.getLogger(__name__)
