@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm.core.parallel import process_pool
+from slicefm.core.shards import shard_of, stack_key
 from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
@@ -25,7 +26,6 @@ from slicefm.preprocess.boxes import map_box_to_output
 from slicefm.preprocess.config import WINDOWS, HUWindow, PreprocessConfig
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
-from slicefm.preprocess.shards import shard_of, stack_key
 from slicefm.preprocess.slabs import slab_ids
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
 from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore

@@ -29,9 +29,9 @@ from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
+from slicefm.core.shards import stack_key
 from slicefm.core.store import open_store
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.preprocess.shards import stack_key
 from slicefm.train.checkpoint import LATEST_KEY
 from slicefm.train.collapse import effective_rank
 from slicefm.train.config import PretrainConfig

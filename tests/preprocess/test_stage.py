@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from slicefm.core.shards import StackReader
 from slicefm.core.store import open_store
 from slicefm.data.ingest import write_manifests
 from slicefm.preprocess.config import HUWindow, PreprocessConfig
-from slicefm.preprocess.shards import StackReader
 from slicefm.preprocess.stage import read_slices, run_preprocess
 
 H = W = 96
