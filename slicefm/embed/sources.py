@@ -13,7 +13,7 @@ import torch
 from slicefm.core.store import open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.train.export import META_KEY, load_encoder
+from slicefm.models.export_format import META_KEY, load_encoder
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from slicefm.embed.extract import encoder_inputs, merge_extracts, run_extract
 from slicefm.embed.reader import EmbeddingSet
 from slicefm.embed.sources import random_twin, resolve_encoder
 from slicefm.models.encoders import create_encoder
-from slicefm.train.export import export_encoder
+from slicefm.models.export_format import export_encoder
 
 SIZE = 32
 

@@ -31,7 +31,7 @@ from slicefm.edge.tracking.models import (
 from slicefm.edge.tracking.preflight import PreflightError, check_store, check_tracking_server
 from slicefm.edge.tracking.registry import register_encoder, register_head
 from slicefm.models.encoders import create_encoder
-from slicefm.train.export import export_encoder, load_encoder
+from slicefm.models.export_format import export_encoder, load_encoder
 
 ENCODER = "mlops-test-encoder"
 HEAD = "mlops-test-head"
