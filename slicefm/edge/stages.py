@@ -227,6 +227,7 @@ def extract_stage(
     cohort: str = "a",
 ) -> ExtractResult:
     """Embed every slice with the configured encoder (or, with `random_baseline`, its random-weight twin)."""
+    from slicefm.edge.tracking.models import download_encoder
     from slicefm.embed.extract import run_extract
     from slicefm.embed.sources import random_twin, resolve_encoder
     from slicefm.train.supervised import SUPERVISED_LABEL
@@ -234,7 +235,9 @@ def extract_stage(
     pre = open_store(preprocessed_uri)
     meta = pre.read_json("preprocess.json")
     size = int(pre.read_npy_header(_first_stack(pre)).shape[-1])
-    encoder, info = resolve_encoder(cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed)
+    encoder, info = resolve_encoder(
+        cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed, fetch_registered=download_encoder
+    )
     if random_baseline:
         encoder, info = random_twin(info, cfg.seed)
     which = "-random" if random_baseline else ("-supervised" if info.label == SUPERVISED_LABEL else "")
