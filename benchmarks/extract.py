@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slicefm.core.shards import stack_key
 from slicefm.core.store import open_store
 from slicefm.data.schemas import SlicesSchema, validate
 from slicefm.embed.config import ExtractConfig
 from slicefm.embed.extract import run_extract
 from slicefm.embed.sources import resolve_encoder
 from slicefm.models.encoders import Encoder
-from slicefm.preprocess.shards import stack_key
 
 WINDOWS = ["abdomen", "lung"]
 

@@ -19,10 +19,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from slicefm.config import PreprocessConfig
 from slicefm.data.ingest import ingest
 from slicefm.io.dicom import read_dicom_series, scan_dicom_tree
 from slicefm.phantom.dataset import generate_dataset
+from slicefm.preprocess.config import PreprocessConfig
 from slicefm.preprocess.stage import run_preprocess
 
 

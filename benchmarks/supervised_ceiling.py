@@ -55,12 +55,12 @@ import yaml
 from lesion_signal import N_LESION_TYPES
 from sklearn.metrics import roc_auc_score
 
+from slicefm.core.shards import StackReader
 from slicefm.core.store import open_store
 from slicefm.models.encoders import create_encoder
-from slicefm.preprocess.shards import StackReader
+from slicefm.models.export_format import export_encoder
 from slicefm.ssl.views import cell_class_counts
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, to_float, typed_lesion_mask
-from slicefm.train.export import export_encoder
 
 # --target -> the scans.parquet column prefix of its scan-level labels
 TARGETS = {"lesions": "label_location_", "findings": "label_finding_"}

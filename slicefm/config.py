@@ -1,4 +1,5 @@
-"""Typed configs (pydantic, unknown keys rejected) for every stage, loaded from one YAML.
+"""The pipeline's one YAML: `PipelineConfig` gathers every package's config section (each package owns its own,
+e.g. `slicefm.preprocess.config`), and the YAML loaders.
 
 Defaults reproduce the papers (see ../shared/SCIENCE.md); presets live in pipelines/configs/.
 `slicefm config default` writes a commented default file.
@@ -7,77 +8,16 @@ Defaults reproduce the papers (see ../shared/SCIENCE.md); presets live in pipeli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from slicefm.core.config import Strict
+from slicefm.data.config import DataConfig, IngestConfig
 from slicefm.embed.config import ExtractConfig
 from slicefm.evaluate.config import EvaluateConfig, ExternalConfig
+from slicefm.preprocess.config import PreprocessConfig
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WindowSpec(Strict):
-    name: str
-    lo: float
-    hi: float
-
-    @field_validator("hi")
-    @classmethod
-    def _ordered(cls, hi: float, info) -> float:  # noqa: ANN001
-        if "lo" in info.data and hi <= info.data["lo"]:
-            raise ValueError(f"window hi ({hi}) must exceed lo ({info.data['lo']})")
-        return hi
-
-
-class ZScoreSpec(Strict):
-    """DALE-CT normalisation: clip to [clip_lo, clip_hi] HU, then (x - mean) / std (the DALE-CT code's values)."""
-
-    clip_lo: float = -997.0
-    clip_hi: float = 888.0
-    mean: float = -142.39
-    std: float = Field(360.97, gt=0)
-
-
-class DataConfig(Strict):
-    """Where the raw dataset comes from."""
-
-    source: str = "data/demo"  # local path (DVC-tracked) of the dataset to ingest
-    format: Literal["auto", "dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"] = "auto"
-    cohort: str | None = None
-    # Generated with the phantom generator when `source` is missing (the demo dataset is reproducible).
-    phantom_if_missing: bool = True
-    phantom_scans: int = Field(40, ge=2)
-    phantom_format: Literal["dicom", "nifti", "deeplesion", "ctrate", "radchest", "nsclc"] = "dicom"
-    phantom_profile: Literal["default", "shifted"] = "default"
-    phantom_seed: int = 0
-    phantom_size: int = Field(128, ge=32)
-
-
-class IngestConfig(Strict):
-    workers: int = Field(2, ge=1)
-    # Tilted-gantry series are kept unresampled up to this tilt (deg) and quarantined above it.
-    max_tilt_deg: float = Field(1.0, ge=0, lt=90)
-
-
-class PreprocessConfig(Strict):
-    """HU windows or z-score, body crop, resize, optional 5-cut tiling, 12 mm slabs."""
-
-    normalisation: Literal["windows", "zscore"] = "windows"
-    # Names from slicefm.preprocess.windows.WINDOWS or explicit {name, lo, hi}; CLEAR: abdomen + lung.
-    windows: list[str | WindowSpec] = Field(default_factory=lambda: ["abdomen", "lung"])
-    zscore: ZScoreSpec = Field(default_factory=ZScoreSpec)
-    body_crop: bool = True
-    crop_margin_px: int = Field(4, ge=0)
-    size: int | None = Field(256, ge=16)  # output side in px; None = native (no resize)
-    five_cut: bool = False
-    slab_mm: float = Field(12.0, gt=0)
-    n_shards: int = Field(4, ge=1)
-    workers: int = Field(2, ge=1)
 
 
 def _external_data() -> DataConfig:

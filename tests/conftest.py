@@ -191,7 +191,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def preprocessed(ingested: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`ingested` -> preprocess at 32 px (6 scans, 2 windows), built once per session."""
-    from slicefm.config import PreprocessConfig
+    from slicefm.preprocess.config import PreprocessConfig
     from slicefm.preprocess.stage import run_preprocess
 
     out = tmp_path_factory.mktemp("pretrain_data") / "pre"

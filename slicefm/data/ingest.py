@@ -20,11 +20,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm import __version__
+from slicefm.core.parallel import process_pool
 from slicefm.core.store import Store, open_store, staged_output
 from slicefm.data import pseudonym
 from slicefm.data.adapters import detect_format, get_adapter
 from slicefm.data.adapters.base import AdapterResult, ScanCandidate
-from slicefm.data.redact import redact_uids
 from slicefm.data.schemas import (
     LABEL_PREFIX,
     LesionsSchema,
@@ -32,8 +32,8 @@ from slicefm.data.schemas import (
     ScansSchema,
     validate,
 )
+from slicefm.io.redact import redact_uids
 from slicefm.io.volume import InvalidScanError, Volume
-from slicefm.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _load_all(
             _load_and_store(i, c, args, out_uri, max_tilt_deg)
             for i, c in enumerate(tqdm(cands, desc="ingest", unit="scan"))
         ]
-    with process_pool(workers, preload=("slicefm.data.ingest",)) as pool:  # no torch in ingest
+    with process_pool(workers, preload=(__name__,)) as pool:  # no torch in ingest
         futures = [
             pool.submit(_load_and_store, i, c, args, out_uri, max_tilt_deg) for i, c in enumerate(cands)
         ]

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from slicefm.config import DataConfig
+from slicefm.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slicefm.config import DataConfig, PipelineConfig, dump_config
+from slicefm.config import PipelineConfig, dump_config
 from slicefm.core.store import open_store
+from slicefm.data.config import DataConfig
 from slicefm.data.pseudonym import key_fingerprint
 from slicefm.edge.tracking import mlflow_runs  # standard library only: mlflow is imported by a tracked run
 
@@ -281,6 +282,7 @@ def extract_stage(
     cohort: str = "a",
 ) -> ExtractResult:
     """Embed every slice with the configured encoder (or, with `random_baseline`, its random-weight twin)."""
+    from slicefm.edge.tracking.models import download_encoder
     from slicefm.embed.extract import run_extract
     from slicefm.embed.sources import random_twin, resolve_encoder
     from slicefm.train.supervised import SUPERVISED_LABEL
@@ -288,7 +290,9 @@ def extract_stage(
     pre = open_store(preprocessed_uri)
     meta = pre.read_json("preprocess.json")
     size = int(pre.read_npy_header(_first_stack(pre)).shape[-1])
-    encoder, info = resolve_encoder(cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed)
+    encoder, info = resolve_encoder(
+        cfg.extract, encoder_uri, len(meta["channels"]), size, cfg.seed, fetch_registered=download_encoder
+    )
     if random_baseline:
         encoder, info = random_twin(info, cfg.seed)
     which = "-random" if random_baseline else ("-supervised" if info.label == SUPERVISED_LABEL else "")

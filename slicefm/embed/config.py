@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from slicefm.core.config import Strict
 
 
-class ExtractConfig(BaseModel):
+class ExtractConfig(Strict):
     """Frozen encoder over every slice of every scan.
 
     `encoder` names where the weights come from:
@@ -18,8 +20,6 @@ class ExtractConfig(BaseModel):
     - "models:/<name>@<alias>" or "models:/<name>/<version>": an encoder from the MLflow registry;
     - any other string: a directory or s3:// URI holding encoder.safetensors + encoder.json.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     encoder: str = "pretrained"
     weights: str | None = None  # timm:<name> only

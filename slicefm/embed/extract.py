@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slicefm.core.resume import may_resume
+from slicefm.core.shards import shard_of
 from slicefm.core.store import Store, open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.embed.sources import EncoderInfo
 from slicefm.models.encoders import Encoder
-from slicefm.preprocess.shards import shard_of
 
 log = logging.getLogger(__name__)
 

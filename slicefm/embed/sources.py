@@ -1,10 +1,11 @@
-"""Where an extraction encoder comes from: the pretrain output, a timm backbone, or the MLflow registry."""
+"""Where an extraction encoder comes from: the pretrain output, a timm backbone, or the MLflow registry (fetched
+by the caller: the edge downloads `models:/` specs, so the science never imports MLflow)."""
 
 from __future__ import annotations
 
 import io
 import logging
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from slicefm.core.store import open_store
 from slicefm.embed.config import ExtractConfig
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.train.export import META_KEY, load_encoder
+from slicefm.models.export_format import load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +56,18 @@ def _state_dict_from(uri: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def _registry_download(model_uri: str) -> str:
-    """Download a registered encoder and return the directory holding encoder.json."""
-    import mlflow
-
-    dest = tempfile.mkdtemp(prefix="slicefm-encoder-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dest))
-    hits = sorted(local.rglob(META_KEY))
-    if not hits:
-        raise FileNotFoundError(
-            f"{model_uri}: no {META_KEY} in the registered model (is it a slicefm encoder?)"
-        )
-    return str(hits[0].parent)
-
-
 def resolve_encoder(
     cfg: ExtractConfig,
     pretrained_uri: str | None,
     n_channels: int,
     slice_size: int,
     seed: int = 0,
+    fetch_registered: Callable[[str], str] | None = None,
 ) -> tuple[Encoder, EncoderInfo]:
-    """Build the configured encoder (eval mode, CPU) and describe it."""
+    """Build the configured encoder (eval mode, CPU) and describe it.
+
+    `fetch_registered` turns a `models:/` spec into a local directory holding encoder.json (the edge passes
+    `slicefm.edge.tracking.models.download_encoder`); without it such a spec is refused."""
     spec = cfg.encoder
     if spec.startswith(("random:", "timm:")):
         kind, name = spec.split(":", 1)
@@ -101,7 +92,11 @@ def resolve_encoder(
             raise ValueError("encoder 'pretrained' needs the pretrain stage's output URI")
         uri, label = pretrained_uri, "pretrained"
     elif spec.startswith("models:/"):
-        uri, label = _registry_download(spec), spec.removeprefix("models:/")
+        if fetch_registered is None:
+            raise ValueError(
+                f"encoder {spec!r} is in the model registry: resolving it needs a fetch_registered"
+            )
+        uri, label = fetch_registered(spec), spec.removeprefix("models:/")
     else:
         uri, label = spec, Path(spec.rstrip("/")).name or spec
     encoder, meta = load_encoder(uri)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from slicefm.core.config import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     """CLEAR: >= 1,000 cases -> fixed 20 % held-out test + 5-fold CV; fewer -> nested 5-fold CV."""
 
     n_folds: int = Field(5, ge=2)
@@ -20,7 +18,7 @@ class SplitConfig(_Strict):
     mode: Literal["auto", "holdout", "nested"] = "auto"
 
 
-class AbmilConfig(_Strict):
+class AbmilConfig(Strict):
     """CLEAR ABMIL head and its training (paper + authors' code)."""
 
     hidden: int = Field(256, ge=1)
@@ -39,7 +37,7 @@ class AbmilConfig(_Strict):
     eval_batch_size: int = Field(16, ge=1)
 
 
-class ProbeConfig(_Strict):
+class ProbeConfig(Strict):
     """DALE-CT linear probes: 5 poolings x 4 learning rates, SGD + cosine, selection by val macro AUPRC."""
 
     poolings: list[Literal["mean", "max", "learned_query", "avg_query", "multi_query"]] = Field(
@@ -63,7 +61,7 @@ class ProbeConfig(_Strict):
         return lrs
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     """One prediction task: which label columns, which windows form the bag, which heads to fit."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -80,7 +78,7 @@ def _default_tasks() -> list[TaskConfig]:
     return [TaskConfig(name="lesion_location", labels=["location_*"], windows=None, protocols=["abmil"])]
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(Strict):
     """The evaluate stage: tasks, splits, the ABMIL head, the linear probes, latent continuity, plots."""
 
     seed: int = 0
@@ -101,7 +99,7 @@ class EvaluateConfig(_Strict):
         return tasks
 
 
-class ExternalConfig(_Strict):
+class ExternalConfig(Strict):
     """External cohort B: "frozen" (cohort A's heads unchanged) vs "retrained" (new heads on B's train splits).
 
     `tasks` name evaluate tasks; B's label columns are the same names unless `class_map` maps a B class to

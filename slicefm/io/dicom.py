@@ -27,8 +27,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from slicefm.data.redact import redact_uids
 from slicefm.io.orientation import reorient_to_canonical
+from slicefm.io.redact import redact_uids
 from slicefm.io.volume import InvalidScanError, Volume
 
 logger = logging.getLogger(__name__)

@@ -18,19 +18,19 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.core.parallel import process_pool
 from slicefm.core.resume import may_resume
+from slicefm.core.shards import shard_of, stack_key
 from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
-from slicefm.parallel import process_pool
 from slicefm.preprocess.boxes import map_box_to_output
+from slicefm.preprocess.config import WINDOWS, HUWindow, PreprocessConfig
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
-from slicefm.preprocess.shards import shard_of, stack_key
 from slicefm.preprocess.slabs import slab_ids
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
-from slicefm.preprocess.windows import WINDOWS, HUWindow, ZScoreNorm, apply_windows_uint8, apply_zscore
+from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ class PreprocessResult:
 
 
 def resolve_windows(cfg: PreprocessConfig) -> list[HUWindow]:
+    """The configured windows: names looked up in WINDOWS, explicit windows as they are."""
     out = []
     for w in cfg.windows:
-        if isinstance(w, WindowSpec):
-            out.append(HUWindow(w.name, w.lo, w.hi))
+        if isinstance(w, HUWindow):
+            out.append(w)
         elif w in WINDOWS:
             out.append(WINDOWS[w])
         else:
@@ -71,8 +72,7 @@ def crop_box_for(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, 
 def normalise(hu_resized: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """[z, H, W] HU -> [z, C, H, W] uint8 windows or float16 z-scores."""
     if cfg.normalisation == "zscore":
-        z = cfg.zscore
-        return apply_zscore(hu_resized, ZScoreNorm(z.clip_lo, z.clip_hi, z.mean, z.std))
+        return apply_zscore(hu_resized, cfg.zscore)
     return apply_windows_uint8(hu_resized, resolve_windows(cfg))
 
 
@@ -197,7 +197,7 @@ def run_preprocess(
     ]
     skipped = 0
     if cfg.workers > 1 and len(tasks) > 1:
-        with process_pool(cfg.workers) as pool:
+        with process_pool(cfg.workers, preload=(__name__,)) as pool:  # torch and data.ingest with it
             results = list(
                 tqdm(pool.map(_scan_task, tasks), total=len(tasks), desc="preprocess", unit="scan")
             )

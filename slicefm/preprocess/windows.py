@@ -1,5 +1,7 @@
 """Intensity transforms: HU display windows (CLEAR) and foreground z-scoring (DALE-CT).
 
+The window and z-score types (and the named windows) live in `slicefm.preprocess.config`.
+
 Both take canonical HU volumes ``[z, y, x]`` (any in-plane size, e.g. after resizing) or ``[z, 1, y, x]``,
 as numpy arrays or CPU torch tensors, and return numpy arrays with a channel axis ``[z, C, y, x]``.
 """
@@ -8,43 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from slicefm.preprocess.config import HUWindow, ZScoreNorm
 
 logger = logging.getLogger(__name__)
 
 # Slices processed per step. The arithmetic is memory-bound: an 8-slice float32 scratch buffer (8 MiB at
 # 512 px) stays mostly in cache, which measured ~2x faster than whole-volume temporaries.
 _CHUNK_SLICES = 8
-
-
-@dataclass(frozen=True)
-class HUWindow:
-    """A display window: HU in [lo, hi] maps linearly onto 0..255, values outside are clipped."""
-
-    name: str
-    lo: float
-    hi: float
-
-    def __post_init__(self) -> None:
-        if not self.hi > self.lo:
-            raise ValueError(f"window {self.name!r}: hi ({self.hi}) must exceed lo ({self.lo})")
-
-
-# CLEAR windows (SCIENCE.md): abdomen/soft tissue -175..275 HU, lung -1500..500 HU.
-ABDOMEN = HUWindow("abdomen", -175.0, 275.0)
-LUNG = HUWindow("lung", -1500.0, 500.0)
-BONE = HUWindow("bone", -500.0, 1300.0)
-BRAIN = HUWindow("brain", 0.0, 80.0)
-WINDOWS: dict[str, HUWindow] = {
-    "abdomen": ABDOMEN,
-    "soft_tissue": ABDOMEN,
-    "lung": LUNG,
-    "bone": BONE,
-    "brain": BRAIN,
-}
 
 
 def _as_slices(hu: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -84,27 +60,6 @@ def apply_windows_uint8(hu: np.ndarray | torch.Tensor, windows: Sequence[HUWindo
             np.clip(tmp, 0.5, 255.5, out=tmp)
             out[i : i + src.shape[0], c] = tmp  # float -> uint8 truncates, completing the rounding
     return out
-
-
-@dataclass(frozen=True)
-class ZScoreNorm:
-    """Clip HU to [clip_lo, clip_hi], then ``(hu - mean) / std``.
-
-    Defaults are the DALE-CT code's constants. The paper derives them, nnU-Net style, from the foreground
-    voxels of a 1,000-scan sample: clip range = their 0.5 / 99.5 percentiles, mean/std = their mean and
-    standard deviation. `fit_zscore_norm` refits them on another cohort.
-    """
-
-    clip_lo: float = -997.0
-    clip_hi: float = 888.0
-    mean: float = -142.39
-    std: float = 360.97
-
-    def __post_init__(self) -> None:
-        if not self.clip_hi > self.clip_lo:
-            raise ValueError(f"clip_hi ({self.clip_hi}) must exceed clip_lo ({self.clip_lo})")
-        if not self.std > 0:
-            raise ValueError(f"std must be positive, got {self.std}")
 
 
 def apply_zscore(hu: np.ndarray | torch.Tensor, norm: ZScoreNorm = ZScoreNorm()) -> np.ndarray:
@@ -171,6 +126,6 @@ def fit_zscore_norm(
     # float64 accumulation only on the (bounded) sample: float32 sums drift over millions of voxels.
     mean = float(pooled.mean(dtype=np.float64))
     std = float(pooled.std(dtype=np.float64))
-    norm = ZScoreNorm(float(clip_lo), float(clip_hi), mean, std)
+    norm = ZScoreNorm(clip_lo=float(clip_lo), clip_hi=float(clip_hi), mean=mean, std=std)
     logger.info("fitted %s on %d foreground voxels from %d volumes", norm, pooled.size, len(samples))
     return norm

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
+from slicefm.ssl.config import AugmentConfig, LECLConfig, LeJEPAConfig
 
 # Crop-centre kinds reported per crop (LeJEPA): abnormality, organ (anatomy), body.
 ABNORMAL, ORGAN, BODY = 0, 1, 2

@@ -2,7 +2,8 @@
 
 Defaults reproduce CLEAR's MoCo-v3 recipe (official ViT settings: T 0.2, m 0.99 -> 1 cosine, AdamW,
 lr 1e-4 x batch / 256, 10 warm-up epochs of 100). Presets in `pipelines/configs/` override the
-method-specific parts (LECL lambda, LeJEPA crops, auxiliary supervision, ViT-L schedule).
+method-specific parts (LECL lambda, LeJEPA crops, auxiliary supervision, ViT-L schedule). The methods'
+own sections (MoCo, LECL, LeJEPA, auxiliary supervision, augmentation) live in `slicefm.ssl.config`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from slicefm.core.config import Strict
+from slicefm.ssl.config import AugmentConfig, AuxConfig, LECLConfig, LeJEPAConfig, MoCoConfig
 
 logger = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EncoderConfig(_Strict):
+class EncoderConfig(Strict):
     """Backbone by timm / slicefm registry name; `overrides` go to timm.create_model (e.g. drop_path_rate)."""
 
     name: str = "vit_conv_base"
@@ -27,7 +27,7 @@ class EncoderConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["adamw", "lars"] = "adamw"
     # Base lr per 256 samples when lr_scaling == "batch/256" (moco-v3 / CLEAR code), else absolute.
     lr: float = Field(1e-4, gt=0)
@@ -41,7 +41,7 @@ class OptimizerConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     """Length of training and the linear warm-up (epochs unless the *_steps fields are set)."""
 
     epochs: int = Field(100, ge=1)
@@ -50,89 +50,12 @@ class ScheduleConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_epochs
 
 
-class MoCoConfig(_Strict):
-    temperature: float = Field(0.2, gt=0)
-    momentum: float = Field(0.99, ge=0, le=1)  # m0 of the cosine schedule towards 1
-    proj_dim: int = Field(256, ge=1)
-    mlp_dim: int = Field(4096, ge=1)
-    proj_layers: int = Field(3, ge=1)
-    pred_layers: int = Field(2, ge=1)
-    scale_by_2t: bool = True
-    freeze_patch_embed: bool = False  # moco-v3's stop-grad patch projection (patchify ViTs only)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction (BYOL / moco-v3)
-
-
-class LECLConfig(_Strict):
-    """CLEAR's lesion-enhanced contrastive learning on top of MoCo-v3 (method "lecl")."""
-
-    lesion_lambda: float = Field(0.0, ge=0)  # paper grid {0, 1, 3, 5}; 0 was best
-    lesion_term: Literal["paper", "code"] = "paper"
-    # Side of the lesion-centred crop = max(context * longest box side, min_crop_frac * slice side).
-    context: float = Field(2.0, ge=1.0)
-    min_crop_frac: float = Field(0.25, gt=0, le=1)
-    bank_refresh_per_step: int = Field(8, ge=0)  # key slices re-encoded by the momentum encoder per step
-    bank_init_full: bool = True  # encode every key slice once before training
-
-
-class LeJEPAConfig(_Strict):
-    lam: float = Field(0.02, ge=0, le=1)  # DALE-CT code / LeJEPA minimal recipe
-    # SIGReg's statistic grows ~linearly with the global batch N, so lam alone means a different strength at
-    # every batch size. reference_batch R states lam at global batch R (loss uses SIGReg * R / N); None = the
-    # papers' formula as is (their lam assumes their batch: DALE-CT 512, LeJEPA's recipes ~hundreds).
-    reference_batch: int | None = Field(None, ge=1)
-    n_global: int = Field(2, ge=1)
-    n_local: int = Field(8, ge=0)
-    global_size: int | None = Field(None, ge=8)  # None = encoder.img_size
-    local_size: int = Field(144, ge=8)
-    global_scale: tuple[float, float] = (0.3, 1.0)  # crop side^2 / slice area
-    local_scale: tuple[float, float] = (0.05, 0.3)
-    depth_aware: bool = True  # False = pure 2D ablation (all crops from one slice)
-    abnormal_prob: float = Field(0.8, ge=0, le=1)
-    # "volume" (DALE-CT paper): with abnormal_prob a draw is swapped for a slab centred on an abnormal slice
-    # of the same volume and all its crops are centred on the abnormality (a slice without one falls back to
-    # anatomy); "slice": each crop is centred on an abnormality with abnormal_prob only when its own slice
-    # happens to show one (most slabs show none, so few crops are label-guided).
-    guidance: Literal["volume", "slice"] = "volume"
-    proj_dim: int = Field(128, ge=1)
-    proj_hidden: int = Field(2048, ge=1)
-    proj_layers: int = Field(3, ge=1)
-    num_directions: int = Field(256, ge=1)
-    num_knots: int = Field(17, ge=2)
-
-
-class AuxConfig(_Strict):
-    """DALE-CT auxiliary supervision (LeJEPA only): None, 1S (organs, CLS) or 2S (+ abnormalities, patches)."""
-
-    mode: Literal["1S", "2S"] | None = None
-    alpha: float = Field(0.1, ge=0)
-    organ_pos_weight_cap: float = Field(1000.0, gt=0)
-    abn_pos_weight: float = Field(800.0, gt=0)
-    cls_patch_weights: tuple[float, float] = (0.5, 0.5)
-    freq_sample_scans: int = Field(64, ge=1)  # scans read to estimate organ frequencies
-    # Abnormality classes for lesions: "any" = one 'lesion' class; "typed" = one class per DeepLesion coarse
-    # type (lesion_bone .. lesion_pelvis), like DALE-CT's typed ReXGroundingCT classes. Typed labels come from
-    # lesions.parquet (mask value = lesion_index + 1). Pretrain on a cohort disjoint from the one you evaluate
-    # lesion types on (pipeline `pretrain_data`), or the encoder has seen the test folds' labels.
-    lesion_classes: Literal["any", "typed"] = "any"
-
-
-class AugmentConfig(_Strict):
-    """BYOL / moco-v3 style photometric and geometric augmentation adapted to CT windows."""
-
-    hflip_prob: float = Field(0.5, ge=0, le=1)
-    vflip_prob: float = Field(0.0, ge=0, le=1)  # anterior/posterior flips are anatomically implausible
-    brightness: float = Field(0.1, ge=0)  # additive shift, fraction of the intensity range
-    contrast: float = Field(0.1, ge=0)  # multiplicative, around the per-image mean
-    blur_prob: float = Field(0.5, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 1.5)  # pixels, in the output frame
-
-
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     every_steps: int = Field(1000, ge=1)
     keep_history: bool = False  # also keep step-numbered copies
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     every_steps: int = Field(50, ge=1)
     collapse_every: int = Field(200, ge=1)
     # Whole slices the backbone's effective rank is measured on (RankMe needs many more rows than dims).
@@ -154,7 +77,7 @@ class LoggingConfig(_Strict):
         return data
 
 
-class LoaderConfig(_Strict):
+class LoaderConfig(Strict):
     batch_size: int = Field(256, ge=2)  # per rank
     workers: int = Field(4, ge=0)
     pin_memory: bool = True
@@ -162,7 +85,7 @@ class LoaderConfig(_Strict):
     exclude_splits: list[str] = Field(default_factory=lambda: ["test"])  # never pretrain on test scans
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     method: Literal["moco", "lecl", "lejepa"] = "moco"
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA only; CPU always fp32
@@ -196,7 +119,7 @@ def load_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     return PretrainConfig.model_validate(data)
 
 
-class SupervisedCeilingConfig(_Strict):
+class SupervisedCeilingConfig(Strict):
     """The supervised ceiling (slicefm.train.supervised): pretrain.encoder's architecture trained on the
     pretraining cohort's labels, evaluated beside the pretrained and random-weight encoders."""
 

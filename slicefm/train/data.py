@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from slicefm.core.shards import StackReader
 from slicefm.core.store import Store
 from slicefm.data.adapters.sidecar import LESION_NAMES  # DeepLesion types 1..8, the typed aux order
-from slicefm.preprocess.shards import StackReader
 
 logger = logging.getLogger(__name__)
 

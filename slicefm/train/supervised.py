@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slicefm.core.shards import StackReader
 from slicefm.core.store import open_store
 from slicefm.models.encoders import Encoder, create_encoder
 from slicefm.models.export_format import export_encoder
-from slicefm.preprocess.shards import StackReader
 from slicefm.ssl.views import cell_class_counts
 from slicefm.train.config import PretrainConfig, SupervisedCeilingConfig
 from slicefm.train.data import LESION_NAMES, lesion_type_lookup, load_index, to_float, typed_lesion_mask

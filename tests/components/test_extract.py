@@ -13,7 +13,7 @@ from kfp import dsl
 
 from components.extract import extract, merge_embeddings, shard_indices
 from slicefm.embed.reader import EmbeddingSet
-from slicefm.train.export import load_encoder
+from slicefm.models.export_format import load_encoder
 from slicefm.train.stage import run_pretrain
 from tests.components.conftest import component_config, dataset, stage_runs
 from tests.train.conftest import tiny_config

@@ -13,7 +13,7 @@ from kfp.dsl import Metrics
 from mlflow.tracking import MlflowClient
 
 from components.pretrain import pretrain, supervised_ceiling
-from slicefm.train.export import load_encoder
+from slicefm.models.export_format import load_encoder
 from tests.components.conftest import component_config, dataset, stage_runs
 
 

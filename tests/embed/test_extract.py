@@ -13,7 +13,7 @@ from slicefm.embed.extract import encoder_inputs, merge_extracts, run_extract
 from slicefm.embed.reader import EmbeddingSet
 from slicefm.embed.sources import random_twin, resolve_encoder
 from slicefm.models.encoders import create_encoder
-from slicefm.train.export import export_encoder
+from slicefm.models.export_format import export_encoder
 
 SIZE = 32
 
@@ -162,6 +162,17 @@ def test_sources_pretrained_export_timm_weights_and_random_twin(tmp_path):
     assert tinfo.label == "vit_tiny_test"
     with pytest.raises(ValueError, match="pretrain stage"):
         resolve_encoder(ExtractConfig(), None, 2, SIZE)
+    # A registry spec is fetched by the caller (the edge's MLflow download), never by the library itself.
+    fetched = []
+    reg, rinfo = resolve_encoder(
+        ExtractConfig(encoder="models:/enc@champion"), None, 2, SIZE,
+        fetch_registered=lambda spec: fetched.append(spec) or str(tmp_path / "enc"),
+    )  # fmt: skip
+    assert fetched == ["models:/enc@champion"] and rinfo.label == "enc@champion"
+    with torch.no_grad():
+        assert torch.equal(reg(x), enc(x))
+    with pytest.raises(ValueError, match="model registry"):
+        resolve_encoder(ExtractConfig(encoder="models:/enc@champion"), None, 2, SIZE)
 
 
 def test_extract_to_and_from_s3(preprocessed, s3_env):

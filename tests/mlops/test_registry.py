@@ -23,6 +23,7 @@ from slicefm.edge.tracking.models import (
     MANIFEST_NAME,
     ModelIntegrityError,
     ModelRegistryError,
+    download_encoder,
     list_models,
     pull_model,
     set_alias,
@@ -31,7 +32,7 @@ from slicefm.edge.tracking.models import (
 from slicefm.edge.tracking.preflight import PreflightError, check_store, check_tracking_server
 from slicefm.edge.tracking.registry import register_encoder, register_head
 from slicefm.models.encoders import create_encoder
-from slicefm.train.export import export_encoder, load_encoder
+from slicefm.models.export_format import export_encoder, load_encoder
 
 ENCODER = "mlops-test-encoder"
 HEAD = "mlops-test-head"
@@ -140,6 +141,16 @@ def test_cli_pull_by_alias_is_byte_identical_and_verified(
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(pulled(x), original(x))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def test_download_encoder_for_extraction(registered: Registered) -> None:
+    """What `slicefm extract --encoder models:/NAME@ALIAS` loads: the registered encoder's directory."""
+    got, _ = load_encoder(download_encoder(f"models:/{ENCODER}@champion"))
+    original, _ = load_encoder(str(registered.encoder_dir))
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(got(x), original(x))
+    with pytest.raises(FileNotFoundError, match="no encoder.json"):
+        download_encoder(f"models:/{HEAD}/{registered.head_version}")
 
 
 def test_pull_latest_and_explicit_version(registered: Registered, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def data_steps(config_yaml: str, data_source: str, tracking_uri: str, data_versi
     common = {
         "config_yaml": config_yaml, "tracking_uri": tracking_uri, "parent_run_id": start.outputs["parent_run_id"],
         "store_uri": store_uri, "run_name": start.outputs["run_name"],
-        "data_config_yaml": start.outputs["data_config_yaml"],
+        "data_config_yaml": start.outputs["data_config_yaml"], "data_dvc_file": "", "dvc_remote": "",
     }  # fmt: skip
     _ingest_and_preprocess(common, data_source, data_version, "a", "development")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slicefm.config import PreprocessConfig, WindowSpec
+from slicefm.core.shards import StackReader
 from slicefm.core.store import open_store
 from slicefm.data.ingest import write_manifests
-from slicefm.preprocess.shards import StackReader
+from slicefm.preprocess.config import HUWindow, PreprocessConfig
 from slicefm.preprocess.stage import read_slices, run_preprocess
 
 H = W = 96
@@ -151,7 +151,7 @@ def test_zscore_native_size_and_custom_window(tmp_path):
     stack = np.load(tmp_path / "z" / read_slices(out)["stack"].iloc[0])
     assert stack.shape == (N, 1, H, W) and stack.dtype == np.float16
     assert float(stack.min()) == pytest.approx((-997 + 142.39) / 360.97, abs=1e-2)
-    cfg = PreprocessConfig(windows=[WindowSpec(name="bone", lo=-500, hi=1300)], size=32, workers=1)
+    cfg = PreprocessConfig(windows=[HUWindow(name="bone", lo=-500, hi=1300)], size=32, workers=1)
     res = run_preprocess(str(tmp_path / "ing"), str(tmp_path / "w"), cfg)
     assert res.channels == ["bone"]
 

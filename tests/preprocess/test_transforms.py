@@ -8,23 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from slicefm.config import PreprocessConfig, WindowSpec
 from slicefm.preprocess.boxes import map_box_to_input, map_box_to_output
+from slicefm.preprocess.config import ABDOMEN, LUNG, WINDOWS, HUWindow, PreprocessConfig, ZScoreNorm
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
 from slicefm.preprocess.slabs import slab_ids
 from slicefm.preprocess.stage import channel_names, resolve_windows
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
-from slicefm.preprocess.windows import (
-    ABDOMEN,
-    LUNG,
-    WINDOWS,
-    HUWindow,
-    ZScoreNorm,
-    apply_windows_uint8,
-    apply_zscore,
-    fit_zscore_norm,
-)
+from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore, fit_zscore_norm
 
 
 def phantom(
@@ -95,13 +86,29 @@ def test_window_table() -> None:
     assert (WINDOWS["brain"].lo, WINDOWS["brain"].hi) == (0, 80)
     # The preprocess config names windows from the table, in its order, or spells one out.
     assert resolve_windows(PreprocessConfig(windows=["lung", "abdomen"])) == [LUNG, ABDOMEN]
-    custom = PreprocessConfig(windows=["soft_tissue", WindowSpec(name="liver", lo=-50, hi=200)])
-    assert resolve_windows(custom) == [ABDOMEN, HUWindow("liver", -50, 200)]
+    custom = PreprocessConfig(windows=["soft_tissue", HUWindow(name="liver", lo=-50, hi=200)])
+    assert resolve_windows(custom) == [ABDOMEN, HUWindow(name="liver", lo=-50, hi=200)]
     assert channel_names(custom) == ["abdomen", "liver"]
     with pytest.raises(ValueError, match=r"unknown window 'liver'; known: \['abdomen', 'bone'"):
         resolve_windows(PreprocessConfig(windows=["lung", "liver"]))
     with pytest.raises(ValueError):
-        HUWindow("bad", 100.0, 100.0)
+        HUWindow(name="bad", lo=100.0, hi=100.0)
+
+
+def test_windows_and_zscore_are_validated_alike_from_yaml_and_code() -> None:
+    """One type each: the config's YAML mapping and the transform's argument are the same model."""
+    from_yaml = PreprocessConfig.model_validate({"windows": [{"name": "liver", "lo": -50, "hi": 200}]})
+    assert from_yaml.windows == [HUWindow(name="liver", lo=-50.0, hi=200.0)]
+    assert len({*from_yaml.windows, HUWindow(name="liver", lo=-50, hi=200)}) == 1  # frozen, hashable
+    with pytest.raises(ValueError, match=r"window 'liver': hi \(-60.0\) must exceed lo \(-50.0\)"):
+        PreprocessConfig.model_validate({"windows": [{"name": "liver", "lo": -50, "hi": -60}]})
+    with pytest.raises(ValueError, match="extra"):
+        PreprocessConfig.model_validate({"windows": [{"name": "liver", "lo": -50, "hi": 200, "level": 75}]})
+    with pytest.raises(ValueError, match=r"clip_hi \(-1000.0\) must exceed clip_lo"):
+        PreprocessConfig.model_validate({"zscore": {"clip_hi": -1000}})
+    with pytest.raises(ValueError, match="greater than 0"):
+        ZScoreNorm(std=0.0)
+    assert PreprocessConfig().zscore == ZScoreNorm(clip_lo=-997.0, clip_hi=888.0, mean=-142.39, std=360.97)
 
 
 def test_zscore_values() -> None:
@@ -111,7 +118,9 @@ def test_zscore_values() -> None:
     assert out.dtype == np.float16 and out.shape == (1, 1, 1, 5)
     lo, hi = (-997.0 + 142.39) / 360.97, (888.0 + 142.39) / 360.97
     np.testing.assert_allclose(out[0, 0, 0].astype(np.float64), [lo, lo, 0.0, hi, hi], atol=2e-3)
-    custom = apply_zscore(torch.tensor([[[10.0, 30.0]]]), ZScoreNorm(0.0, 20.0, 10.0, 5.0))
+    custom = apply_zscore(
+        torch.tensor([[[10.0, 30.0]]]), ZScoreNorm(clip_lo=0.0, clip_hi=20.0, mean=10.0, std=5.0)
+    )
     np.testing.assert_array_equal(custom[0, 0, 0], [0.0, 2.0])
 
 

@@ -16,7 +16,6 @@ SCIENCE = (
     "slicefm.train.methods",
     "slicefm.train.optim",
     "slicefm.train.distributed",
-    "slicefm.train.export",
     "slicefm.train.stage",
     "slicefm.train.supervised",
     "slicefm.models.export_format",

@@ -12,12 +12,12 @@ import yaml
 from slicefm.config import PipelineConfig
 from slicefm.core.store import open_store
 from slicefm.models.encoders import create_encoder
+from slicefm.models.export_format import load_encoder
 from slicefm.train.checkpoint import LATEST_KEY, CheckpointError
 from slicefm.train.collapse import CollapseError, CollapseMonitor, effective_rank
 from slicefm.train.config import PretrainConfig, load_pretrain_config
 from slicefm.train.data import load_index
 from slicefm.train.distributed import DistContext
-from slicefm.train.export import load_encoder
 from slicefm.train.methods import build_method
 from slicefm.train.optim import LARS
 from slicefm.train.stage import run_pretrain

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slicefm.core.store import open_store
-from slicefm.train.export import load_encoder
+from slicefm.models.export_format import load_encoder
 from slicefm.train.stage import run_pretrain
 from tests.train.conftest import tiny_config
 

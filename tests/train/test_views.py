@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import default_collate
 
 from slicefm.core.store import open_store
+from slicefm.ssl.config import AugmentConfig, LECLConfig, LeJEPAConfig
 from slicefm.ssl.views import ABNORMAL, aux_targets, crop_labels, lejepa_views, lesion_crop_boxes, moco_views
-from slicefm.train.config import AugmentConfig, LECLConfig, LeJEPAConfig
 from slicefm.train.data import (
     LESION_NAMES,
     EpochBatchSampler,

@@ -346,6 +346,23 @@ def pull_model(
     return PulledModel(mv.name, str(mv.version), dest, tuple(files), _lineage_of(tags))
 
 
+def download_encoder(model_uri: str) -> str:
+    """Download a registered encoder (`models:/NAME@ALIAS` or `models:/NAME/VERSION`, resolved against MLflow's
+    current tracking URI) into a temp directory; return the directory holding its encoder.json."""
+    import mlflow.artifacts
+
+    from slicefm.models.export_format import META_KEY
+
+    dest = tempfile.mkdtemp(prefix="slicefm-encoder-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dest))
+    hits = sorted(local.rglob(META_KEY))
+    if not hits:
+        raise FileNotFoundError(
+            f"{model_uri}: no {META_KEY} in the registered model (is it a slicefm encoder?)"
+        )
+    return str(hits[0].parent)
+
+
 def _replace_dir(src: Path, dest: Path, overwrite: bool) -> None:
     """Rename `src` to `dest` (same filesystem: atomic); an old `dest` is moved aside first, then removed."""
     if not dest.exists():

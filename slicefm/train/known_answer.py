@@ -29,13 +29,13 @@ from sklearn.linear_model import RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
+from slicefm.core.shards import stack_key
 from slicefm.core.store import open_store
 from slicefm.models.encoders import Encoder, create_encoder
-from slicefm.preprocess.shards import stack_key
+from slicefm.models.export_format import load_encoder
 from slicefm.train.checkpoint import LATEST_KEY
 from slicefm.train.collapse import effective_rank
 from slicefm.train.config import PretrainConfig
-from slicefm.train.export import load_encoder
 from slicefm.train.stage import run_pretrain
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Known-answer test of the SSL machinery (issue 15): pretraining must learn a planted factor.
 
-Synthetic ellipses (`slicefm.ssl.known_answer`): the orientation survives every augmentation and is not
+Synthetic ellipses (`slicefm.train.known_answer`): the orientation survives every augmentation and is not
 linear in the pixels, so random weights cannot read it (held-out R^2 < 0) while a representation learned by
 LeJEPA or MoCo-v3 through the real pretraining stage can. LeJEPA without SIGReg (lambda 0) must collapse and
 the collapse check must stop it. Breaking SIGReg, the views or the loop fails these (see the issue-15 note).
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from slicefm.ssl.known_answer import run_known_answer
 from slicefm.train.collapse import CollapseError
 from slicefm.train.config import PretrainConfig
+from slicefm.train.known_answer import run_known_answer
 
 
 def known_answer_config(method: str, steps: int = 150, **overrides: Any) -> PretrainConfig:

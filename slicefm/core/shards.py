@@ -1,5 +1,8 @@
 """Slice stacks on the artifact store: one .npy per scan, grouped into shard folders.
 
+The format between preprocess, which writes it, and train and embed, which read it: it sits in the bottom
+layer so its readers do not depend on the preprocess stage.
+
 A stack is [n_slices, C, H, W] (or [n_slices, 5, C, H, W] with 5-cut tiles), uint8 for HU windows or
 float16 for z-scored input. Stacks are plain .npy so a local reader memory-maps them and an S3
 reader fetches a single slice with one byte-range GET (Store.read_npy_rows).

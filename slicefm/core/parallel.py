@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -20,12 +21,10 @@ def _init_worker() -> None:
         torch.set_num_threads(1)
 
 
-def process_pool(
-    workers: int, preload: tuple[str, ...] = ("slicefm.data.ingest", "slicefm.preprocess.stage")
-) -> ProcessPoolExecutor:
-    """A pool whose workers fork from a server that imported `preload` once (torch too, for the default
-    preprocess preload), so a worker starts in milliseconds instead of importing its modules itself.
-    Ingest preloads only slicefm.data.ingest: its workers never import torch."""
+def process_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
+    """A pool whose workers fork from a server that imported the modules `preload` names once (each caller
+    names its own, with whatever they import: torch for preprocess, not for ingest), so a worker starts in
+    milliseconds instead of importing them itself."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
