@@ -17,17 +17,20 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+
+from tests.loopback_http import loopback_server
 
 API = "/apis/v2beta1"
 VERSIONS = re.compile(rf"^{API}/pipelines/([^/]+)/versions$")
 T0 = "2026-01-01T00:00:00Z"
 # google.rpc.Code of the HTTP statuses the fake answers with.
 GRPC_CODES = {400: 3, 403: 7, 404: 5, 409: 6}
+
 
 
 class ApiError(Exception):
@@ -59,20 +62,7 @@ class FakeKfp:
     run_ids: list[str] = field(default_factory=list)  # the ids the runs were given
 
     def __post_init__(self) -> None:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-            def do_GET(self) -> None:
-                fake._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                fake._handle(self, "POST")
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server, self._thread = loopback_server(self._handle, ("GET", "POST"))
         self._lock = threading.Lock()
 
     @property
