@@ -11,6 +11,7 @@ import pydicom
 import pytest
 
 from components.ingest import ingest
+from components.tracking import record_stage
 from slicefm.config import config_from_yaml
 from slicefm.data.pseudonym import key_fingerprint, load_key
 from slicefm.phantom.dataset import generate_dataset
@@ -29,13 +30,12 @@ def test_ingest_writes_pseudonymised_volumes_and_manifests(raw_dicom, tmp_path, 
     config_yaml = component_config(tmp_path, "ingest-test")
     scans = dataset(tmp_path, "scans")
     n = ingest.python_func(
-        config_yaml=config_yaml, data_source=str(raw_dicom), tracking_uri=tracking_uri,
-        parent_run_id=parent_run, store_uri="", run_name="r1", data_version="md5:1234", scans=scans,
+        config_yaml=config_yaml, data_source=str(raw_dicom), store_uri="", data_version="md5:1234", scans=scans,
     )  # fmt: skip
     out = Path(scans.path)
     table = pd.read_parquet(out / "scans.parquet")
     assert n == len(table) == 3
-    assert scans.metadata == {"uri": scans.path, "n_scans": 3, "n_quarantined": 1}
+    assert scans.metadata == {"uri": scans.path, "n_scans": 3, "n_quarantined": 1, "data_version": "md5:1234"}
     quarantined = pd.read_csv(out / "quarantine.csv")
     assert list(quarantined["file"]) == ["notes.txt"] and "not a DICOM" in quarantined["reason"][0]
     # Pseudonyms, never the headers' identifiers; one volume per scan with the scan's slices.
@@ -48,13 +48,15 @@ def test_ingest_writes_pseudonymised_volumes_and_manifests(raw_dicom, tmp_path, 
     summary = json.loads((out / "dataset.json").read_text())
     assert (summary["n_scans"], summary["n_quarantined"], summary["data_version"]) == (3, 1, "md5:1234")
     assert config_from_yaml((out / "config.yaml").read_text()) == config_from_yaml(config_yaml)
-    # The stage run under the pipeline's parent: metrics, lineage params, where the output went.
+    # The stage run under the pipeline's parent, logged by the record step from the step's own record:
+    # metrics, lineage params, where the output went.
+    assert record_stage.python_func(tracking_uri=tracking_uri, parent_run_id=parent_run, output=scans) == "ingest"
     run = stage_runs(tracking_uri, parent_run)["ingest"]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["n_scans"] == 3 and run.data.metrics["n_quarantined"] == 1
     assert run.data.params["data_version"] == "md5:1234"
     assert run.data.params["pseudonym_key_fingerprint"] == key_fingerprint(load_key())
-    assert run.data.tags["slicefm.output_uri"].rstrip("/") == scans.path
+    assert run.data.tags["slicefm.output"] == scans.path and run.data.tags["slicefm.cached"] == "false"
 
 
 def test_ingest_cohorts_name_their_stage_and_need_their_section(
@@ -64,17 +66,20 @@ def test_ingest_cohorts_name_their_stage_and_need_their_section(
     store = tmp_path / "store"
     scans = dataset(tmp_path, "scans-b")
     n = ingest.python_func(
-        config_yaml=config_yaml, data_source=str(raw_dicom), tracking_uri=tracking_uri,
-        parent_run_id=parent_run, store_uri=str(store), run_name="r2", data_version="", scans=scans, cohort="b",
+        config_yaml=config_yaml, data_source=str(raw_dicom), store_uri=str(store), data_version="", scans=scans,
+        cohort="b",
     )  # fmt: skip
-    # With a store the data goes to <store>/<run>/ingest-b and the artifact only points there.
-    assert n == 3 and scans.metadata["uri"] == f"{store}/r2/ingest-b"
-    assert len(pd.read_parquet(store / "r2" / "ingest-b" / "scans.parquet")) == 3
+    # With a store the data goes to <store>/cache/ingest-b/<content hash> (no run name: a later run with the
+    # same data and settings is a cache hit pointing there) and the artifact only points there.
+    (written,) = (store / "cache" / "ingest-b").iterdir()
+    assert n == 3 and scans.metadata["uri"] == f"{store}/cache/ingest-b/{written.name}"
+    assert len(pd.read_parquet(written / "scans.parquet")) == 3
     assert not Path(scans.path).exists()
+    record_stage.python_func(tracking_uri=tracking_uri, parent_run_id=parent_run, output=scans)
     assert set(stage_runs(tracking_uri, parent_run)) == {"ingest-b"}
     with pytest.raises(ValueError, match="pretrain_data"):
         ingest.python_func(
-            config_yaml=config_yaml, data_source=str(raw_dicom), tracking_uri="", parent_run_id="",
-            store_uri=str(store), run_name="r3", data_version="", scans=dataset(tmp_path, "p"), cohort="p",
+            config_yaml=config_yaml, data_source=str(raw_dicom), store_uri=str(store), data_version="",
+            scans=dataset(tmp_path, "p"), cohort="p",
         )  # fmt: skip
-    assert not (store / "r3").exists()
+    assert not (store / "cache" / "ingest-p").exists()

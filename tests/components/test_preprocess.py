@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from components.preprocess import preprocess
+from components.tracking import record_stage
 from tests.components.conftest import component_config, dataset, stage_runs
 
 
@@ -19,13 +20,10 @@ def test_preprocess_writes_one_stack_per_scan_and_skips_finished_scans_on_retry(
     scans = dataset(tmp_path, "scans", uri=ingested)
     slices = dataset(tmp_path, "slices")
 
-    def run(tracking: str, parent: str) -> int:
-        return preprocess.python_func(
-            config_yaml=config_yaml, tracking_uri=tracking, parent_run_id=parent, store_uri="", run_name="r",
-            scans=scans, slices=slices,
-        )  # fmt: skip
+    def run() -> int:
+        return preprocess.python_func(config_yaml=config_yaml, store_uri="", scans=scans, slices=slices)
 
-    n = run(tracking_uri, parent_run)
+    n = run()
     out = Path(slices.path)
     table = pd.read_parquet(out / "slices.parquet")
     meta = json.loads((out / "preprocess.json").read_text())
@@ -40,12 +38,13 @@ def test_preprocess_writes_one_stack_per_scan_and_skips_finished_scans_on_retry(
         assert array.shape == (len(rows), 2, 32, 32) and array.dtype == np.uint8 and array.max() > 0
         assert sorted(rows["row"]) == list(range(len(rows)))
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-000", "shard-001"]
+    record_stage.python_func(tracking_uri=tracking_uri, parent_run_id=parent_run, output=slices)
     run_ = stage_runs(tracking_uri, parent_run)["preprocess"]
     assert run_.info.status == "FINISHED" and run_.data.params["size"] == "32"
     assert (run_.data.metrics["n_slices"], run_.data.metrics["n_scans"]) == (n, len(ingested_scans))
     # A retried step finds every scan finished: nothing is rewritten, the same slices come back.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.npy")}
-    assert run("", "") == n
+    assert run() == n
     assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.npy")} == stamps
     pd.testing.assert_frame_equal(pd.read_parquet(out / "slices.parquet"), table)
 
@@ -55,8 +54,9 @@ def test_preprocess_of_another_cohort_writes_to_the_store_under_its_stage(ingest
     store = tmp_path / "store"
     slices = dataset(tmp_path, "slices-p")
     n = preprocess.python_func(
-        config_yaml=config_yaml, tracking_uri="", parent_run_id="", store_uri=f"{store}/", run_name="r2",
-        scans=dataset(tmp_path, "scans", uri=ingested), slices=slices, cohort="p",
+        config_yaml=config_yaml, store_uri=f"{store}/", scans=dataset(tmp_path, "scans", uri=ingested),
+        slices=slices, cohort="p",
     )  # fmt: skip
-    assert slices.metadata["uri"] == f"{store}/r2/preprocess-p" and not Path(slices.path).exists()
-    assert len(pd.read_parquet(store / "r2" / "preprocess-p" / "slices.parquet")) == n > 0
+    (written,) = (store / "cache" / "preprocess-p").iterdir()
+    assert slices.metadata["uri"] == f"{store}/cache/preprocess-p/{written.name}" and not Path(slices.path).exists()
+    assert len(pd.read_parquet(written / "slices.parquet")) == n > 0
