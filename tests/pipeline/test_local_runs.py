@@ -1,5 +1,6 @@
-"""Cacheable data steps: a second run with unchanged data and data settings reuses ingest and preprocess
-(kfp.local's cache, as a cluster's), and still records their stage runs under its own MLflow parent."""
+"""The pipeline's own wiring on kfp.local, a piece at a time: cacheable data steps (a second run with unchanged
+data and data settings reuses ingest and preprocess, as a cluster's cache would, and still records their stage
+runs under its own MLflow parent), and the exit handler closing the parent FAILED when a step failed."""
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from kfp import dsl, local
 from mlflow.tracking import MlflowClient
 
-from components.tracking import start_tracking
+from components.tracking import finish_tracking, start_tracking
 from pipelines.slicefm_pipeline import _ingest_and_preprocess
 from slicefm.config import dump_config, load_config
 from slicefm.data.pseudonym import KEY_ENV
@@ -67,3 +68,33 @@ def test_a_second_run_reuses_ingest_and_preprocess_and_records_them(tmp_path, mo
     assert second["preprocess"].data.tags["slicefm.output"] == first["preprocess"].data.tags["slicefm.output"]
     # Nothing was written again: the first run's ingest output is the one both runs use.
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "kfp").rglob("scans.parquet")} == written
+
+
+@dsl.component(base_image="python:3.11")
+def broken_step(parent_run_id: str):
+    raise RuntimeError(f"this step fails before it opens a stage run under {parent_run_id}")
+
+
+@dsl.pipeline
+def failing_run(tracking_uri: str, config_yaml: str):
+    """The pipeline's own tracking steps around a step that fails without an MLflow run of its own."""
+    finish = finish_tracking(
+        tracking_uri=tracking_uri, experiment="exit-status", kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    )
+    with dsl.ExitHandler(finish):
+        start = start_tracking(
+            tracking_uri=tracking_uri, experiment="exit-status", run_name="", config_yaml=config_yaml,
+            data_version="", kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )  # fmt: skip
+        broken_step(parent_run_id=start.outputs["parent_run_id"])
+
+
+def test_a_run_with_a_failing_step_closes_its_mlflow_parent_failed(tmp_path, monkeypatch):
+    tracking = local_run_env(tmp_path, monkeypatch)
+    cfg = load_config(tiny_pipeline_config(tmp_path, external=False))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=False)
+    failing_run(tracking_uri=tracking, config_yaml=dump_config(cfg))
+    client = MlflowClient(tracking)
+    (parent,) = client.search_runs([client.get_experiment_by_name("exit-status").experiment_id])
+    assert parent.info.status == "FAILED" and child_runs(tracking, parent.info.run_id) == []
+    assert parent.data.tags["slicefm.failure"].startswith("pipeline FAILED")
