@@ -253,7 +253,7 @@ def test_registered_models_load_and_predict_in_a_fresh_venv(registered: Register
     head = _download_model(registered.uri, HEAD, registered.head_version, tmp_path / "head")
     no_code = tmp_path / "no-code"  # control: the encoder model without the code it carries
     shutil.copytree(encoder, no_code)
-    shutil.rmtree(no_code / "code")
+    shutil.rmtree(no_code / "code", ignore_errors=True)
     meta = Model.load(str(no_code))
     meta.flavors["python_function"]["code"] = None
     meta.save(str(no_code / "MLmodel"))
