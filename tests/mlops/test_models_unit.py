@@ -129,3 +129,29 @@ def test_pull_resolves_the_model_in_the_given_registry_not_the_global_one(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     pulled = pull_model(f"h:{version}", tmp_path / "pulled", registry)
     assert (pulled.path / "weights.bin").read_bytes() == (head / "weights.bin").read_bytes()
+
+
+def test_encoder_signature_and_input_example_follow_encoder_json() -> None:
+    import numpy as np
+
+    from slicefm.edge.tracking.registry import encoder_input_example, encoder_signature
+
+    meta = {"encoder": "vit_conv_base", "in_chans": 3, "img_size": 48, "embed_dim": 768}
+    signature = encoder_signature(meta)
+    (inputs,), (outputs,) = signature.inputs.inputs, signature.outputs.inputs
+    assert (inputs.type, inputs.shape) == (np.dtype("float32"), (-1, 3, 48, 48))
+    assert (outputs.type, outputs.shape) == (np.dtype("float32"), (-1, 768))
+    example = encoder_input_example(meta)
+    assert example.shape == (2, 3, 48, 48) and example.dtype == np.float32
+    assert encoder_input_example({**meta, "img_size": [32, 64]}, n=1).shape == (1, 3, 32, 64)
+
+
+def test_pinned_requirements_use_the_public_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's local label (+cu130) names a build only the PyTorch index serves; pins are index-neutral."""
+    import importlib.metadata
+
+    from slicefm.edge.tracking.registry import pinned_requirements
+
+    versions = {"torch": "2.14.1+cu130", "timm": "1.0.31"}
+    monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
+    assert pinned_requirements(["torch", "timm"]) == ["torch==2.14.1", "timm==1.0.31"]

@@ -1,21 +1,34 @@
 """Model registry end to end on loopback: a real `mlflow server` (sqlite) proxying artifacts to moto S3.
 
 Register an encoder and a head, alias, list, pull by alias/version/latest, byte-identical files verified
-against MANIFEST.json, tampering detected, unknown versions reported, preflight checks.
+against MANIFEST.json, tampering detected, unknown versions reported, preflight checks. The registered
+pyfunc models load and predict in a fresh virtualenv where slicefm is not installed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import packages_distributions
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import mlflow.artifacts
+import numpy as np
 import pytest
 import torch
+import yaml
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from packaging.utils import canonicalize_name
 
 from slicefm.edge.cli import main
 from slicefm.edge.tracking.mlflow_runs import TrackingError, _global_tracking_uri
@@ -30,9 +43,16 @@ from slicefm.edge.tracking.models import (
     verify_manifest,
 )
 from slicefm.edge.tracking.preflight import PreflightError, check_store, check_tracking_server
-from slicefm.edge.tracking.registry import register_encoder, register_head
+from slicefm.edge.tracking.registry import (
+    ENCODER_REQUIREMENTS,
+    pinned_requirements,
+    register_encoder,
+    register_head,
+)
 from slicefm.models.encoders import create_encoder
 from slicefm.models.export_format import export_encoder, load_encoder
+from tests.mlops import pyfunc_probe
+from tests.mlops.fresh_env import distribution_closure, make_venv, requirement_names
 
 ENCODER = "mlops-test-encoder"
 HEAD = "mlops-test-head"
@@ -188,6 +208,117 @@ def test_pull_refuses_existing_dest_without_force(registered: Registered, tmp_pa
         pull_model(ENCODER, dest, registered.uri)
     res = pull_model(ENCODER, dest, registered.uri, overwrite=True)
     assert not (dest / "old.txt").exists() and (res.path / "encoder.safetensors").is_file()
+
+
+def _download_model(uri: str, name: str, version: str, dest: Path) -> Path:
+    """The whole MLflow model directory of a version (MLmodel, code/, requirements, artifacts/)."""
+    root = MlflowClient(uri).get_model_version_download_uri(name, version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=root, dst_path=str(dest), tracking_uri=uri))
+
+
+def test_registered_models_declare_signature_requirements_and_code(
+    registered: Registered, tmp_path: Path
+) -> None:
+    encoder = _download_model(registered.uri, ENCODER, registered.v1, tmp_path / "encoder")
+    mlmodel = yaml.safe_load((encoder / "MLmodel").read_text())
+    assert json.loads(mlmodel["signature"]["inputs"]) == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 1, 32, 32]}}
+    ]
+    assert json.loads(mlmodel["signature"]["outputs"]) == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 64]}}
+    ]
+    assert mlmodel["flavors"]["python_function"]["code"] == "code"
+    assert "python_model" not in mlmodel["flavors"]["python_function"]  # models from code: no pickle
+    example = Model.load(str(encoder)).load_input_example(str(encoder))
+    assert example.shape == (2, 1, 32, 32) and example.dtype == np.float32
+    requirements = (encoder / "requirements.txt").read_text().split()
+    assert requirements == [f"mlflow=={mlflow.__version__}", *pinned_requirements(ENCODER_REQUIREMENTS)]
+    assert (encoder / "code" / "slicefm" / "edge" / "tracking" / "pyfunc.py").is_file()
+    head = _download_model(registered.uri, HEAD, registered.head_version, tmp_path / "head")
+    assert "signature" not in yaml.safe_load((head / "MLmodel").read_text())
+    assert (head / "requirements.txt").read_text().split() == [f"mlflow=={mlflow.__version__}"]
+    for model in (encoder, head):
+        assert "slicefm" not in (model / "requirements.txt").read_text() + (model / "conda.yaml").read_text()
+
+
+def _probe(python: Path, *args: Path | str, cwd: Path) -> dict[str, Any]:
+    """Run pyfunc_probe.py in the fresh venv: isolated mode (-I: no PYTHONPATH, no script directory on
+    sys.path), a minimal environment, outside the checkout; returns its report."""
+    out = Path(args[-1])
+    out.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cwd),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    cmd = [str(python), "-I", pyfunc_probe.__file__, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_registered_models_load_and_predict_in_a_fresh_venv(registered: Registered, tmp_path: Path) -> None:
+    """A consumer's environment: the encoder's declared requirements (with their dependencies; MLflow,
+    the loader, is one of them) and nothing else. slicefm comes only from the code a model carries."""
+    encoder = _download_model(registered.uri, ENCODER, registered.v1, tmp_path / "encoder")
+    head = _download_model(registered.uri, HEAD, registered.head_version, tmp_path / "head")
+    no_code = tmp_path / "no-code"  # control: the encoder model without the code it carries
+    shutil.copytree(encoder, no_code)
+    shutil.rmtree(no_code / "code", ignore_errors=True)
+    meta = Model.load(str(no_code))
+    meta.flavors["python_function"]["code"] = None
+    meta.save(str(no_code / "MLmodel"))
+    declared = requirement_names((encoder / "requirements.txt").read_text().splitlines())
+    assert "slicefm" not in distribution_closure(declared)
+    python = make_venv(tmp_path / "venv", declared)
+    batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "batch.npy", batch)
+
+    got = _probe(python, "head", head, no_code, tmp_path / "out-head", cwd=tmp_path)
+    assert got["slicefm_importable"] is False
+    assert "No module named 'slicefm'" in got["no_code_error"]
+    assert got["torch_imported"] is False  # the head model needs MLflow only
+    assert "slicefm models pull" in got["head_predict_error"]
+
+    got = _probe(python, "encoder", encoder, tmp_path / "batch.npy", tmp_path / "out-encoder", cwd=tmp_path)
+    assert got["slicefm_importable"] is False
+    assert Path(got["slicefm_file"]) == encoder / "code" / "slicefm" / "__init__.py"
+    outputs = np.load(tmp_path / "out-encoder" / "outputs.npz")
+    reference, _ = load_encoder(str(registered.encoder_dir))
+    with torch.no_grad():
+        for x, y in ((outputs["example"], outputs["example_out"]), (batch, outputs["batch_out"])):
+            np.testing.assert_allclose(y, reference(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_an_encoder_imports_nothing_only_mlflow_brings(tmp_path: Path) -> None:
+    """load_encoder + forward in a clean interpreter imports no distribution that the fresh venv above
+    holds only as MLflow's dependency (pandas, pyarrow, sklearn...), nor kfp or boto3: what the encoder
+    needs is declared. (Optional imports such as colorama may come along: the fresh venv lacks them.)"""
+    enc = _export(tmp_path / "enc", 4)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from slicefm.models.export_format import load_encoder
+        enc, meta = load_encoder({str(enc)!r})
+        enc(torch.zeros(1, meta["in_chans"], meta["img_size"], meta["img_size"]))
+        print(*sorted({{name.split(".")[0] for name in sys.modules}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    owners = packages_distributions()
+    imported = {
+        canonicalize_name(dist): module
+        for module in proc.stdout.split()
+        if module not in sys.stdlib_module_names
+        for dist in owners.get(module, [])
+    }
+    assert {"torch", "timm", "safetensors", "numpy"} <= imported.keys()
+    declared = distribution_closure(ENCODER_REQUIREMENTS)
+    loader_only = set(distribution_closure(["mlflow"])) - set(declared)
+    assert {"pandas", "pyarrow", "scikit-learn"} <= loader_only
+    assert not {d: m for d, m in imported.items() if d in loader_only or d in ("kfp", "boto3")}
 
 
 def _model_object_key(s3_admin, bucket: str, uri: str, name: str, version: str, filename: str) -> str:

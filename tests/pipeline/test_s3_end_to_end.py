@@ -70,16 +70,20 @@ def test_local_run_on_s3_registers_models_pulled_back_byte_identical(
     assert set(stages) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in stages.values())
 
-    # Every stage wrote to the bucket, under <store>/<run name>/<stage>; nothing bulky stayed on local disk.
+    # Every stage wrote to the bucket: the data steps under <store>/cache/<stage>/<content hash> (issue
+    # 17.2: they take no per-run input), the others under <store>/<run name>/<stage>; nothing bulky stayed
+    # on local disk.
     outputs = {stage: run.data.tags["slicefm.output_uri"] for stage, run in stages.items()}
+    for stage in ("ingest", "preprocess"):
+        assert outputs[stage].startswith(f"{store_uri}/cache/{stage}/"), outputs[stage]
     assert outputs["pretrain"] == f"{store_uri}/{RUN}/pretrain"
     assert outputs["evaluate"] == f"{store_uri}/{RUN}/evaluate"
     assert outputs["extract"].startswith(f"{store_uri}/{RUN}/extract-a-pretrained/")
-    keys = bucket_keys(s3_admin, bucket, f"runs/{RUN}/")
+    keys = bucket_keys(s3_admin, bucket, "runs/")
     for stage, uri in outputs.items():
         assert any(f"s3://{bucket}/{k}".startswith(uri + "/") for k in keys), f"{stage}: nothing in {uri}"
     assert f"runs/{RUN}/pretrain/encoder.safetensors" in keys
-    assert f"runs/{RUN}/preprocess/slices.parquet" in keys
+    assert f"{outputs['preprocess'].removeprefix(f's3://{bucket}/')}/slices.parquet" in keys
     assert any(k.startswith(f"runs/{RUN}/extract-a-pretrained/") and k.endswith(".npy") for k in keys)
     assert f"runs/{RUN}/extract-a-pretrained/embeddings.parquet" in keys  # the merged set
     assert f"runs/{RUN}/evaluate/results.json" in keys

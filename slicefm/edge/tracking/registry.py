@@ -5,57 +5,91 @@ logged as the artifact directory of a pyfunc model, together with a MANIFEST.jso
 and size (see `slicefm.edge.tracking.models`). Lineage (data version, git commit, config hash, image) is
 written into `lineage.json` and set as `slicefm.<key>` tags on the model version, so `slicefm models
 list` shows it without downloading anything.
+
+The pyfunc model is self-contained: it carries the slicefm package (`code_paths`) and an entry script
+naming its class in `slicefm.edge.tracking.pyfunc` (models from code, no pickle), and pins only packages an
+index serves, so `mlflow.pyfunc.load_model` works where slicefm is not installed. An encoder has a tensor
+signature and an input example from its encoder.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
+import slicefm
 from slicefm import __version__
 from slicefm.core.store import open_store
 from slicefm.edge.tracking import models
+
+# Versions registered before the models carried their code pickled `slicefm.edge.tracking.registry.<class>`:
+# importing the classes here keeps those loadable where slicefm is installed.
+from slicefm.edge.tracking.pyfunc import EncoderModel, HeadFilesModel
 
 logger = logging.getLogger(__name__)
 
 _RESERVED = (models.MANIFEST_NAME, models.LINEAGE_NAME)
 
 
-class EncoderModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: input a float array [N, C, H, W] of preprocessed slices, output [N, D] embeddings."""
-
-    def load_context(self, context) -> None:  # noqa: ANN001
-        from slicefm.models.export_format import load_encoder
-
-        self.encoder, self.meta = load_encoder(str(Path(context.artifacts["encoder"])))
-        self.encoder.eval()
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
-        import numpy as np
-        import torch
-
-        with torch.no_grad():
-            return self.encoder(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+# What loading each kind's pyfunc imports beyond MLflow (the loader) and the slicefm code the model carries:
+# load_encoder builds the timm trunk (timm imports torchvision) from safetensors weights; predict uses numpy.
+ENCODER_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy")
+HEAD_REQUIREMENTS: tuple[str, ...] = ()  # HeadFilesModel only records where its files are
+# Models from code (no pickle): the entry script MLflow runs at load time to get the PythonModel.
+_ENTRY_SCRIPT = (
+    "from mlflow.models import set_model\n\n"
+    "from slicefm.edge.tracking.pyfunc import {cls}\n\n"
+    "set_model({cls}())\n"
+)
+EXAMPLE_SLICES = 2
 
 
-class HeadFilesModel(mlflow.pyfunc.PythonModel):
-    """pyfunc carrier for an evaluation head's files: heads differ in kind (ABMIL, probes) and are rebuilt
-    by slicefm's evaluation code from the pulled files, so pyfunc predict is deliberately unsupported."""
+def pinned_requirements(distributions: Sequence[str]) -> list[str]:
+    """`name==version` of each installed distribution; a local label (torch's `+cu130`) is dropped, as
+    package indexes serve the public version (the CUDA build is the consumer's index choice)."""
+    from importlib.metadata import version
 
-    def load_context(self, context) -> None:  # noqa: ANN001
-        self.files = Path(context.artifacts["head"])
+    from packaging.version import Version
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
-        raise NotImplementedError(
-            "slicefm heads are not served through pyfunc: `slicefm models pull` the files and load them "
-            "with slicefm's evaluation code"
-        )
+    return [f"{name}=={Version(version(name)).public}" for name in distributions]
+
+
+def slicefm_code_path() -> str:
+    """The slicefm package directory, carried whole by every registered model (MLflow `code_paths`): no
+    index serves slicefm, and a partial copy would shadow an installed slicefm's other modules."""
+    return str(Path(slicefm.__file__).resolve().parent)
+
+
+def encoder_signature(meta: Mapping[str, Any]) -> ModelSignature:
+    """Tensor signature from encoder.json: float32 [-1, in_chans, img_size, img_size] -> [-1, embed_dim]."""
+    height, width = _image_hw(meta["img_size"])
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["in_chans"]), height, width))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["embed_dim"])))]),
+    )
+
+
+def encoder_input_example(meta: Mapping[str, Any], n: int = EXAMPLE_SLICES) -> np.ndarray:
+    """`n` all-zero slices of the signature's shape: it shows shape and dtype, and MLflow stores it with the
+    model as JSON (twice, with the serving example), so it stays a couple of slices."""
+    return np.zeros((n, int(meta["in_chans"]), *_image_hw(meta["img_size"])), dtype=np.float32)
+
+
+def _image_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    height, width = img_size
+    return int(height), int(width)
 
 
 def _encoder_lineage(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +128,16 @@ def register_encoder(
         weights = {"weights_sha256": models.sha256_file(payload / WEIGHTS_KEY)}
         merged = {**_encoder_lineage(meta), **weights, **models.clean_lineage(lineage)}
         return _log_and_register(
-            payload, "encoder", EncoderModel(), model_name, merged, aliases, source=store.uri("")
+            payload,
+            "encoder",
+            EncoderModel,
+            model_name,
+            merged,
+            aliases,
+            source=store.uri(""),
+            requirements=pinned_requirements(ENCODER_REQUIREMENTS),
+            signature=encoder_signature(meta),
+            input_example=encoder_input_example(meta),
         )
 
 
@@ -119,8 +162,29 @@ def register_head(
         for key in keys:
             store.download_file(key, payload / key)
         return _log_and_register(
-            payload, "head", HeadFilesModel(), model_name, dict(lineage or {}), aliases, source=store.uri("")
+            payload,
+            "head",
+            HeadFilesModel,
+            model_name,
+            dict(lineage or {}),
+            aliases,
+            source=store.uri(""),
+            requirements=pinned_requirements(HEAD_REQUIREMENTS),
+            # No signature: the head model does not predict (HeadFilesModel); MLmodel says so.
+            metadata={
+                "pyfunc_predict": "unsupported: carries the head's files for slicefm's evaluation code"
+            },
         )
+
+
+_MLFLOW_PYFUNC_LOG = logging.getLogger("mlflow.pyfunc")
+
+
+class _NoSignatureWarning(logging.Filter):
+    """Drops MLflow's "Failed to infer model signature" warning for a model logged without one on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature")
 
 
 def _require_active_run() -> Any:
@@ -136,13 +200,19 @@ def _require_active_run() -> Any:
 def _log_and_register(
     payload: Path,
     kind: str,
-    python_model: mlflow.pyfunc.PythonModel,
+    model_class: type[mlflow.pyfunc.PythonModel],
     model_name: str,
     lineage: Mapping[str, Any],
     aliases: Sequence[str],
     source: str,
+    *,
+    requirements: Sequence[str],
+    signature: ModelSignature | None = None,
+    input_example: np.ndarray | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> str:
-    """Write lineage.json + MANIFEST.json into `payload`, log it as a pyfunc model, register it with tags."""
+    """Write lineage.json + MANIFEST.json into `payload`, log it as a self-contained pyfunc model (slicefm's
+    code, an entry script instantiating `model_class`, pinned requirements), register it with tags."""
     run = _require_active_run()
     clean = models.clean_lineage(lineage)
     record = {
@@ -155,13 +225,30 @@ def _log_and_register(
     }
     (payload / models.LINEAGE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     manifest_sha = models.write_manifest(payload)
-    info = mlflow.pyfunc.log_model(
-        name=kind,
-        python_model=python_model,
-        artifacts={kind: str(payload)},
-        # Explicit requirements: MLflow would otherwise infer them by importing the model in a subprocess.
-        pip_requirements=[f"slicefm=={__version__}"],
-    )
+    entry = payload.parent / f"{kind}_model.py"
+    entry.write_text(_ENTRY_SCRIPT.format(cls=model_class.__name__), encoding="utf-8")
+    # Validating the input example loads the model here, which prepends its code directory to sys.path.
+    sys_path = list(sys.path)
+    unsigned = _NoSignatureWarning() if signature is None else None
+    if unsigned:
+        _MLFLOW_PYFUNC_LOG.addFilter(unsigned)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=kind,
+            python_model=str(entry),
+            artifacts={kind: str(payload)},
+            code_paths=[slicefm_code_path()],
+            # Explicit: MLflow would otherwise infer them by importing the model in a subprocess.
+            # MLflow adds its own pin (the loader).
+            pip_requirements=list(requirements),
+            signature=signature,
+            input_example=input_example,
+            metadata={"slicefm_kind": kind, "slicefm_version": __version__, **(metadata or {})},
+        )
+    finally:
+        sys.path[:] = sys_path
+        if unsigned:
+            _MLFLOW_PYFUNC_LOG.removeFilter(unsigned)
     tags = {
         **models.lineage_tags(clean),
         models.KIND_TAG: kind,
