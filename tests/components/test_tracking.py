@@ -12,6 +12,7 @@ from kfp.dsl import Markdown
 from mlflow.tracking import MlflowClient
 
 from components.tracking import finish_tracking, start_tracking
+from slicefm.config import config_from_yaml
 from slicefm.edge.tracking import mlflow_runs
 from tests.components.conftest import component_config
 
@@ -31,11 +32,16 @@ def test_start_tracking_opens_a_running_parent_run_with_config_and_lineage(
     monkeypatch.setenv("SLICEFM_IMAGE", "registry.example/slicefm:1.2.3")
     config_yaml = component_config(tmp_path, "tracked")
     link = Markdown(name="mlflow_run", uri=str(tmp_path / "mlflow_run.md"))
-    run_id, name = start_tracking.python_func(
+    run_id, name, data_config = start_tracking.python_func(
         tracking_uri=tracking_uri, experiment="start-test", run_name="run-7", config_yaml=config_yaml,
         data_version="md5:abc", mlflow_run=link, kfp_run_id="0b5e7c1a-kfp",
     )  # fmt: skip
     assert name == "run-7"
+    # What the cacheable data steps get: the data sections, nothing that changes from run to run.
+    slim = config_from_yaml(data_config)
+    full = config_from_yaml(config_yaml)
+    assert (slim.data, slim.preprocess, slim.ingest) == (full.data, full.preprocess, full.ingest)
+    assert slim.name != full.name and slim.pretrain == type(full.pretrain)(seed=full.seed)
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "run-7"  # open until the exit handler
