@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ class _Task:
     log: Path
     started: float = field(default_factory=time.monotonic)
     output: str = ""
-    lines: list[str] = field(default_factory=list)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=_TAIL_LINES))
+    file: TextIO | None = None  # the task's log, open while it runs
 
 
 class TaskLogRouter(io.TextIOBase):
@@ -75,6 +77,7 @@ class TaskLogRouter(io.TextIOBase):
             self._buffer = ""
         self._report_done()
         if self._task is not None:  # interrupted mid-task: say where its log is
+            self._close_task_log()
             self._print(f"  ? {self._task.name} did not finish; log: {self._task.log}")
             self._task = None
         self._all.close()
@@ -87,11 +90,12 @@ class TaskLogRouter(io.TextIOBase):
             self._report_done()
             self._count += 1
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", m.group(1))
-            self._task = _Task(m.group(1), self.log_dir / f"{self._count:02d}-{safe}.log")
+            self._close_task_log()
+            log = self.log_dir / f"{self._count:02d}-{safe}.log"
+            self._task = _Task(m.group(1), log, file=log.open("a", encoding="utf-8"))
         if self._task is not None:
-            self._task.lines.append(line)
-            with self._task.log.open("a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            self._task.tail.append(line)
+            self._task.file.write(line + "\n")
         if m := _END.match(line):
             self._finish(m.group(1), m.group(2))
         elif m := _CACHED.match(line):
@@ -106,6 +110,7 @@ class TaskLogRouter(io.TextIOBase):
     def _finish(self, name: str, state: str) -> None:
         self._report_done()
         task = self._task if self._task is not None and self._task.name == name else _Task(name, Path("-"))
+        self._close_task_log()
         self._task = None
         elapsed = time.monotonic() - task.started
         if state == "SUCCESS":
@@ -113,8 +118,13 @@ class TaskLogRouter(io.TextIOBase):
             return
         self.failed.append(name)
         self._print(f"  x {name} {state} after {_duration(elapsed)}; log: {task.log}")
-        for tail in task.lines[-_TAIL_LINES:]:
+        for tail in task.tail:
             self._print(f"      {tail}")
+
+    def _close_task_log(self) -> None:
+        if self._task is not None and self._task.file is not None:
+            self._task.file.close()
+            self._task.file = None
 
     def _report_done(self) -> None:
         if self._done is None:

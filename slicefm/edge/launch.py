@@ -91,7 +91,9 @@ def run_torchrun(
     into `mlflow_run_id`. Raises naming the exit code when any rank fails."""
     env = dict(os.environ)
     if mlflow_run_id:
-        env.update({"MLFLOW_RUN_ID": mlflow_run_id, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})})
+        env["MLFLOW_RUN_ID"] = mlflow_run_id
+        if tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = tracking_uri
     with tempfile.TemporaryDirectory(prefix="slicefm-torchrun-") as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(config_yaml)

@@ -13,7 +13,7 @@ Otherwise the aliases stay where they are and the run's `slicefm.promotion` tag 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +87,3 @@ def encoder_version(client: Any, name: str, weights_sha256: str | None) -> str |
         return None
     versions = sorted((int(v.version) for v in found), reverse=True)
     return str(versions[0]) if versions else None
-
-
-def encoder_hashes(extract_metas: Mapping[str, Mapping[str, Any]]) -> dict[str, str | None]:
-    """Embedding-set label -> the weights hash of the encoder that made it (from extract.json)."""
-    return {label: meta.get("encoder", {}).get("weights_sha256") for label, meta in extract_metas.items()}

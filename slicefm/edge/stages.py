@@ -342,11 +342,11 @@ def evaluate_stage(
         _log_artifacts(out_uri, ["report.md", "report.html", "results.json", "continuity.json"])
         _log_tree(out_uri, ".png", "plots")
         if stage == "evaluate":
-            _register_heads(cfg, result, embedding_uris)
+            _register_heads(cfg, result)
     return result
 
 
-def _register_heads(cfg: PipelineConfig, result: EvaluateResult, embedding_uris: list[str]) -> None:
+def _register_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
     """The headline task's candidate head -> a new version of `<name>-<task>-head` with its encoder's version
     in its lineage; `champion` (head and encoder) moves only through the gate (slicefm.edge.promotion)."""
     if (mlflow := mlflow_runs.active_mlflow()) is None:
@@ -356,7 +356,6 @@ def _register_heads(cfg: PipelineConfig, result: EvaluateResult, embedding_uris:
     from slicefm.edge import promotion
     from slicefm.edge.tracking.models import set_alias
     from slicefm.edge.tracking.registry import register_head
-    from slicefm.evaluate.stage import load_embedding_sets
     from slicefm.train.supervised import SUPERVISED_LABEL
 
     metric = cfg.evaluate.headline_metric
@@ -372,8 +371,9 @@ def _register_heads(cfg: PipelineConfig, result: EvaluateResult, embedding_uris:
     client = MlflowClient()
     head_name, encoder_name = f"{cfg.name}-{result.headline_task}-head", f"{cfg.name}-encoder"
     metric_key = f"macro_{metric}"
-    sets = load_embedding_sets(embedding_uris)
-    weights = promotion.encoder_hashes({label: es.meta for label, es in sets.items()}).get(candidate.model)
+    # results.json records each set's encoder (EncoderInfo), the weights' hash with it.
+    models = open_store(result.out_uri).read_json("results.json")["models"]
+    weights = models.get(candidate.model, {}).get("weights_sha256")
     encoder_version = promotion.encoder_version(client, encoder_name, weights)
     baseline = promotion.baseline_for(rows, candidate)
     decision = promotion.decide(

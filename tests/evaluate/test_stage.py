@@ -225,7 +225,7 @@ def test_summary_of_every_task_with_paired_differences(evaluated):
 def test_evaluate_stage_logs_every_task_to_mlflow(evaluated, tmp_path, monkeypatch):
     root, res = evaluated
     monkeypatch.setattr("slicefm.evaluate.stage.run_evaluate", lambda *args: res)
-    monkeypatch.setattr("slicefm.edge.stages._register_heads", lambda cfg, result, uris: None)
+    monkeypatch.setattr("slicefm.edge.stages._register_heads", lambda cfg, result: None)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = mlflow_runs.start_pipeline_run(tracking, "e", "r", {})
     evaluate_stage(PipelineConfig(), [], str(root / "out"), tracking, parent)
