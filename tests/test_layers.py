@@ -27,6 +27,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("ssl", "mil"),
     ("train", "embed"),
     ("evaluate",),
+    ("predict",),
     ("config",),
     ("edge",),
 )

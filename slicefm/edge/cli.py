@@ -316,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     from slicefm.edge.cli_cluster import add_cluster_parsers
     from slicefm.edge.cli_models import add_models_parser
     from slicefm.edge.cli_pipeline import add_pipeline_parsers
+    from slicefm.edge.cli_predict import add_predict_parser
 
     add_pipeline_parsers(sub)
+    add_predict_parser(sub)
     add_models_parser(sub)
     add_cluster_parsers(sub)
     return p

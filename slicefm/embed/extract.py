@@ -366,6 +366,8 @@ def _write_index(
             "channels": list(meta["channels"]),
             "layout": meta.get("layout"),
             "preprocessed": pre.uri(""),
+            # The preprocessing these embeddings assume: a head trained on them records it (slicefm predict).
+            "preprocess": meta.get("config"),
             "pseudonym_key_fingerprint": meta.get("pseudonym_key_fingerprint"),
             "shards": [shard_index] if n_shards > 1 else [0],
             "n_shards": n_shards,

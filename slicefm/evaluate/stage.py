@@ -329,7 +329,8 @@ def _write_run(
             {"spec": f.head.spec.to_dict(), "class_names": data.class_names,
              "thresholds": f.thresholds.tolist(), "best_step": f.head.best_step,
              "best_score": f.head.best_score, "selected": f.selected, "grid": f.grid,
-             "embeddings": es.meta["encoder"], "windows": windows, "task": task}
+             "embeddings": es.meta["encoder"], "windows": windows, "task": task,
+             "preprocess": es.meta.get("preprocess"), "channels": es.meta.get("channels")}
         )  # fmt: skip
     run.write_bytes("metrics.csv", pd.DataFrame(rows).to_csv(index=False).encode())
     run.write_parquet("predictions.parquet", pd.DataFrame(preds))

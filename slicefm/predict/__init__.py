@@ -1,0 +1,1 @@
+"""Apply a trained model (fold heads + their encoder + the recorded preprocessing) to new CT scans."""
