@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -354,7 +355,7 @@ def _register_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
     from mlflow.tracking import MlflowClient
 
     from slicefm.edge import promotion
-    from slicefm.edge.tracking.models import set_alias
+    from slicefm.edge.tracking.models import pull_model, set_alias
     from slicefm.edge.tracking.registry import register_head
     from slicefm.train.supervised import SUPERVISED_LABEL
 
@@ -390,7 +391,17 @@ def _register_heads(cfg: PipelineConfig, result: EvaluateResult) -> None:
         "encoder_weights_sha256": weights,
         "promotion": ("promoted: " if decision.promote else "held: ") + decision.reason,
     }
-    version = register_head(f"{candidate.uri.rstrip('/')}/heads", head_name, lineage=lineage)
+    with tempfile.TemporaryDirectory(prefix="slicefm-encoder-") as tmp:
+        # The head is registered with its encoder (pulled and verified from the registry) so it predicts on its
+        # own; without a registered encoder it carries its files only and `slicefm predict` refuses it.
+        encoder_dir = (
+            pull_model(f"{encoder_name}:{encoder_version}", Path(tmp) / "encoder", client.tracking_uri).path
+            if encoder_version
+            else None
+        )
+        version = register_head(
+            f"{candidate.uri.rstrip('/')}/heads", head_name, lineage=lineage, encoder_dir=encoder_dir
+        )
     if decision.promote:
         set_alias(head_name, version, promotion.CHAMPION)
         if encoder_version:
@@ -429,8 +440,6 @@ def external_stage(
 
 def _log_tree(out_uri: str, suffix: str, artifact_path: str, limit: int = 200) -> None:
     """Files under out_uri ending in `suffix` (plots) as MLflow artifacts, keeping their folders."""
-    import tempfile
-
     if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
     store = open_store(out_uri)
@@ -467,8 +476,6 @@ def _log_encoder_files(out_uri: str) -> None:
 
 def _log_artifacts(out_uri: str, keys: list[str]) -> None:
     """Small summary files go to MLflow too; bulk data stays in the artifact store."""
-    import tempfile
-
     if (mlflow := mlflow_runs.active_mlflow()) is None:
         return
     store = open_store(out_uri)

@@ -37,6 +37,52 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
             return self.encoder(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
 
 
+class HeadModel(mlflow.pyfunc.PythonModel):
+    """pyfunc of a head bundled with its encoder: input one scan's preprocessed slice stack, as `slicefm
+    preprocess` stores it ([slices, channels, H, W]: uint8 window values, or z-scores); output one row of
+    per-class probabilities (`p_<class>`, mean of the fold heads) and thresholded labels (`label_<class>`).
+    The same computation as `slicefm predict` (slicefm.predict.scoring)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from slicefm.predict.bundle import load_bundle
+        from slicefm.predict.scoring import inference_device
+
+        self.bundle = load_bundle(Path(context.artifacts["head"]))
+        self.device, self.bf16 = inference_device()
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        import pandas as pd
+
+        from slicefm.predict.scoring import score_stack
+
+        stack = stack_as_stored(np.asarray(model_input), self.bundle.preprocess.normalisation)
+        scores = score_stack(self.bundle, stack, device=self.device, bf16=self.bf16)
+        names = self.bundle.class_names
+        row = {f"p_{c}": float(p) for c, p in zip(names, scores.probabilities, strict=True)}
+        row |= {f"label_{c}": int(v) for c, v in zip(names, scores.labels, strict=True)}
+        return pd.DataFrame([row])
+
+
+def stack_as_stored(x: np.ndarray, normalisation: str) -> np.ndarray:
+    """A request's stack in the dtype preprocess stores (uint8 windows, float16 z-scores); ValueError when
+    window values are not whole numbers in 0..255 (a float image scaled to [0, 1] is the usual mistake)."""
+    if normalisation == "zscore":
+        return x.astype(np.float16)
+    if x.dtype == np.uint8:
+        return x
+    as_uint8 = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if not np.array_equal(as_uint8, x):
+        raise ValueError(
+            "window stacks hold whole numbers 0..255 (uint8, as `slicefm preprocess` stores them); got other values"
+        )
+    return as_uint8
+
+
 class HeadFilesModel(mlflow.pyfunc.PythonModel):
     """pyfunc carrier for an evaluation head's files: heads differ in kind (ABMIL, probes) and are rebuilt
     by slicefm's evaluation code from the pulled files, so pyfunc predict is deliberately unsupported.

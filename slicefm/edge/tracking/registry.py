@@ -25,7 +25,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 import slicefm
 from slicefm import __version__
@@ -34,7 +34,7 @@ from slicefm.edge.tracking import models
 
 # Versions registered before the models carried their code pickled `slicefm.edge.tracking.registry.<class>`:
 # importing the classes here keeps those loadable where slicefm is installed.
-from slicefm.edge.tracking.pyfunc import EncoderModel, HeadFilesModel
+from slicefm.edge.tracking.pyfunc import EncoderModel, HeadFilesModel, HeadModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ _RESERVED = (models.MANIFEST_NAME, models.LINEAGE_NAME)
 # load_encoder builds the timm trunk (timm imports torchvision) from safetensors weights; predict uses numpy.
 ENCODER_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy")
 HEAD_REQUIREMENTS: tuple[str, ...] = ()  # HeadFilesModel only records where its files are
+# A head bundled with its encoder predicts: the encoder's needs, plus what slicefm's head code imports
+# (scikit-learn: evaluation metrics beside the head classes; pandas: the output frame; pydantic: configs).
+HEAD_MODEL_REQUIREMENTS = (*ENCODER_REQUIREMENTS, "scikit-learn", "pandas", "pydantic", "pyarrow")
 # Models from code (no pickle): the entry script MLflow runs at load time to get the PythonModel.
 _ENTRY_SCRIPT = (
     "from mlflow.models import set_model\n\n"
@@ -141,15 +144,42 @@ def register_encoder(
         )
 
 
+def head_signature(bundle: Any) -> ModelSignature:
+    """One scan's stack as preprocess stores it -> one row of `p_<class>` (double) and `label_<class>` (long)."""
+    cfg = bundle.preprocess
+    side = cfg.size or -1
+    shape = (-1, *((5,) if cfg.five_cut else ()), len(bundle.channels), side, side)
+    dtype = np.dtype(np.float32 if cfg.normalisation == "zscore" else np.uint8)
+    outputs = [ColSpec("double", f"p_{c}") for c in bundle.class_names]
+    outputs += [ColSpec("long", f"label_{c}") for c in bundle.class_names]
+    return ModelSignature(inputs=Schema([TensorSpec(dtype, shape)]), outputs=Schema(outputs))
+
+
+def head_input_example(bundle: Any, n: int = EXAMPLE_SLICES) -> np.ndarray:
+    """`n` slices of mid-grey (windows) or zeros (z-scores) in the signature's shape and dtype."""
+    cfg = bundle.preprocess
+    side = cfg.size or 64
+    shape = (n, *((5,) if cfg.five_cut else ()), len(bundle.channels), side, side)
+    if cfg.normalisation == "zscore":
+        return np.zeros(shape, dtype=np.float32)
+    return np.full(shape, 128, dtype=np.uint8)
+
+
 def register_head(
     head_uri: str | Path,
     model_name: str,
     *,
     lineage: Mapping[str, Any] | None = None,
     aliases: Sequence[str] = (),
+    encoder_dir: str | Path | None = None,
 ) -> str:
     """Log every file of an evaluation head's directory (local or s3://) as a model under the active run
-    and register a new version; returns it."""
+    and register a new version; returns it.
+
+    With `encoder_dir` (the encoder the head's embeddings came from), the encoder's files are bundled under
+    `encoder/` and the model predicts (HeadModel: one scan's stack -> class probabilities, what `slicefm
+    predict` computes); the bundle is checked with slicefm.predict's loader before anything is logged.
+    Without it the model only carries the head's files."""
     store = open_store(head_uri)
     keys = store.list()
     if not keys:
@@ -161,6 +191,8 @@ def register_head(
         payload = Path(tmp) / "head"
         for key in keys:
             store.download_file(key, payload / key)
+        if encoder_dir is not None:
+            return _register_predicting_head(payload, Path(encoder_dir), model_name, lineage, aliases, store.uri(""))
         return _log_and_register(
             payload,
             "head",
@@ -175,6 +207,38 @@ def register_head(
                 "pyfunc_predict": "unsupported: carries the head's files for slicefm's evaluation code"
             },
         )
+
+
+def _register_predicting_head(
+    payload: Path,
+    encoder_dir: Path,
+    model_name: str,
+    lineage: Mapping[str, Any] | None,
+    aliases: Sequence[str],
+    source: str,
+) -> str:
+    import shutil
+
+    from slicefm.models.export_format import ENCODER_FILES
+    from slicefm.predict.bundle import ENCODER_DIR, load_bundle
+
+    (payload / ENCODER_DIR).mkdir()
+    for name in ENCODER_FILES:
+        shutil.copyfile(encoder_dir / name, payload / ENCODER_DIR / name)
+    bundle = load_bundle(payload)  # refuses heads and encoder that do not belong together
+    return _log_and_register(
+        payload,
+        "head",
+        HeadModel,
+        model_name,
+        dict(lineage or {}),
+        aliases,
+        source=source,
+        requirements=pinned_requirements(HEAD_MODEL_REQUIREMENTS),
+        signature=head_signature(bundle),
+        input_example=head_input_example(bundle),
+        metadata={"slicefm_task": bundle.task, "slicefm_protocol": bundle.protocol},
+    )
 
 
 _MLFLOW_PYFUNC_LOG = logging.getLogger("mlflow.pyfunc")
