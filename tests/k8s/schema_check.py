@@ -1,5 +1,6 @@
 """Strict manifest validation for the tests: Kubernetes OpenAPI models (kubernetes client), the Kubeflow
-Trainer API models (kubeflow-trainer-api) and the Kustomization JSON schema.
+Trainer API models (kubeflow-trainer-api), the KServe InferenceService schema and the Kustomization JSON
+schema.
 
 Core kinds are walked against the `openapi_types` / `attribute_map` of the kubernetes client's models:
 unknown keys and wrong types are errors, and instantiating each model with client-side validation on
@@ -7,7 +8,10 @@ catches missing required fields. Resource quantities must be strings here (the m
 str; the API server would also take numbers). A TrainJob is read with the Trainer v2.3.0 models
 (`from_dict`: wrong types, missing required fields) and compared with what they read back (`to_dict`):
 a field the API does not have is dropped by the models, and reported. The rules the CRD and the Trainer
-webhook add to the types (name format, keyed lists, reserved env) are checked on top.
+webhook add to the types (name format, keyed lists, reserved env) are checked on top. An InferenceService
+is validated against k8s/schemas/inferenceservice-v1beta1.schema.json (generated from the KServe SDK's
+v1beta1 models; its Kubernetes types are $refs into kubernetes-validate's strict definitions), then against
+the rules KServe applies to a custom predictor (see inferenceservice_rule_errors).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import re
 from datetime import datetime
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from pydantic import BaseModel
+from referencing import Registry, Resource
 
 from slicefm.edge.trainjob import API_VERSION, POD_PATCH_PATH
 
@@ -31,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
 KUSTOMIZATION_SCHEMA = SCHEMAS / "kustomization.schema.json"
+INFERENCESERVICE_SCHEMA = SCHEMAS / "inferenceservice-v1beta1.schema.json"
+KSERVE_RELEASE = "v0.21.0"  # the KServe release the schema and k8s/serving/ target
 
 # (apiVersion, kind) of the core objects slicefm ships -> kubernetes client model.
 CORE_KINDS = {
@@ -290,12 +298,93 @@ def trainjob_errors(doc: Any) -> list[str]:
     return errors + trainjob_rule_errors(doc) if isinstance(doc, dict) else errors
 
 
+# --- InferenceService: the KServe schema and the rules of a custom predictor ------------------------------
+
+ISVC_CONTAINER = "kserve-container"  # the container KServe serves and gives the model to
+STORAGE_URI_ENV = "STORAGE_URI"  # a custom predictor's storageUri: the storage initializer downloads it
+MODEL_MOUNT = "/mnt/models"  # where the storage initializer puts the model (read-only in kserve-container)
+DEPLOYMENT_MODES = {"Standard", "Knative"}  # KServe >= 0.16 names (RawDeployment / Serverless are legacy)
+
+
+@cache
+def _inferenceservice_validator() -> Any:
+    schema = json.loads(INFERENCESERVICE_SCHEMA.read_text())
+    origin = schema["x-origin"]
+    assert "v" + origin["kserve_version"] == KSERVE_RELEASE, (origin["kserve_version"], KSERVE_RELEASE)
+    strict_dir = origin["kubernetes_definitions"].split(", ")[1].split("/")[0]
+    defs = json.loads(
+        (resources.files("kubernetes_validate") / "kubernetes-json-schema" / strict_dir / "_definitions.json").read_text()
+    )
+    registry = Registry().with_resources(
+        [(schema["$id"], Resource.from_contents(schema)), (defs["$id"], Resource.from_contents(defs))]
+    )
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, registry=registry)
+
+
+def _json_path(error: ValidationError) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+
+
+def _schema_messages(error: ValidationError) -> list[str]:
+    """The leaf errors of `error`: a oneOf/anyOf failure (a core $ref's nullable types) says which branch."""
+    if error.context:
+        return [m for sub in error.context for m in _schema_messages(sub)]
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = set(error.schema.get("properties") or {})
+        return [f"{_json_path(error)}.{k}: unknown field".lstrip(".") for k in error.instance if k not in known]
+    return [f"{_json_path(error) or '<root>'}: {_clip(error.message)}"]
+
+
+def inferenceservice_schema_errors(doc: Any) -> list[str]:
+    errs = sorted(_inferenceservice_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    return sorted({m for e in errs for m in _schema_messages(e)})
+
+
+def inferenceservice_rule_errors(doc: dict[str, Any]) -> list[str]:
+    """What KServe's webhook and controller require of a custom predictor beyond the schema's types."""
+    errors = []
+    meta = doc.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if not DNS_LABEL.match(name) or len(name) > 63:
+        errors.append(f"metadata.name {name!r} does not match a DNS-1035 label of at most 63 chars")
+    mode = (meta.get("annotations") or {}).get("serving.kserve.io/deploymentMode")
+    if mode is not None and mode not in DEPLOYMENT_MODES:
+        errors.append(f"serving.kserve.io/deploymentMode {mode!r}: one of {sorted(DEPLOYMENT_MODES)}")
+    predictor = (doc.get("spec") or {}).get("predictor") or {}
+    containers = predictor.get("containers") or []
+    if containers:
+        names = [c.get("name") for c in containers]
+        if ISVC_CONTAINER not in names:
+            errors.append(f"spec.predictor.containers: no container named {ISVC_CONTAINER} (the one KServe serves)")
+        errors += [f"spec.predictor.containers: duplicate name {n!r}" for n in sorted({n for n in names if names.count(n) > 1})]
+        for c in containers:
+            env_names = [e.get("name") for e in c.get("env") or []]
+            if STORAGE_URI_ENV in env_names and c.get("name") != ISVC_CONTAINER:
+                errors.append(f"container {c.get('name')}: {STORAGE_URI_ENV} is read from {ISVC_CONTAINER} only")
+            mounts = [m.get("mountPath") for m in c.get("volumeMounts") or []]
+            if c.get("name") == ISVC_CONTAINER and STORAGE_URI_ENV in env_names and MODEL_MOUNT in mounts:
+                errors.append(f"container {ISVC_CONTAINER}: {MODEL_MOUNT} is mounted by the storage initializer")
+        if "model" in predictor:
+            errors.append("spec.predictor: containers and model are exclusive (a custom predictor has no model)")
+    return errors + _keyed_list_errors(doc, "")
+
+
+def inferenceservice_errors(doc: Any) -> list[str]:
+    """Every error of an InferenceService manifest against KServe's v1beta1 API and custom-predictor rules."""
+    errors = inferenceservice_schema_errors(doc)
+    return errors + inferenceservice_rule_errors(doc) if isinstance(doc, dict) else errors
+
+
 def document_errors(doc: Any) -> list[str]:
-    """Errors of one Kubernetes-style document, by kind: TrainJob, Kustomization or a core object."""
+    """Errors of one Kubernetes-style document, by kind: TrainJob, InferenceService, Kustomization or a core
+    object."""
     if not isinstance(doc, dict):
         return [f"expected a mapping, got {type(doc).__name__}"]
     if doc.get("kind") == "TrainJob":
         return trainjob_errors(doc)
+    if doc.get("kind") == "InferenceService":
+        return inferenceservice_errors(doc)
     if doc.get("kind") == "Kustomization":
         return schema_errors(doc, KUSTOMIZATION_SCHEMA)
     return core_errors(doc)

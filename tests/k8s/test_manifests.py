@@ -83,6 +83,7 @@ def test_k8s_tree_has_the_expected_files():
     names = {_rel(p) for p in ALL_YAML}
     assert {"base/kustomization.yaml", "base/rbac.yaml", "base/secrets.yaml", "base/mlflow.yaml"} <= names
     assert "trainjob/pretrain-trainjob.yaml" in names and "overlays/gpu-example/kustomization.yaml" in names
+    assert {"serving/kustomization.yaml", "serving/inferenceservice.yaml", "overlays/serving-gpu/kustomization.yaml"} <= names
 
 
 # --- every document validates ---------------------------------------------------------------------
@@ -111,6 +112,10 @@ def _container(d):
 
 def _trainjob_spec(d):
     return pod_patch(d)
+
+
+def _isvc_container(d):
+    return d["spec"]["predictor"]["containers"][0]
 
 
 # (file, document index, mutation, text expected in an error)
@@ -216,6 +221,48 @@ BROKEN: dict[str, tuple[str, int, Callable[[dict], Any], str]] = {
         "does not match",
     ),
     "kustomization typo": ("base/kustomization.yaml", 0, lambda d: d.update(resource=[]), "resource"),
+    "InferenceService predictor typo": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: d["spec"].update(predictr=d["spec"].pop("predictor")),
+        "spec.predictr: unknown field",
+    ),
+    "unknown KServe field": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: d["spec"]["predictor"].update(minReplica=1),
+        "spec.predictor.minReplica: unknown field",
+    ),
+    "unknown core field inside an InferenceService": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: _isvc_container(d).update(imagePullPolcy="Always"),
+        "spec.predictor.containers[0].imagePullPolcy: unknown field",
+    ),
+    "wrong type inside an InferenceService": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: d["spec"]["predictor"].update(maxReplicas="2"),
+        "spec.predictor.maxReplicas",
+    ),
+    "InferenceService without a predictor": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: d["spec"].pop("predictor"),
+        "'predictor' is a required property",
+    ),
+    "custom predictor container renamed": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: _isvc_container(d).update(name="server"),
+        "no container named kserve-container",
+    ),
+    "legacy deployment mode": (
+        "serving/inferenceservice.yaml",
+        0,
+        lambda d: d["metadata"]["annotations"].update({"serving.kserve.io/deploymentMode": "RawDeployment"}),
+        "deploymentMode",
+    ),
 }
 
 
@@ -329,7 +376,7 @@ def test_rendered_core_objects_pass_kubernetes_validate_strict(target, tmp_path)
     assert _strict_validation(broken, tmp_path).returncode != 0
 
 
-@pytest.mark.parametrize("target", ["base", "trainjob", "overlays/gpu-example"])
+@pytest.mark.parametrize("target", ["base", "trainjob", "overlays/gpu-example", "serving", "overlays/serving-gpu"])
 def test_kubectl_kustomize_renders_valid_objects(target):
     docs = _kustomize(target)
     assert docs
