@@ -5,12 +5,15 @@ champion head are registered, and `slicefm models pull` in a fresh process gets 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
@@ -36,8 +39,11 @@ def _pull(spec: str, dest: Path, tracking_uri: str) -> str:
     return res.stdout
 
 
-def _assert_pulled_matches(dest: Path, s3_admin, source_uri: str, manifest_sha256: str) -> list[str]:
-    """Every pulled payload file equals the object under `source_uri`; MANIFEST.json lists exactly those
+def _assert_pulled_matches(
+    dest: Path, s3_admin, source_uri: str, manifest_sha256: str, bundled: Path | None = None
+) -> list[str]:
+    """Every pulled payload file equals the object under `source_uri` (files under `encoder/`: the file of
+    that name in `bundled`, the encoder the head was registered with); MANIFEST.json lists exactly those
     files with their sha256 and is the manifest the registry recorded. Returns the payload file names."""
     manifest_raw = (dest / MANIFEST_NAME).read_bytes()
     assert hashlib.sha256(manifest_raw).hexdigest() == manifest_sha256
@@ -48,7 +54,10 @@ def _assert_pulled_matches(dest: Path, s3_admin, source_uri: str, manifest_sha25
     assert payload
     for rel in payload:
         data = (dest / rel).read_bytes()
-        assert data == _object(s3_admin, f"{source_uri}/{rel}"), rel
+        if bundled is not None and rel.startswith("encoder/"):
+            assert data == (bundled / rel.removeprefix("encoder/")).read_bytes(), rel
+        else:
+            assert data == _object(s3_admin, f"{source_uri}/{rel}"), rel
         assert hashlib.sha256(data).hexdigest() == listed[rel], rel
     return payload
 
@@ -127,5 +136,31 @@ def test_local_run_on_s3_registers_models_pulled_back_byte_identical(
     assert aliases == {name: expected, head_name: {"champion": str(head_version)} if promoted else {}}
     head_source = json.loads((head_dest / "lineage.json").read_text())["source_uri"]
     assert head_source.startswith(f"{outputs['evaluate']}/") and head_source.endswith("/heads")
-    head_files = _assert_pulled_matches(head_dest, s3_admin, head_source, head_mv.tags[MANIFEST_TAG])
+    head_files = _assert_pulled_matches(
+        head_dest, s3_admin, head_source, head_mv.tags[MANIFEST_TAG], bundled=dest
+    )
     assert any(f.endswith(".safetensors") for f in head_files)
+    assert {"encoder/encoder.json", "encoder/encoder.safetensors"} <= set(head_files)  # bundled: it predicts
+
+    # Issue 18's user: `slicefm predict` with the registered head on the cohort's DICOM folder, in a fresh
+    # process, gives the evaluate stage's probabilities for every (scan, fold) it scored.
+    spec = f"{head_name}@champion" if promoted else f"{head_name}:{head_version}"
+    out = tmp_path / "predictions"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    cmd = [sys.executable, "-m", "slicefm", "predict", "--model", spec, "--source", str(tmp_path / "data"),
+           "--out", str(out), "--no-progress"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    assert "predicted 8 scans" in res.stdout and "report.html" in res.stdout
+    evaluated = pd.read_parquet(
+        io.BytesIO(_object(s3_admin, f"{outputs['evaluate']}/location/pretrained/abmil/predictions.parquet"))
+    )
+    predicted = pd.read_parquet(out / "predictions_by_fold.parquet")
+    merged = evaluated.merge(
+        predicted, on=["scan_id", "fold"], suffixes=("_eval", "_pred"), validate="one_to_one"
+    )
+    assert len(merged) == len(evaluated) > 0
+    classes = [c.removeprefix("p_") for c in predicted.columns if c.startswith("p_")]
+    for c in classes:
+        np.testing.assert_allclose(merged[f"p_{c}_pred"], merged[f"p_{c}_eval"], rtol=0, atol=2e-5)
+    assert sorted(p.stem for p in (out / "attention").glob("*.png")) == sorted(predicted["scan_id"].unique())
