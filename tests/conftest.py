@@ -106,19 +106,20 @@ def s3_env(s3_server: str, s3_admin, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield f"s3://{bucket}"
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+def wait_http_ok(
+    url: str, proc: subprocess.Popen, log: Path, name: str = "mlflow server", timeout_s: float = SERVER_START_TIMEOUT_S
+) -> None:
+    """Poll `url` until it answers 200; fail with the server log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         time.sleep(0.3)
-    raise RuntimeError(
-        f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:g} s:\n{log.read_text()[-3000:]}"
-    )
+    raise RuntimeError(f"{name} not ready after {timeout_s:g} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def mlflow_server(
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://{LOOPBACK}:{port}"
     try:
-        _wait_healthy(url, proc, log)
+        wait_http_ok(f"{url}/health", proc, log)
         yield url
     finally:
         proc.terminate()

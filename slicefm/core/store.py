@@ -615,3 +615,22 @@ def staged_output(uri: str | Path) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename the finished directory `src` onto `dest` (same filesystem: atomic); an existing `dest` is moved
+    aside first and removed only after the rename, and put back if the rename fails."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from slicefm import __version__
-from slicefm.core.store import Store, open_store
+from slicefm.core.store import Store, open_store, replace_dir
 from slicefm.data.ingest import DEFAULT_MAX_TILT_DEG, NoUsableScansError, ingest, read_scans
 from slicefm.data.schemas import QuarantineSchema, validate
 from slicefm.predict.bundle import ModelBundle, preprocess_differences
@@ -136,7 +135,7 @@ def run_predict(
             table = _write_outputs(
                 bundle, staging, rows, by_fold, quarantine, n_slices, seconds, timings, kind, model_ref
             )
-            _replace_dir(staging, out)
+            replace_dir(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -320,18 +319,3 @@ def _write_outputs(
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_report(bundle, out, table, q, summary)
     return table
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename the finished `src` onto `dest`; an old `dest` is moved aside first and removed after."""
-    if not dest.exists():
-        os.rename(src, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    os.rename(dest, old)
-    try:
-        os.rename(src, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

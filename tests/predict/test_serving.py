@@ -3,14 +3,12 @@ offline, and a real `mlflow models serve` on 127.0.0.1 answering the same probab
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from slicefm.edge.cli import main
 from slicefm.edge.tracking.mlflow_runs import _global_tracking_uri
 from slicefm.edge.tracking.models import set_alias
 from slicefm.edge.tracking.registry import register_encoder, register_head
-from tests.conftest import LOOPBACK, free_port
+from tests.conftest import LOOPBACK, free_port, wait_http_ok
 from tests.predict.conftest import KEY, Trained
 
 HEAD, ENCODER = "serve-test-location-head", "serve-test-encoder"
@@ -80,23 +78,6 @@ def _serve(model_uri: str, tracking_uri: str, port: int, log: Path) -> subproces
     )
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.5)
-    raise RuntimeError(
-        f"mlflow models serve not ready after {SERVE_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-    )
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     req = urllib.request.Request(
         f"{url}/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
@@ -127,7 +108,7 @@ def test_served_model_answers_what_predict_writes(registry, trained, tmp_path, m
     log = tmp_path / "serve.log"
     proc = _serve(f"models:/{HEAD}@champion", registry, port, log)
     try:
-        _wait_ready(url, proc, log)
+        wait_http_ok(f"{url}/ping", proc, log, "mlflow models serve", SERVE_START_TIMEOUT_S)
         for scan_id in table.index[:2]:
             rows = slices[slices["scan_id"] == scan_id].sort_values("row")
             stack = np.load(pre / rows["stack"].iloc[0])[rows["row"].to_numpy()]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slicefm.core.store import replace_dir
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -364,20 +366,7 @@ def download_encoder(model_uri: str) -> str:
 
 
 def _replace_dir(src: Path, dest: Path, overwrite: bool) -> None:
-    """Rename `src` to `dest` (same filesystem: atomic); an old `dest` is moved aside first, then removed."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    if not overwrite:
+    """`replace_dir`, refusing a `dest` that appeared meanwhile unless `overwrite`."""
+    if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} appeared while pulling; not replacing it")
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    replace_dir(src, dest)
