@@ -26,8 +26,7 @@ from slicefm.embed.extract import windows_for
 from slicefm.evaluate.train_head import HeadSpec, TrainedHead
 from slicefm.models.encoders import Encoder
 from slicefm.models.export_format import ENCODER_FILES, load_encoder
-from slicefm.preprocess.config import PreprocessConfig
-from slicefm.preprocess.stage import channel_names, resolve_windows
+from slicefm.preprocess.config import PreprocessConfig, channel_names, resolve_windows
 
 ENCODER_DIR = "encoder"
 LINEAGE_FILE = "lineage.json"

@@ -79,3 +79,21 @@ class PreprocessConfig(Strict):
     slab_mm: float = Field(12.0, gt=0)
     n_shards: int = Field(4, ge=1)
     workers: int = Field(2, ge=1)
+
+
+def resolve_windows(cfg: PreprocessConfig) -> list[HUWindow]:
+    """The configured windows: names looked up in WINDOWS, explicit windows as they are."""
+    out = []
+    for w in cfg.windows:
+        if isinstance(w, HUWindow):
+            out.append(w)
+        elif w in WINDOWS:
+            out.append(WINDOWS[w])
+        else:
+            raise ValueError(f"unknown window {w!r}; known: {sorted(WINDOWS)} (or give name/lo/hi)")
+    return out
+
+
+def channel_names(cfg: PreprocessConfig) -> list[str]:
+    """The stack's channels, in order: one per window, or the single z-score channel."""
+    return ["zscore"] if cfg.normalisation == "zscore" else [w.name for w in resolve_windows(cfg)]

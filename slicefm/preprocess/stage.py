@@ -25,7 +25,7 @@ from slicefm.core.store import Store, open_store
 from slicefm.data.ingest import read_lesions, read_scans
 from slicefm.data.schemas import SlicesSchema, validate
 from slicefm.preprocess.boxes import map_box_to_output
-from slicefm.preprocess.config import WINDOWS, HUWindow, PreprocessConfig
+from slicefm.preprocess.config import PreprocessConfig, channel_names, resolve_windows
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
 from slicefm.preprocess.slabs import slab_ids
@@ -42,23 +42,6 @@ class PreprocessResult:
     n_skipped: int
     n_slices: int
     channels: list[str]
-
-
-def resolve_windows(cfg: PreprocessConfig) -> list[HUWindow]:
-    """The configured windows: names looked up in WINDOWS, explicit windows as they are."""
-    out = []
-    for w in cfg.windows:
-        if isinstance(w, HUWindow):
-            out.append(w)
-        elif w in WINDOWS:
-            out.append(WINDOWS[w])
-        else:
-            raise ValueError(f"unknown window {w!r}; known: {sorted(WINDOWS)} (or give name/lo/hi)")
-    return out
-
-
-def channel_names(cfg: PreprocessConfig) -> list[str]:
-    return ["zscore"] if cfg.normalisation == "zscore" else [w.name for w in resolve_windows(cfg)]
 
 
 def crop_box_for(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, int]:

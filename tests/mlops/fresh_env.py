@@ -9,12 +9,15 @@ RECORD lists are reachable: a directory shared with an unselected distribution (
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -120,3 +123,20 @@ def make_venv(root: Path, distributions: Iterable[str]) -> Path:
     link_tree(distribution_closure(distributions), deps)
     (Path(site) / "fresh_env_deps.pth").write_text(f"{deps}\n", encoding="utf-8")
     return python
+
+
+def run_probe(python: Path, *args: Path | str, cwd: Path) -> dict[str, Any]:
+    """Run pyfunc_probe.py in the fresh venv: isolated mode (-I: no PYTHONPATH, no script directory on
+    sys.path), a minimal environment, outside the checkout; returns its report (args end with OUT_DIR)."""
+    out = Path(args[-1])
+    out.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cwd),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    probe = Path(__file__).with_name("pyfunc_probe.py")
+    cmd = [str(python), "-I", str(probe), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "report.json").read_text())

@@ -3,7 +3,9 @@ would, with slicefm not installed, and write what happened to OUT_DIR (report.js
 
 Usage: python -I pyfunc_probe.py encoder MODEL_DIR INPUT.npy OUT_DIR
        python -I pyfunc_probe.py head MODEL_DIR NO_CODE_MODEL_DIR OUT_DIR
-(`head` also tries NO_CODE_MODEL_DIR first, an encoder model stripped of its code: it must not load.)
+       python -I pyfunc_probe.py stack MODEL_DIR STACK.npy OUT_DIR
+(`head` also tries NO_CODE_MODEL_DIR first, an encoder model stripped of its code: it must not load;
+`stack`: a predicting head model applied to one scan's stack, its output row in report.json.)
 """
 
 from __future__ import annotations
@@ -49,10 +51,19 @@ def _head(model_dir: str, no_code_dir: str, out: Path) -> dict[str, Any]:
     return report
 
 
+def _stack(model_dir: str, stack_npy: str, out: Path) -> dict[str, Any]:
+    import mlflow.pyfunc
+    import numpy as np
+
+    model = mlflow.pyfunc.load_model(model_dir)
+    return {"row": model.predict(np.load(stack_npy)).iloc[0].to_dict()}
+
+
 def main(mode: str, model_dir: str, extra: str, out_dir: str) -> None:
     report: dict[str, Any] = {"slicefm_importable": importlib.util.find_spec("slicefm") is not None}
     out = Path(out_dir)
-    report.update(_encoder(model_dir, extra, out) if mode == "encoder" else _head(model_dir, extra, out))
+    probes = {"encoder": _encoder, "head": _head, "stack": _stack}
+    report.update(probes[mode](model_dir, extra, out))
     report["slicefm_file"] = getattr(sys.modules.get("slicefm"), "__file__", None)
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
 

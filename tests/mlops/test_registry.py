@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import packages_distributions
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import mlflow.artifacts
@@ -51,8 +49,7 @@ from slicefm.edge.tracking.registry import (
 )
 from slicefm.models.encoders import create_encoder
 from slicefm.models.export_format import export_encoder, load_encoder
-from tests.mlops import pyfunc_probe
-from tests.mlops.fresh_env import distribution_closure, make_venv, requirement_names
+from tests.mlops.fresh_env import distribution_closure, make_venv, requirement_names, run_probe
 
 ENCODER = "mlops-test-encoder"
 HEAD = "mlops-test-head"
@@ -241,22 +238,6 @@ def test_registered_models_declare_signature_requirements_and_code(
         assert "slicefm" not in (model / "requirements.txt").read_text() + (model / "conda.yaml").read_text()
 
 
-def _probe(python: Path, *args: Path | str, cwd: Path) -> dict[str, Any]:
-    """Run pyfunc_probe.py in the fresh venv: isolated mode (-I: no PYTHONPATH, no script directory on
-    sys.path), a minimal environment, outside the checkout; returns its report."""
-    out = Path(args[-1])
-    out.mkdir()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    cmd = [str(python), "-I", pyfunc_probe.__file__, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((out / "report.json").read_text())
-
-
 def test_registered_models_load_and_predict_in_a_fresh_venv(registered: Registered, tmp_path: Path) -> None:
     """A consumer's environment: the encoder's declared requirements (with their dependencies; MLflow,
     the loader, is one of them) and nothing else. slicefm comes only from the code a model carries."""
@@ -274,13 +255,13 @@ def test_registered_models_load_and_predict_in_a_fresh_venv(registered: Register
     batch = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
     np.save(tmp_path / "batch.npy", batch)
 
-    got = _probe(python, "head", head, no_code, tmp_path / "out-head", cwd=tmp_path)
+    got = run_probe(python, "head", head, no_code, tmp_path / "out-head", cwd=tmp_path)
     assert got["slicefm_importable"] is False
     assert "No module named 'slicefm'" in got["no_code_error"]
     assert got["torch_imported"] is False  # the head model needs MLflow only
     assert "slicefm models pull" in got["head_predict_error"]
 
-    got = _probe(python, "encoder", encoder, tmp_path / "batch.npy", tmp_path / "out-encoder", cwd=tmp_path)
+    got = run_probe(python, "encoder", encoder, tmp_path / "batch.npy", tmp_path / "out-encoder", cwd=tmp_path)
     assert got["slicefm_importable"] is False
     assert Path(got["slicefm_file"]) == encoder / "code" / "slicefm" / "__init__.py"
     outputs = np.load(tmp_path / "out-encoder" / "outputs.npz")

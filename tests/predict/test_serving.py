@@ -130,3 +130,31 @@ def test_served_model_answers_what_predict_writes(registry, trained, tmp_path, m
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_the_served_model_needs_only_its_declared_requirements(registry, trained, tmp_path):
+    """A consumer's venv: the head model's requirements.txt (and their dependencies) and nothing else; slicefm
+    only as the code the model carries. It predicts what `predict` computes for the same stack."""
+    from mlflow.artifacts import download_artifacts
+
+    from slicefm.predict.bundle import load_bundle
+    from slicefm.predict.scoring import score_stack
+    from tests.mlops.fresh_env import distribution_closure, make_venv, requirement_names, run_probe
+
+    with _global_tracking_uri(registry):
+        model = Path(download_artifacts(artifact_uri=f"models:/{HEAD}@champion", dst_path=str(tmp_path / "model")))
+    declared = requirement_names((model / "requirements.txt").read_text().splitlines())
+    assert "slicefm" not in distribution_closure(declared)
+    python = make_venv(tmp_path / "venv", declared)
+    pre = Path(trained.preprocessed)
+    slices = pd.read_parquet(pre / "slices.parquet")
+    rows = slices[slices["scan_id"] == slices["scan_id"].iloc[0]].sort_values("row")
+    stack = np.load(pre / rows["stack"].iloc[0])[rows["row"].to_numpy()]
+    np.save(tmp_path / "stack.npy", stack)
+    got = run_probe(python, "stack", model, tmp_path / "stack.npy", tmp_path / "out", cwd=tmp_path)
+    assert got["slicefm_importable"] is False
+    assert Path(got["slicefm_file"]) == model / "code" / "slicefm" / "__init__.py"
+    bundle = load_bundle(trained.model_dir)
+    expected = score_stack(bundle, stack).probabilities
+    for c, p in zip(bundle.class_names, expected, strict=True):
+        assert got["row"][f"p_{c}"] == pytest.approx(float(p), abs=1e-6)

@@ -9,11 +9,19 @@ import pytest
 import torch
 
 from slicefm.preprocess.boxes import map_box_to_input, map_box_to_output
-from slicefm.preprocess.config import ABDOMEN, LUNG, WINDOWS, HUWindow, PreprocessConfig, ZScoreNorm
+from slicefm.preprocess.config import (
+    ABDOMEN,
+    LUNG,
+    WINDOWS,
+    HUWindow,
+    PreprocessConfig,
+    ZScoreNorm,
+    channel_names,
+    resolve_windows,
+)
 from slicefm.preprocess.crop import AIR_HU, body_bbox, body_mask, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_slices
 from slicefm.preprocess.slabs import slab_ids
-from slicefm.preprocess.stage import channel_names, resolve_windows
 from slicefm.preprocess.tiling import five_cut_boxes, tile_slices
 from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore, fit_zscore_norm
 
