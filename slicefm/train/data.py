@@ -187,7 +187,9 @@ class _Reader:
         return state
 
     def _out(self, images: np.ndarray) -> np.ndarray:
-        return images if self.raw else to_float(images)
+        if self.raw:  # bytes from S3 arrive read-only; torch wants writable arrays
+            return images if images.flags.writeable else images.copy()
+        return to_float(images)
 
     def image(self, row: pd.Series) -> np.ndarray:
         """[C, H, W] float32 (stored dtype when raw); [1, H, W] of the row's channel in per-window mode."""
