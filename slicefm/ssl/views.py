@@ -240,22 +240,28 @@ def sample_centres(
 
     Slice n's centre is a uniformly drawn pixel (its centre, (x + 0.5, y + 0.5)) of its abnormal mask with
     probability p_abnormal[n] when that mask has a pixel, else of its organ mask, else of its body mask, else
-    the image centre; kinds say which (ABNORMAL / ORGAN / BODY). Random numbers come from `rng` on the host,
-    so the result does not depend on the masks' device. Returns centres [N, 2] float32 and kinds [N] int64.
+    the image centre; kinds say which (ABNORMAL / ORGAN / BODY). The mask work is batched (one device sync for
+    the pixel counts); the random numbers come from `rng` on the host, drawn slice by slice in the order the
+    per-crop sampler drew them (`random()` only where an abnormal pixel exists, then `integers(count)`), so a
+    seed gives the views it gave before batching. Returns centres [N, 2] float32 and kinds [N] int64.
     """
     n, h, w = body.shape
-    u_kind, u_pick = rng.random(n), rng.random(n)
-    has = torch.stack([m.reshape(n, -1).any(1) for m in (abnormal, organ, body)]).cpu().numpy()
-    use_abnormal = has[0] & (u_kind < p_abnormal)
-    kinds = np.where(use_abnormal, ABNORMAL, np.where(has[1], ORGAN, BODY)).astype(np.int64)
+    counts = torch.stack([m.reshape(n, -1).sum(1) for m in (abnormal, organ, body)]).cpu().numpy()
+    kinds = np.full(n, BODY, np.int64)
+    k = np.zeros(n, np.int64)
+    for i in range(n):  # scalar draws only: ~1 us each
+        if counts[0, i] and rng.random() < p_abnormal[i]:
+            kinds[i], total = ABNORMAL, counts[0, i]
+        elif counts[1, i]:
+            kinds[i], total = ORGAN, counts[1, i]
+        else:
+            total = counts[2, i]
+        k[i] = rng.integers(total) if total else 0
     dev = body.device
-    pick_ab = torch.from_numpy(use_abnormal).to(dev)[:, None, None]
-    pick_org = torch.from_numpy(has[1]).to(dev)[:, None, None]
-    chosen = torch.where(pick_ab, abnormal, torch.where(pick_org, organ, body))
+    kinds_t = torch.from_numpy(kinds).to(dev)[:, None, None]
+    chosen = torch.where(kinds_t == ABNORMAL, abnormal, torch.where(kinds_t == ORGAN, organ, body))
     row_counts = chosen.view(torch.uint8).sum(2, dtype=torch.int32).long()  # [N, H]; ~2x a bool sum
-    total = row_counts.sum(1).cpu().numpy()
-    # k-th pixel (row-major) of the chosen mask, k uniform in [0, total): first the row, then the column.
-    k = np.minimum((u_pick * total).astype(np.int64), np.maximum(total - 1, 0))
+    # k-th pixel (row-major, as torch.nonzero orders them) of the chosen mask: first the row, then the column.
     k_t = torch.from_numpy(k).to(dev)[:, None]
     cum_rows = row_counts.cumsum(1)
     y = torch.searchsorted(cum_rows, k_t, right=True).clamp_max(h - 1)  # [N, 1]
@@ -263,9 +269,8 @@ def sample_centres(
     row = chosen.gather(1, y[:, :, None].expand(n, 1, w))[:, 0].to(torch.int64).cumsum(1)  # [N, W]
     x = torch.searchsorted(row, k_t - before, right=True).clamp_max(w - 1)
     centres = torch.cat([x, y], dim=1).cpu().numpy().astype(np.float32) + 0.5
-    empty = total == 0
+    empty = counts[2] == 0
     centres[empty] = (w / 2, h / 2)
-    kinds[empty] = BODY
     return centres, kinds
 
 

@@ -74,3 +74,39 @@ def test_body_masks_threshold_each_slice_at_a_tenth_of_its_range() -> None:
     assert m[0].sum() == 4 and m[0, 1:3, 1:3].all()
     assert m[1].all()
     assert m[2].sum() == 2 and m[2, 0, 0] and m[2, 0, 1]
+
+
+def _per_crop_reference(rng, abnormal, organ, body, p):
+    """The sampler one crop at a time, as the definition reads: an abnormal pixel with probability p when there
+    is one (the coin is tossed only then), else organ, else body; the pixel uniform over torch.nonzero's list."""
+    out = []
+    for a, o, b, pi in zip(abnormal, organ, body, p, strict=True):
+        masks = ([(a, ABNORMAL)] if a.any() and rng.random() < pi else []) + [(o, ORGAN), (b, BODY)]
+        for mask, kind in masks:
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(ys):
+                j = int(rng.integers(len(ys)))
+                out.append((float(xs[j]) + 0.5, float(ys[j]) + 0.5, kind))
+                break
+        else:
+            out.append((b.shape[1] / 2, b.shape[0] / 2, BODY))
+    return out
+
+
+def test_batched_centres_draw_what_the_per_crop_definition_draws_with_the_same_seed():
+    g = torch.Generator().manual_seed(0)
+    n, h, w = 120, 24, 24
+    abnormal = torch.rand(n, h, w, generator=g) < 0.01
+    abnormal[::3] = False
+    organ = torch.rand(n, h, w, generator=g) < 0.2
+    organ[::7] = False
+    body = torch.rand(n, h, w, generator=g) < 0.6
+    for m in (abnormal, organ, body):
+        m[::11] = False  # nothing at all: the image centre
+    p = np.random.default_rng(1).random(n)
+    ref_rng, rng = np.random.default_rng(5), np.random.default_rng(5)
+    expected = _per_crop_reference(ref_rng, abnormal, organ, body, p)
+    centres, kinds = sample_centres(rng, abnormal, organ, body, p)
+    np.testing.assert_array_equal(centres, np.array([(x, y) for x, y, _ in expected], np.float32))
+    np.testing.assert_array_equal(kinds, [k for *_, k in expected])
+    assert ref_rng.random() == rng.random()  # the same number of draws: later views stay the same too
