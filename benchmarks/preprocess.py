@@ -1,12 +1,18 @@
-"""Raw decode vs the full ingest + preprocess path, side by side on the same DICOM series.
+"""Raw decode vs the full ingest + preprocess path, side by side on the same series.
 
-raw decode  = reading every series into HU arrays (slicefm.io.dicom.read_dicom_series), nothing else;
+raw decode  = reading every series into HU arrays (slicefm.io.dicom.read_dicom_series / read_nifti), nothing else;
 full path   = `slicefm ingest` (decode, checks, pseudonymise, canonical volumes, manifests) followed by
               `slicefm preprocess` (body crop, resize, windows, shards, slices.parquet).
 Both use the same number of worker processes. The phantom's organ/lesion masks are removed first: hospital
-archives carry none, and mask resampling is not part of the CT path being measured. Prints slices/s for each and full/raw (target >= 0.8).
+archives carry none, and mask resampling is not part of the CT path being measured. Prints slices/s for each,
+each stage's share of the full path's time, and full/raw (target >= 0.8).
 
     .venv/bin/python benchmarks/preprocess.py --n-scans 8 --size 512 --workers 2
+    .venv/bin/python benchmarks/preprocess.py --realistic [--lengths 300 400 500 600] [--formats dicom rle j2k nifti]
+
+--realistic: real-size series (default 4 series of 300-600 slices at 512 x 512) written as uncompressed DICOM,
+RLE Lossless DICOM, JPEG 2000 Lossless DICOM (pylibjpeg-openjpeg) and .nii.gz, each format timed side by side
+with its own raw decode in one run.
 """
 
 from __future__ import annotations
@@ -19,34 +25,114 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from slicefm.data.ingest import ingest
 from slicefm.io.dicom import read_dicom_series, scan_dicom_tree
+from slicefm.io.nifti import read_nifti
 from slicefm.phantom.dataset import generate_dataset
 from slicefm.preprocess.config import PreprocessConfig
 from slicefm.preprocess.stage import run_preprocess
 
+KEY = b"benchmark-key-0123456789"
 
-def _decode(files: list[Path]) -> int:
+
+def _decode_dicom(files: list[Path]) -> int:
     return read_dicom_series(files).hu.shape[0]
 
 
-def raw_decode(root: Path, workers: int) -> tuple[int, float]:
+def _decode_nifti(path: Path) -> int:
+    return read_nifti(path).hu.shape[0]
+
+
+def raw_decode(root: Path, workers: int, fmt: str = "dicom") -> tuple[int, float]:
+    """Slices and seconds to decode every series of `root` into HU arrays with `workers` processes."""
     t0 = time.perf_counter()
-    tree = scan_dicom_tree(root)
-    groups = [sorted(f) for f in tree.series.values()]
+    if fmt == "nifti":
+        fn, groups = _decode_nifti, sorted(root.rglob("*.nii.gz"))
+    else:
+        fn, groups = _decode_dicom, [sorted(f) for f in scan_dicom_tree(root).series.values()]
     with ProcessPoolExecutor(workers) as pool:
-        n = sum(pool.map(_decode, groups))
+        n = sum(pool.map(fn, groups))
     return n, time.perf_counter() - t0
 
 
-def full_path(root: Path, out: Path, workers: int, size: int) -> tuple[int, float, float]:
+def full_path(root: Path, out: Path, workers: int, size: int, fmt: str = "dicom") -> tuple[int, float, float]:
     """Slices, total seconds, and the ingest part of them."""
     t0 = time.perf_counter()
-    ingest(root, str(out / "ingest"), b"benchmark-key-0123456789", "dicom", "bench", workers)
+    ingest(root, str(out / "ingest"), KEY, fmt, "bench", workers)
     t_ingest = time.perf_counter() - t0
     cfg = PreprocessConfig(size=size, workers=workers)
     res = run_preprocess(str(out / "ingest"), str(out / "pre"), cfg, resume=False)
     return res.n_slices, time.perf_counter() - t0, t_ingest
+
+
+def _transcode_j2k(args: tuple[Path, Path]) -> None:
+    """One uncompressed DICOM file -> JPEG 2000 Lossless (pylibjpeg-openjpeg encoder)."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    src, dst = args
+    ds = pydicom.dcmread(src)
+    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+
+
+def realistic_data(
+    root: Path, lengths: list[int], size: int, formats: list[str], workers: int
+) -> dict[str, Path]:
+    """One phantom scan per length (`size` px), written in each of `formats`; returns format -> folder."""
+    from slicefm.phantom.generate import generate_cohort
+    from slicefm.phantom.writers.dicom import write_dicom_series
+    from slicefm.phantom.writers.nifti import write_nifti
+
+    dirs = {f: root / f for f in formats}
+    plain = root / "dicom"
+    for i, n in enumerate(lengths):
+        scan = generate_cohort(1, seed=100 + i, shape_xy=size, n_slices=n)[0]
+        rng = np.random.default_rng(i)
+        if "dicom" in formats or "j2k" in formats:
+            write_dicom_series(scan, plain / f"series{i}", rng)
+        if "rle" in formats:
+            write_dicom_series(scan, dirs["rle"] / f"series{i}", rng, compress=True)
+        if "nifti" in formats:
+            dirs["nifti"].mkdir(parents=True, exist_ok=True)
+            write_nifti(scan, dirs["nifti"] / f"scan{i}.nii.gz")
+    if "j2k" in formats:
+        jobs = [(f, dirs["j2k"] / f.relative_to(plain)) for f in sorted(plain.rglob("*.dcm"))]
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_transcode_j2k, jobs, chunksize=16))
+        if "dicom" not in formats:
+            shutil.rmtree(plain)
+    return dirs
+
+
+def compare(data: Path, work: Path, fmt: str, workers: int, out_size: int, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` raw decode and full path on one folder, each repeat side by side."""
+    reader_fmt = "nifti" if fmt == "nifti" else "dicom"
+    raw_decode(data, workers, reader_fmt)  # warm the page cache so both paths read from memory
+    best: dict[str, float] = {"raw": 0.0, "full": 0.0, "ingest": 0.0, "slices": 0}
+    for r in range(repeats):
+        n_raw, t_raw = raw_decode(data, workers, reader_fmt)
+        n_full, t_full, t_ingest = full_path(data, work / f"{fmt}{r}", workers, out_size, reader_fmt)
+        shutil.rmtree(work / f"{fmt}{r}")
+        assert n_raw == n_full, (n_raw, n_full)
+        if n_full / t_full > best["full"]:
+            best.update(full=n_full / t_full, ingest=n_full / t_ingest, t_full=t_full, t_ingest=t_ingest)
+        best["raw"] = max(best["raw"], n_raw / t_raw)
+        best["slices"] = n_raw
+    return best
+
+
+def report(label: str, b: dict[str, float]) -> None:
+    t_pre = b["t_full"] - b["t_ingest"]
+    t_decode = b["slices"] / b["raw"]
+    print(
+        f"{label:10s} {int(b['slices']):6d} {b['raw']:9.1f} {b['ingest']:9.1f} {b['full']:9.1f} "
+        f"{b['full'] / b['raw']:7.2f}   ingest {b['t_ingest'] / b['t_full']:4.0%} (a bare decode: "
+        f"{t_decode / b['t_full']:4.0%} of the total), preprocess {t_pre / b['t_full']:4.0%}"
+    )
 
 
 def main() -> None:
@@ -56,28 +142,38 @@ def main() -> None:
     p.add_argument("--out-size", type=int, default=256, help="preprocess output size")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--realistic", action="store_true", help="real-size series in four formats")
+    p.add_argument("--lengths", type=int, nargs="+", default=[300, 400, 500, 600])
+    p.add_argument("--formats", nargs="+", default=["dicom", "rle", "j2k", "nifti"],
+                   choices=["dicom", "rle", "j2k", "nifti"])  # fmt: skip
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    header = (
+        f"{'format':10s} {'slices':>6s} {'raw/s':>9s} {'ingest/s':>9s} {'full/s':>9s} {'ratio':>7s}   "
+        "share of the full path's time"
+    )
     with tempfile.TemporaryDirectory() as tmp:
+        if args.realistic:
+            t0 = time.perf_counter()
+            dirs = realistic_data(Path(tmp) / "data", args.lengths, args.size, args.formats, args.workers)
+            print(
+                f"{len(args.lengths)} series of {args.lengths} slices at {args.size}x{args.size} written in "
+                f"{time.perf_counter() - t0:.0f} s; {args.workers} workers, output {args.out_size}px, "
+                f"best of {args.repeats}"
+            )
+            print(header)
+            for fmt in args.formats:
+                report(fmt, compare(dirs[fmt], Path(tmp), fmt, args.workers, args.out_size, args.repeats))
+            return
         data = Path(tmp) / "dicom"
         generate_dataset(data, args.n_scans, "dicom", seed=1, shape_xy=args.size)
         shutil.rmtree(data / "masks")
-        raw_decode(data, args.workers)  # warm the page cache so both paths read from memory
-        best_raw, best_full, best_ingest = 0.0, 0.0, 0.0
-        for r in range(args.repeats):
-            n_raw, t_raw = raw_decode(data, args.workers)
-            n_full, t_full, t_ingest = full_path(data, Path(tmp) / f"run{r}", args.workers, args.out_size)
-            assert n_raw == n_full, (n_raw, n_full)
-            best_raw, best_full = max(best_raw, n_raw / t_raw), max(best_full, n_full / t_full)
-            best_ingest = max(best_ingest, n_full / t_ingest)
         print(
-            f"{args.n_scans} series, {n_raw} slices of {args.size}x{args.size}, {args.workers} workers, "
+            f"{args.n_scans} phantom series at {args.size}x{args.size}, {args.workers} workers, "
             f"output {args.out_size}px, best of {args.repeats}"
         )
-        print(f"raw decode          {best_raw:8.1f} slices/s")
-        print(f"  ingest alone      {best_ingest:8.1f} slices/s")
-        print(f"ingest + preprocess {best_full:8.1f} slices/s")
-        print(f"ratio full/raw      {best_full / best_raw:8.2f}   (target >= 0.80)")
+        print(header)
+        report("dicom", compare(data, Path(tmp), "dicom", args.workers, args.out_size, args.repeats))
 
 
 if __name__ == "__main__":

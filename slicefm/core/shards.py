@@ -41,3 +41,12 @@ class StackReader:
         if key not in self._headers:
             self._headers[key] = self.store.read_npy_header(key)
         return self.store.read_npy_rows(key, row, row + 1, self._headers[key])[0]
+
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one stack as an array: one memory map or one byte-range GET."""
+        local = self.store.local_path(key)
+        if local is not None:
+            return np.array(np.load(local, mmap_mode="r")[start:stop])
+        if key not in self._headers:
+            self._headers[key] = self.store.read_npy_header(key)
+        return self.store.read_npy_rows(key, start, stop, self._headers[key])

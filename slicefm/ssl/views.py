@@ -61,23 +61,23 @@ def random_resized_boxes(
     hw: tuple[int, int],
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    tries: int = 10,
 ) -> np.ndarray:
-    """torchvision RandomResizedCrop geometry: area fraction in `scale`, log-uniform aspect ratio."""
+    """torchvision RandomResizedCrop geometry: area fraction in `scale`, log-uniform aspect ratio; the first
+    of `tries` draws that fits the image, placed uniformly (the whole image when none fits). All n at once."""
     h, w = hw
-    out = np.empty((n, 4), np.float32)
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for i in range(n):
-        for _ in range(10):
-            area = h * w * rng.uniform(*scale)
-            r = math.exp(rng.uniform(*log_r))
-            cw, ch = math.sqrt(area * r), math.sqrt(area / r)
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-                out[i] = (x0, y0, x0 + cw, y0 + ch)
-                break
-        else:
-            out[i] = (0, 0, w, h)
-    return out
+    area = h * w * rng.uniform(*scale, size=(n, tries))
+    r = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, tries)))
+    cw, ch = np.sqrt(area * r), np.sqrt(area / r)
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.argmax(axis=1)
+    ok = fits[np.arange(n), first]
+    cw, ch = cw[np.arange(n), first], ch[np.arange(n), first]
+    u = rng.random((n, 2))
+    x0, y0 = u[:, 0] * (w - cw), u[:, 1] * (h - ch)
+    out = np.stack([x0, y0, x0 + cw, y0 + ch], axis=1)
+    out[~ok] = (0, 0, w, h)
+    return out.astype(np.float32)
 
 
 def centred_boxes(centres: np.ndarray, sides: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -124,7 +124,8 @@ def photometric(
     blur = torch.rand(b, generator=gen) < cfg.blur_prob
     sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * torch.rand(b, generator=gen)
     if blur.any():
-        x = gaussian_blur(x, torch.where(blur, sigma, torch.zeros_like(sigma)))
+        idx = torch.nonzero(blur)[:, 0].to(x.device)
+        x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sigma[blur]))
     if clamp is not None:
         x = x.clamp(*clamp)
     return x
@@ -156,6 +157,14 @@ def _clamp_for(images: torch.Tensor) -> tuple[float, float] | None:
     return (0.0, 1.0) if images.min() >= 0 and images.max() <= 1 else None
 
 
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """Loader images on their device -> float32: uint8 windows to [0, 1] (x / 255, as `train.data.to_float`),
+    float16 z-scores widened; float32 as it is. Items travel to the device in their stored dtype."""
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    return images.float()
+
+
 @dataclass
 class MoCoViews:
     x1: torch.Tensor
@@ -179,7 +188,9 @@ def moco_views(
     """Two augmented views per slice. With `lecl`, slices with a lesion box give the query encoder the
     full slice and the momentum encoder a lesion-centred crop (CLEAR, paper variant)."""
     b, _, h, w = images.shape
-    clamp = _clamp_for(images)
+    clamp = (0.0, 1.0) if images.dtype == torch.uint8 else None
+    images = as_float(images)
+    clamp = clamp or _clamp_for(images)
     has_lesion = ~np.isnan(lesion_boxes).any(axis=1) if lecl is not None else np.zeros(b, bool)
     full = np.tile(np.array([0, 0, w, h], np.float32), (b, 1))
     views, boxes = [], []
@@ -196,44 +207,71 @@ def moco_views(
         if has_lesion.any():
             key_boxes[has_lesion] = lesion_crop_boxes(lesion_boxes[has_lesion], (h, w), lecl)
         key_views = []
-        for v, box in zip(views, boxes, strict=True):
-            kbox = box.copy()
-            kbox[has_lesion] = key_boxes[has_lesion]
-            crop = crop_resize(images, torch.from_numpy(kbox), out_size, **_flips(rng, b, aug))
-            key = photometric(crop, gen, aug, clamp)
-            # Slices without a lesion keep plain MoCo: the key view is the other encoder's view.
-            mask = torch.from_numpy(has_lesion).to(images.device)[:, None, None, None]
-            key_views.append(torch.where(mask, key, v))
+        # Slices without a lesion keep plain MoCo (the key view is the other encoder's view): only the
+        # lesion slices get a lesion-centred key crop.
+        rows = torch.from_numpy(np.flatnonzero(has_lesion)).to(images.device)
+        n_les = len(rows)
+        for v in views:
+            if not n_les:
+                key_views.append(v)
+                continue
+            kbox = torch.from_numpy(key_boxes[has_lesion])
+            crop = crop_resize(images.index_select(0, rows), kbox, out_size, **_flips(rng, n_les, aug))
+            key_views.append(v.index_copy(0, rows, photometric(crop, gen, aug, clamp)))
     return MoCoViews(views[0], views[1], key_views[0], key_views[1], torch.from_numpy(has_lesion), key_boxes)
 
 
-def body_mask(image: torch.Tensor) -> torch.Tensor:
-    """[C, H, W] -> [H, W] bool: pixels brighter than 10% of the slice's range (air is the minimum in
-    every window and in z-scores)."""
-    m = image.mean(0)
-    lo, hi = float(m.min()), float(m.max())
-    return m > lo + 0.1 * (hi - lo) if hi > lo else torch.ones_like(m, dtype=torch.bool)
+def body_masks(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, H, W] bool: pixels brighter than 10% of their slice's range (air is the minimum in
+    every window and in z-scores); a constant slice is all body."""
+    m = images.float().mean(1)
+    lo, hi = m.amin(dim=(1, 2), keepdim=True), m.amax(dim=(1, 2), keepdim=True)
+    return (m > lo + 0.1 * (hi - lo)) | (hi <= lo)
 
 
-def sample_centre(
+def sample_centres(
     rng: np.random.Generator,
     abnormal: torch.Tensor,
     organ: torch.Tensor,
     body: torch.Tensor,
-    p_abnormal: float,
-) -> tuple[float, float, int]:
-    """(x, y, kind): an abnormal pixel with probability p when there is one, else an organ pixel, else body."""
-    candidates = []
-    if abnormal.any() and rng.random() < p_abnormal:
-        candidates.append((abnormal, ABNORMAL))
-    candidates += [(organ, ORGAN), (body, BODY)]
-    for mask, kind in candidates:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        if len(ys):
-            j = int(rng.integers(len(ys)))
-            return float(xs[j]) + 0.5, float(ys[j]) + 0.5, kind
-    h, w = body.shape
-    return w / 2, h / 2, BODY
+    p_abnormal: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop centres for N slices at once: masks [N, H, W] bool (any device), p_abnormal [N].
+
+    Slice n's centre is a uniformly drawn pixel (its centre, (x + 0.5, y + 0.5)) of its abnormal mask with
+    probability p_abnormal[n] when that mask has a pixel, else of its organ mask, else of its body mask, else
+    the image centre; kinds say which (ABNORMAL / ORGAN / BODY). The mask work is batched (one device sync for
+    the pixel counts); the random numbers come from `rng` on the host, drawn slice by slice in the order the
+    per-crop sampler drew them (`random()` only where an abnormal pixel exists, then `integers(count)`), so a
+    seed gives the views it gave before batching. Returns centres [N, 2] float32 and kinds [N] int64.
+    """
+    n, h, w = body.shape
+    counts = torch.stack([m.reshape(n, -1).sum(1) for m in (abnormal, organ, body)]).cpu().numpy()
+    kinds = np.full(n, BODY, np.int64)
+    k = np.zeros(n, np.int64)
+    for i in range(n):  # scalar draws only: ~1 us each
+        if counts[0, i] and rng.random() < p_abnormal[i]:
+            kinds[i], total = ABNORMAL, counts[0, i]
+        elif counts[1, i]:
+            kinds[i], total = ORGAN, counts[1, i]
+        else:
+            total = counts[2, i]
+        k[i] = rng.integers(total) if total else 0
+    dev = body.device
+    kinds_t = torch.from_numpy(kinds).to(dev)[:, None, None]
+    chosen = torch.where(kinds_t == ABNORMAL, abnormal, torch.where(kinds_t == ORGAN, organ, body))
+    row_counts = chosen.view(torch.uint8).sum(2, dtype=torch.int32).long()  # [N, H]; ~2x a bool sum
+    # k-th pixel (row-major, as torch.nonzero orders them) of the chosen mask: first the row, then the column.
+    k_t = torch.from_numpy(k).to(dev)[:, None]
+    cum_rows = row_counts.cumsum(1)
+    y = torch.searchsorted(cum_rows, k_t, right=True).clamp_max(h - 1)  # [N, 1]
+    before = cum_rows.gather(1, y) - row_counts.gather(1, y)
+    row = chosen.gather(1, y[:, :, None].expand(n, 1, w))[:, 0].to(torch.int64).cumsum(1)  # [N, W]
+    x = torch.searchsorted(row, k_t - before, right=True).clamp_max(w - 1)
+    centres = torch.cat([x, y], dim=1).cpu().numpy().astype(np.float32) + 0.5
+    empty = counts[2] == 0
+    centres[empty] = (w / 2, h / 2)
+    return centres, kinds
 
 
 @dataclass
@@ -270,12 +308,10 @@ def lejepa_views(
     (organ_cls [G, B, n_organs]) and per token cell (organ_patch [G, B, grid^2, n_organs]), and binary
     abnormality labels (finding classes 1.. and 'lesion') at both levels.
     """
-    stack = batch["stack"]
+    stack = batch["stack"]  # uint8 / float16 as stored, or float32; crops are made in float32
     b, _, _, h, w = stack.shape
     n_valid = batch["n"].numpy()
     centre = batch["centre"].numpy()
-    abnormal = (batch["lesion"] > 0) | (batch["finding"] > 0) | (batch["box_mask"] > 0)
-    organ = batch["organ"] > 0
     if cfg.guidance == "volume" and "targeted" in batch:
         # the sampler already drew targeted items with abnormal_prob: their crops always aim at the abnormality
         p_abnormal = np.where(batch["targeted"].numpy(), 1.0, 0.0)
@@ -286,26 +322,29 @@ def lejepa_views(
     rows[: cfg.n_global] = centre[None]
     local_rows = rng.integers(0, n_valid[None].repeat(cfg.n_local, 0)) if cfg.depth_aware else None
     rows[cfg.n_global :] = centre[None] if local_rows is None else local_rows
-    centres = np.empty((n_views, b, 2), np.float32)
-    kinds = np.empty((n_views, b), np.int64)
-    bodies: dict[tuple[int, int], torch.Tensor] = {}
-    for v in range(n_views):
-        for i in range(b):
-            r = int(rows[v, i])
-            if (i, r) not in bodies:
-                bodies[(i, r)] = body_mask(stack[i, r])
-            x, y, kind = sample_centre(rng, abnormal[i, r], organ[i, r], bodies[(i, r)], p_abnormal[i])
-            centres[v, i], kinds[v, i] = (x, y), kind
+    # Every crop's slice at once: view-major [V * B], the crop order used below.
+    ar = torch.arange(b)
+    items = ar.repeat(n_views).to(stack.device)
+    flat_rows = torch.from_numpy(rows.reshape(-1)).to(stack.device)
+    at = {k: batch[k][items, flat_rows] for k in ("lesion", "finding", "box_mask", "organ")}
+    abnormal = (at["lesion"] > 0) | (at["finding"] > 0) | (at["box_mask"] > 0)
+    centres, kinds = sample_centres(
+        rng,
+        abnormal,
+        at["organ"] > 0,
+        body_masks(as_float(stack[items, flat_rows])),
+        np.tile(p_abnormal, n_views),
+    )
+    centres, kinds = centres.reshape(n_views, b, 2), kinds.reshape(n_views, b)
     side = min(h, w)
     scales = [cfg.global_scale] * cfg.n_global + [cfg.local_scale] * cfg.n_local
     sides = np.stack([np.sqrt(rng.uniform(*s, size=b)) * side for s in scales])
     boxes = np.stack([centred_boxes(centres[v], sides[v], (h, w)) for v in range(n_views)])
-    clamp = _clamp_for(stack)
-    ar = torch.arange(b)
+    clamp = (0.0, 1.0) if stack.dtype == torch.uint8 else _clamp_for(stack)
 
     def crops(vs: range, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         idx = torch.from_numpy(rows[list(vs)]).reshape(-1)
-        src = stack[ar.repeat(len(vs)), idx]
+        src = as_float(stack[ar.repeat(len(vs)), idx])
         box = torch.from_numpy(boxes[list(vs)].reshape(-1, 4))
         flips = _flips(rng, len(idx), aug)
         out = photometric(crop_resize(src, box, size, **flips), gen, aug, clamp)
@@ -324,7 +363,12 @@ def lejepa_views(
             for k in ("organ", "finding", "lesion")
         }
         targets = aux_targets(
-            labels["organ"], labels["finding"], labels["lesion"], n_organs, n_abnormal or 1, token_grid,
+            labels["organ"],
+            labels["finding"],
+            labels["lesion"],
+            n_organs,
+            n_abnormal or 1,
+            token_grid,
             n_lesion_classes,
         )
         targets = {k: t.view(cfg.n_global, b, *t.shape[1:]) for k, t in targets.items()}

@@ -173,8 +173,9 @@ def to_float(stack: np.ndarray) -> np.ndarray:
 class _Reader:
     """Slice and mask access shared by the datasets (one per worker process after pickling)."""
 
-    def __init__(self, index: PretrainIndex, cache_bytes: int = MASK_CACHE_BYTES) -> None:
+    def __init__(self, index: PretrainIndex, cache_bytes: int = MASK_CACHE_BYTES, raw: bool = False) -> None:
         self.index = index
+        self.raw = raw
         self.reader = StackReader(index.store)
         self.cache_bytes = cache_bytes
         self._masks: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -185,11 +186,31 @@ class _Reader:
         state["_masks"], state["_mask_bytes"] = OrderedDict(), 0
         return state
 
+    def _out(self, images: np.ndarray) -> np.ndarray:
+        if self.raw:  # bytes from S3 arrive read-only; torch wants writable arrays
+            return images if images.flags.writeable else images.copy()
+        return to_float(images)
+
     def image(self, row: pd.Series) -> np.ndarray:
-        """[C, H, W] float32; [1, H, W] of the row's channel in per-window mode."""
+        """[C, H, W] float32 (stored dtype when raw); [1, H, W] of the row's channel in per-window mode."""
         image = self.reader.read_slice(row["stack"], int(row["row"]))
         channel = int(row.get("channel", -1))
-        return to_float(image[channel : channel + 1] if channel >= 0 else image)
+        return self._out(image[channel : channel + 1] if channel >= 0 else image)
+
+    def images(self, rows: pd.DataFrame) -> np.ndarray:
+        """[n, C, H, W] of `rows` (one channel each in per-window mode): one read per stack for a run of
+        consecutive rows (a slab), else one per row."""
+        stacks, at = rows["stack"].to_numpy(), rows["row"].to_numpy(np.int64)
+        channel = rows["channel"].to_numpy(np.int64) if "channel" in rows else np.full(len(rows), -1)
+        if (stacks == stacks[0]).all() and (np.diff(at) == 1).all():
+            block = self.reader.read_rows(str(stacks[0]), int(at[0]), int(at[-1]) + 1)
+        else:
+            block = np.stack(
+                [self.reader.read_slice(str(k), int(r)) for k, r in zip(stacks, at, strict=True)]
+            )
+        if (channel >= 0).any():
+            block = block[np.arange(len(rows)), channel][:, None]
+        return self._out(block)
 
     def masks(self, scan_id: str, rows: np.ndarray, hw: tuple[int, int]) -> dict[str, np.ndarray]:
         """organ / lesion / finding label maps [len(rows), H, W] uint8 (zeros when the scan has none)."""
@@ -227,9 +248,10 @@ def first_box(boxes: list) -> np.ndarray:
 class SliceDataset(Dataset):
     """MoCo / LECL items: one slice -> image [C, H, W], its first lesion box (NaN if none), key-slice id."""
 
-    def __init__(self, index: PretrainIndex) -> None:
+    def __init__(self, index: PretrainIndex, raw: bool = False) -> None:
+        """`raw`: images in their stored dtype (uint8 windows, float16 z-scores), made float on the device."""
         self.index = index
-        self._io = _Reader(index)
+        self._io = _Reader(index, raw=raw)
 
     def __len__(self) -> int:
         return len(self.index.slices)
@@ -271,10 +293,12 @@ class SlabDataset(Dataset):
     volume (`targets_of[i]`: the targeted ids of regular item i's volume and channel).
     """
 
-    def __init__(self, index: PretrainIndex, depth_aware: bool = True, label_guided: bool = False) -> None:
+    def __init__(
+        self, index: PretrainIndex, depth_aware: bool = True, label_guided: bool = False, raw: bool = False
+    ) -> None:
         self.index = index
         self.depth_aware = depth_aware
-        self._io = _Reader(index)
+        self._io = _Reader(index, raw=raw)  # raw: stacks in their stored dtype (see SliceDataset)
         s = index.slices
         if depth_aware:
             groups = s.groupby(["scan_id", "slab_id", "channel"], sort=True).indices
@@ -321,7 +345,7 @@ class SlabDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rows = self.index.slices.iloc[self.items[int(i)]]
-        images = np.stack([self._io.image(r) for _, r in rows.iterrows()])
+        images = self._io.images(rows)
         n, (h, w) = len(rows), images.shape[-2:]
         masks = self._io.masks(str(rows["scan_id"].iloc[0]), rows["row"].to_numpy(), (h, w))
         box_mask = np.zeros((n, h, w), np.uint8)

@@ -25,7 +25,15 @@ from slicefm.ssl.lejepa import LeJEPA
 from slicefm.ssl.moco import MoCoV3
 from slicefm.ssl.schedules import cosine_momentum
 from slicefm.ssl.sigreg import SIGReg
-from slicefm.ssl.views import crop_resize, lejepa_views, lesion_crop_boxes, moco_views
+from slicefm.ssl.views import (
+    LeJEPAViews,
+    MoCoViews,
+    as_float,
+    crop_resize,
+    lejepa_views,
+    lesion_crop_boxes,
+    moco_views,
+)
 from slicefm.train.collapse import eval_mode
 from slicefm.train.config import PretrainConfig
 from slicefm.train.data import PretrainIndex, SlabDataset, SliceDataset
@@ -111,7 +119,7 @@ class MoCoMethod:
             freeze_patch_embed=mc.freeze_patch_embed,
         )  # fmt: skip
         self.encoder = self.model.base_encoder
-        self.dataset = SliceDataset(index)
+        self.dataset = SliceDataset(index, raw=True)  # uint8 / float16 to the device, float there
         self.lecl = lecl if is_lecl else None
         self.bank: LesionKeyBank | None = None
         key_mask = index.slices["key_id"].to_numpy() >= 0
@@ -133,7 +141,7 @@ class MoCoMethod:
 
     def _key_slices(self, key_ids: np.ndarray) -> torch.Tensor:
         items = [self.dataset[int(self.key_items[j])] for j in key_ids]
-        images = torch.from_numpy(np.stack([it["image"] for it in items])).to(self.device)
+        images = as_float(torch.from_numpy(np.stack([it["image"] for it in items])).to(self.device))
         boxes = lesion_crop_boxes(np.stack([it["box"] for it in items]), tuple(images.shape[-2:]), self.lecl)
         return crop_resize(images, torch.from_numpy(boxes), self.cfg.encoder.img_size)
 
@@ -162,12 +170,16 @@ class MoCoMethod:
     def before_step(self, step: int, total: int) -> None:
         self.model.momentum_update(cosine_momentum(step, total, self.cfg.moco.momentum))
 
-    def forward(self, model, batch, step, rng, gen):
+    def views(self, batch: dict[str, Any], rng: np.random.Generator, gen: torch.Generator) -> MoCoViews:
+        """The step's two views (and LECL's lesion-centred keys) of a loader batch, on the method's device."""
         images = batch["image"].to(self.device, non_blocking=True)
-        views = moco_views(
+        return moco_views(
             images, batch["box"].numpy(), self.cfg.encoder.img_size, rng, gen, self.cfg.moco.crop_scale,
             self.cfg.augment, self.lecl,
         )  # fmt: skip
+
+    def forward(self, model, batch, step, rng, gen):
+        views = self.views(batch, rng, gen)
         self._last_lesion = views.lesion_mask
         lesion_keys = self.bank.keys() if self.bank is not None else None
         return model(views.x1, views.x2, lesion_keys, views.key_x1, views.key_x2)
@@ -261,7 +273,9 @@ class LeJEPAMethod:
         )  # fmt: skip
         self.encoder = encoder
         self.label_guided = lc.guidance == "volume" and lc.abnormal_prob > 0
-        self.dataset = SlabDataset(index, depth_aware=lc.depth_aware, label_guided=self.label_guided)
+        self.dataset = SlabDataset(
+            index, depth_aware=lc.depth_aware, label_guided=self.label_guided, raw=True
+        )  # stacks in their stored dtype to the device, float there
 
     @property
     def projector(self) -> nn.Module:
@@ -277,14 +291,18 @@ class LeJEPAMethod:
     def before_step(self, step: int, total: int) -> None:
         return None
 
-    def forward(self, model, batch, step, rng, gen):
+    def views(self, batch: dict[str, Any], rng: np.random.Generator, gen: torch.Generator) -> LeJEPAViews:
+        """The step's multi-crop views and aux targets of a loader batch, made on the method's device."""
         moved = {
             k: (v.to(self.device, non_blocking=True) if k in _DEVICE_KEYS else v) for k, v in batch.items()
         }
-        views = lejepa_views(
+        return lejepa_views(
             moved, rng, gen, self.cfg.lejepa, self.cfg.augment, self.global_size, self.n_organs,
             self.n_abnormal, self.token_grid, self.index.n_lesion_classes,
         )  # fmt: skip
+
+    def forward(self, model, batch, step, rng, gen):
+        views = self.views(batch, rng, gen)
         return model(views.global_views, views.local_views, step, views.aux_targets)
 
     def after_step(self, out, batch, step):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch.utils.data import default_collate
 
@@ -138,7 +139,9 @@ def test_typed_aux_targets_have_one_class_per_lesion_type() -> None:
     t = aux_targets(organ, finding, lesion, n_organs=2, n_abnormal=5, token_grid=2, n_lesion_classes=3)
     # columns: findings 1, 2, then lesion types 1, 2, 3
     np.testing.assert_array_equal(t["abn_cls"].numpy(), [[0, 1, 0, 0, 1], [0, 0, 1, 0, 1]])
-    np.testing.assert_array_equal(t["abn_patch"][1, :, 2:].numpy(), [[0, 0, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(
+        t["abn_patch"][1, :, 2:].numpy(), [[0, 0, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0]]
+    )
     untyped = aux_targets(organ, finding, lesion, n_organs=2, n_abnormal=3, token_grid=None)
     np.testing.assert_array_equal(untyped["abn_cls"][:, -1].numpy(), [1, 1])
 
@@ -271,3 +274,62 @@ def test_volume_guidance_centres_every_crop_of_a_targeted_item(preprocessed: str
             row = int(v.rows[g, b])
             assert (v.kinds[g, b] == ABNORMAL) == _shows_abnormality({k: batch[k][b] for k in batch}, row)
     assert not (v.kinds[:, nt:] == ABNORMAL).any()  # untargeted draws are centred on anatomy
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _on(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if k in ("image", "stack", "organ", "lesion", "finding", "box_mask") else v
+            for k, v in batch.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_device_path_moco_lecl_views_equal_the_cpu_float_path(preprocessed: str, device: str) -> None:
+    """Stored-dtype (uint8) items made float on `device` give the views of float32 items on the CPU."""
+    index = load_index(open_store(preprocessed))
+    is_key = index.slices["key_id"].to_numpy() >= 0
+    items = [*np.flatnonzero(is_key)[:3], *np.flatnonzero(~is_key)[:5]]
+    raw, flt = _batch(SliceDataset(index, raw=True), items), _batch(SliceDataset(index), items)
+    assert raw["image"].dtype == torch.uint8 and flt["image"].dtype == torch.float32
+    for lecl in (None, LECLConfig()):
+        out = []
+        for b, dev in ((raw, device), (flt, "cpu")):
+            v = moco_views(
+                _on(b, dev)["image"], b["box"].numpy(), 24, np.random.default_rng(5),
+                torch.Generator().manual_seed(5), (0.3, 1.0), AugmentConfig(blur_prob=0.5), lecl,
+            )  # fmt: skip
+            out.append(v)
+        a, c = out
+        assert np.array_equal(a.key_boxes, c.key_boxes)
+        for name in ("x1", "x2", "key_x1", "key_x2"):
+            if getattr(c, name) is not None:
+                torch.testing.assert_close(getattr(a, name).cpu(), getattr(c, name), atol=1e-5, rtol=1e-5)
+    assert bool(out[0].lesion_mask[:3].all()) and not bool(out[0].lesion_mask[3:].any())
+    # the lesion slices' key views are lesion-centred crops, not the other encoder's view
+    assert not torch.allclose(out[1].key_x2[:3], out[1].x1[:3]) and torch.equal(
+        out[1].key_x2[3:], out[1].x2[3:]
+    )
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_device_path_lejepa_views_equal_the_cpu_float_path(preprocessed: str, device: str) -> None:
+    index = load_index(open_store(preprocessed))
+    raw_ds = SlabDataset(index, depth_aware=True, label_guided=True, raw=True)
+    flt_ds = SlabDataset(index, depth_aware=True, label_guided=True)
+    items = [*range(len(raw_ds), min(len(raw_ds.items), len(raw_ds) + 3)), 0, 1, 2]
+    raw, flt = _batch(raw_ds, items), _batch(flt_ds, items)
+    assert raw["stack"].dtype == torch.uint8
+    cfg = LeJEPAConfig(n_global=2, n_local=4, local_size=16)
+    outs = [
+        lejepa_views(_on(b, dev), np.random.default_rng(9), torch.Generator().manual_seed(9), cfg,
+                     AugmentConfig(), 32, n_organs=4, n_abnormal=2, token_grid=4)
+        for b, dev in ((raw, device), (flt, "cpu"))
+    ]  # fmt: skip
+    a, c = outs
+    for name in ("rows", "centres", "kinds", "boxes"):
+        assert np.array_equal(getattr(a, name), getattr(c, name)), name
+    torch.testing.assert_close(a.global_views.cpu(), c.global_views, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.local_views.cpu(), c.local_views, atol=1e-5, rtol=1e-5)
+    for k in c.aux_targets:
+        torch.testing.assert_close(a.aux_targets[k].cpu(), c.aux_targets[k])
