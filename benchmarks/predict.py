@@ -44,7 +44,6 @@ def write_model(root: Path, encoder: str, img: int, size: int, folds: int) -> Pa
     torch.manual_seed(0)
     enc = create_encoder(encoder, img, 1)
     export_encoder(enc, str(root / "encoder"), {"method": "benchmark", "input_channels": "per_window"})
-    weights = json.loads((root / "encoder" / "encoder.json").read_text())
     pre = PreprocessConfig(size=size)
     sha = hashlib.sha256((root / "encoder" / "encoder.safetensors").read_bytes()).hexdigest()
     spec = HeadSpec("abmil", enc.embed_dim, len(CLASSES))
@@ -53,7 +52,7 @@ def write_model(root: Path, encoder: str, img: int, size: int, folds: int) -> Pa
         meta = {
             "spec": spec.to_dict(), "class_names": CLASSES, "thresholds": [0.5] * len(CLASSES), "best_step": 0,
             "best_score": 0.0, "windows": ["abdomen", "lung"], "task": "benchmark",
-            "embeddings": {"name": weights["encoder"], "input_channels": "per_window", "weights_sha256": sha},
+            "embeddings": {"name": enc.name, "input_channels": "per_window", "weights_sha256": sha},
             "preprocess": pre.model_dump(mode="json"),
         }  # fmt: skip
         (root / f"fold-{k}.json").write_text(json.dumps(meta))

@@ -18,6 +18,7 @@ def _model_dir(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     from slicefm.edge.state import state_dir
     from slicefm.edge.tracking.models import (
         MANIFEST_NAME,
+        MANIFEST_TAG,
         ModelIntegrityError,
         parse_spec,
         pull_model,
@@ -37,7 +38,7 @@ def _model_dir(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     if dest.is_dir():
         try:
             verify_manifest(
-                dest, (mv.tags or {}).get("slicefm.manifest_sha256"), label=f"{mv.name}:{mv.version}"
+                dest, (mv.tags or {}).get(MANIFEST_TAG), label=f"{mv.name}:{mv.version}"
             )
             log.info("using %s:%s pulled earlier to %s", mv.name, mv.version, dest)
         except ModelIntegrityError as err:

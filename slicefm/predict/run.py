@@ -15,6 +15,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ class _Scan:
     patient_id: str
     source: str
     spacing_z_mm: float
-    load: Any  # () -> (stack already preprocessed: bool, array)
+    load: Callable[[], tuple[np.ndarray, bool]]  # () -> (array, whether it is already a preprocessed stack)
 
 
 def source_kind(source: Path) -> str:
@@ -173,7 +174,7 @@ def _scans(
         store = open_store(str(work / "ingest"))
     else:
         store = open_store(source)
-    return _ingested_scans(bundle, store), _quarantine_of(store)
+    return _ingested_scans(store), _quarantine_of(store)
 
 
 def _quarantine_of(store: Store) -> list[tuple[str, str]]:
@@ -183,11 +184,9 @@ def _quarantine_of(store: Store) -> list[tuple[str, str]]:
     return list(zip(table["file"], table["reason"], strict=True))
 
 
-def _ingested_scans(bundle: ModelBundle, store: Store) -> list[_Scan]:
-    cfg = bundle.preprocess
-
-    def loader(volume: str) -> Any:
-        return lambda: (False, store.read_npy(volume, mmap=True), cfg)
+def _ingested_scans(store: Store) -> list[_Scan]:
+    def loader(volume: str) -> Callable[[], tuple[np.ndarray, bool]]:
+        return lambda: (store.read_npy(volume, mmap=True), False)
 
     return [
         _Scan(
@@ -216,8 +215,8 @@ def _preprocessed_scans(bundle: ModelBundle, store: Store) -> list[_Scan]:
         row = scans.loc[scan_id]
         stack_key, order = str(rows["stack"].iloc[0]), np.sort(rows["row"].to_numpy())
 
-        def load(k: str = stack_key, o: np.ndarray = order) -> Any:
-            return (True, store.read_npy(k)[o], None)
+        def load(k: str = stack_key, o: np.ndarray = order) -> tuple[np.ndarray, bool]:
+            return store.read_npy(k)[o], True
 
         out.append(
             _Scan(str(scan_id), str(row["patient_id"]), str(row["source"]), float(row["spacing_z_mm"]), load)
@@ -246,8 +245,8 @@ def _predict_all(
     for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
         try:
             t = time.perf_counter()
-            done, array, cfg = scan.load()
-            stack = array if done else preprocess_volume(np.asarray(array), cfg)[0]
+            array, is_stack = scan.load()
+            stack = array if is_stack else preprocess_volume(np.asarray(array), bundle.preprocess)[0]
             t1 = time.perf_counter()
             scores = score_stack(bundle, stack, batch_size, device, bf16)
             t2 = time.perf_counter()

@@ -49,22 +49,21 @@ def embed_stack(
     matrix per window the head reads, in the head's window order."""
     device = device or torch.device("cpu")
     check_stack(bundle, stack)
-    x = torch.from_numpy(np.ascontiguousarray(stack)).to(device)
-    n = x.shape[0]
     encoder = bundle.encoder.to(device).eval()
     in_chans = int(bundle.encoder_meta["in_chans"])
-    per_window = encoder_inputs(x, bundle.input_channels, in_chans)  # [n*T, in_chans, H, W] each
     names = windows_for(bundle.channels, bundle.input_channels)
-    out = {}
-    for name, images in zip(names, per_window, strict=True):
-        if name not in bundle.windows:
-            continue
-        parts = []
-        for start in range(0, images.shape[0], batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pooled = encoder(images[start : start + batch_size])
-            parts.append(pooled.to(torch.float16).cpu())
-        out[name] = torch.cat(parts).reshape(n, -1).numpy()
+    tiles = stack.shape[1] if stack.ndim == 5 else 1
+    step = max(1, batch_size // tiles)  # slices per chunk: about batch_size images per forward
+    parts: dict[str, list[torch.Tensor]] = {w: [] for w in bundle.windows}
+    for start in range(0, stack.shape[0], step):
+        # The chunk travels as stored (uint8) and becomes float encoder inputs on the device, as in extract.
+        chunk = torch.from_numpy(np.ascontiguousarray(stack[start : start + step])).to(device)
+        for name, images in zip(names, encoder_inputs(chunk, bundle.input_channels, in_chans), strict=True):
+            if name in parts:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pooled = encoder(images)
+                parts[name].append(pooled.to(torch.float16).cpu().reshape(chunk.shape[0], -1))
+    out = {name: torch.cat(p).numpy() for name, p in parts.items()}
     return [out[w] for w in bundle.windows]
 
 
@@ -88,7 +87,7 @@ def check_stack(bundle: ModelBundle, stack: np.ndarray) -> None:
         raise ValueError(
             f"the model's preprocessing stores {np.dtype(expected_dtype).name} slices; got {stack.dtype}"
         )
-    if not np.isfinite(np.asarray(stack, dtype=np.float32)).all():
+    if stack.dtype.kind == "f" and not np.isfinite(stack).all():  # uint8 windows are finite by type
         raise ValueError("the stack holds non-finite values")
 
 

@@ -154,6 +154,10 @@ def _flips(rng: np.random.Generator, n: int, cfg: AugmentConfig) -> dict[str, to
 
 
 def _clamp_for(images: torch.Tensor) -> tuple[float, float] | None:
+    """The range augmented views are clamped to: [0, 1] for windows (uint8 as stored, or already scaled
+    floats), none for z-scores. uint8 needs no look at the values (no device sync)."""
+    if images.dtype == torch.uint8:
+        return (0.0, 1.0)
     return (0.0, 1.0) if images.min() >= 0 and images.max() <= 1 else None
 
 
@@ -188,9 +192,8 @@ def moco_views(
     """Two augmented views per slice. With `lecl`, slices with a lesion box give the query encoder the
     full slice and the momentum encoder a lesion-centred crop (CLEAR, paper variant)."""
     b, _, h, w = images.shape
-    clamp = (0.0, 1.0) if images.dtype == torch.uint8 else None
+    clamp = _clamp_for(images)
     images = as_float(images)
-    clamp = clamp or _clamp_for(images)
     has_lesion = ~np.isnan(lesion_boxes).any(axis=1) if lecl is not None else np.zeros(b, bool)
     full = np.tile(np.array([0, 0, w, h], np.float32), (b, 1))
     views, boxes = [], []
@@ -340,7 +343,7 @@ def lejepa_views(
     scales = [cfg.global_scale] * cfg.n_global + [cfg.local_scale] * cfg.n_local
     sides = np.stack([np.sqrt(rng.uniform(*s, size=b)) * side for s in scales])
     boxes = np.stack([centred_boxes(centres[v], sides[v], (h, w)) for v in range(n_views)])
-    clamp = (0.0, 1.0) if stack.dtype == torch.uint8 else _clamp_for(stack)
+    clamp = _clamp_for(stack)
 
     def crops(vs: range, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         idx = torch.from_numpy(rows[list(vs)]).reshape(-1)

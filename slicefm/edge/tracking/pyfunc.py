@@ -84,9 +84,9 @@ def stack_as_stored(x: np.ndarray, normalisation: str) -> np.ndarray:
 
 
 class HeadFilesModel(mlflow.pyfunc.PythonModel):
-    """pyfunc carrier for an evaluation head's files: heads differ in kind (ABMIL, probes) and are rebuilt
-    by slicefm's evaluation code from the pulled files, so pyfunc predict is deliberately unsupported.
-    Loading needs only MLflow; `files` is the payload directory."""
+    """pyfunc carrier for the files of a head registered without its encoder: it cannot go from a scan to
+    probabilities, so pyfunc predict refuses and says why (HeadModel is the head that predicts). Loading needs
+    only MLflow; `files` is the payload directory."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.files = Path(context.artifacts["head"])
@@ -98,7 +98,8 @@ class HeadFilesModel(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
         raise NotImplementedError(
-            "slicefm head models carry files only and do not predict through pyfunc: `slicefm models pull` "
-            f"the files (here: {self.files}) and load them with slicefm's evaluation code, together with "
-            "the encoder its version's tags name (`slicefm.encoder_model`, `slicefm.encoder_version`)"
+            "this head model was registered without its encoder (no `slicefm.encoder_version` in its lineage), "
+            f"so it carries the head's files only (here: {self.files}) and does not predict: `slicefm models "
+            "pull` them for slicefm's evaluation code, or re-run evaluate once its encoder is registered to get "
+            "a head that predicts (`slicefm predict`, pyfunc)"
         )
