@@ -1,5 +1,6 @@
-"""The slicefm pipeline: ingest -> preprocess -> pretrain -> extract (fan-out over shards) -> evaluate,
-and the external cohort: ingest -> preprocess -> extract with the same encoder -> external (frozen vs retrained).
+"""The slicefm pipeline: ingest + preprocess -> pretrain -> extract (fan-out over shards) -> evaluate,
+and the external cohort: ingest + preprocess -> extract with the same encoder -> external (frozen vs retrained).
+Ingest and preprocess run as one step (one pass over each scan), with a record step for each.
 
 Only wiring lives here; every step is a component from components/ calling the slicefm library.
 """
@@ -11,9 +12,8 @@ from kfp import dsl, kubernetes
 
 from components.evaluate import evaluate, external
 from components.extract import extract, merge_embeddings, shard_indices
-from components.ingest import ingest
+from components.ingest_preprocess import ingest_preprocess
 from components.launch_trainjob import launch_trainjob
-from components.preprocess import preprocess
 from components.pretrain import pretrain
 from components.pretrain import supervised_ceiling as supervised_ceiling_task
 from components.settings import DATA_PVC, DATA_WORKSPACE, EXTRACT_PARALLELISM, IMAGE_PULL_SECRETS, SHM_SIZE
@@ -81,25 +81,24 @@ _DATA_ONLY = ("data_config_yaml", "data_dvc_file", "dvc_remote")
 
 
 def _ingest_and_preprocess(common: dict, source, version, cohort: str, label: str):  # noqa: ANN001, ANN202
-    """Ingest + preprocess one cohort ("a" development, "b" external, "p" pretraining); returns the preprocess
-    task. Both are cacheable (no per-run input: the data sections of the config, the source, its version, the
-    store); an uncached record step after each logs its MLflow stage run under this run's parent."""
+    """Ingest + preprocess one cohort ("a" development, "b" external, "p" pretraining) in one step (each scan
+    decoded once); returns it (its `slices` output is the preprocess output). Cacheable (no per-run input: the
+    data sections of the config, the source, its version, the store); an uncached record step per stage logs
+    its MLflow stage run under this run's parent."""
     data = {"config_yaml": common["data_config_yaml"], "store_uri": common["store_uri"]}
-    ing = ingest(
+    pre = ingest_preprocess(
         data_source=source, data_version=version, cohort=cohort, dvc_file=common["data_dvc_file"],
         dvc_remote=common["dvc_remote"], workspace=DATA_WORKSPACE if DATA_PVC else "", **data,
     )  # fmt: skip
     if DATA_PVC:  # fetched data kept on a volume between steps and runs
-        kubernetes.mount_pvc(ing, pvc_name=DATA_PVC, mount_path=DATA_WORKSPACE)
-    ing.set_display_name("ingest" if cohort == "a" else f"ingest-{label}")
-    kubernetes.use_secret_as_env(_on_cluster(ing, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET)
-    ing.set_caching_options(True)
-    pre = preprocess(scans=ing.outputs["scans"], cohort=cohort, **data)
-    pre.set_display_name("preprocess" if cohort == "a" else f"preprocess-{label}")
-    _on_cluster(pre, "data", retries=2).set_caching_options(True)
-    for task, stage in ((ing, "ingest"), (pre, "preprocess")):
-        output = task.outputs["scans" if stage == "ingest" else "slices"]
-        rec = record_stage(tracking_uri=common["tracking_uri"], parent_run_id=common["parent_run_id"], output=output)
+        kubernetes.mount_pvc(pre, pvc_name=DATA_PVC, mount_path=DATA_WORKSPACE)
+    pre.set_display_name("ingest-preprocess" if cohort == "a" else f"ingest-preprocess-{label}")
+    kubernetes.use_secret_as_env(_on_cluster(pre, "data", retries=2), "slicefm-pseudonym", PSEUDONYM_SECRET)
+    pre.set_caching_options(True)
+    for stage, output in (("ingest", "scans"), ("preprocess", "slices")):
+        rec = record_stage(
+            tracking_uri=common["tracking_uri"], parent_run_id=common["parent_run_id"], output=pre.outputs[output]
+        )
         rec.set_display_name(f"record-{stage}" + ("" if cohort == "a" else f"-{label}"))
         _on_cluster(rec, "light", retries=3).set_caching_options(False)
     return pre

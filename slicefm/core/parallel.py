@@ -8,6 +8,7 @@ already occupies the cores, and oversubscription slows everything down.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 from collections.abc import Sequence
@@ -27,4 +28,8 @@ def process_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
     milliseconds instead of importing them itself."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    # Start the server now: its imports run while the caller still prepares the work (e.g. scans a DICOM
+    # tree), instead of after the first submit. A server this process already runs is kept as it is.
+    multiprocessing.forkserver.ensure_running()
+    return pool

@@ -29,12 +29,21 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def _record(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({"identity": dict(identity), "sha256": identity_hash(identity)}, default=str))
+
+
+def record_identity(out: Store, stage: str, identity: Mapping[str, Any]) -> None:
+    """Record that `out`'s items were all made under `identity` (by a step that made every item itself)."""
+    out.write_json(f"{stage}.resume.json", _record(identity))
+
+
 def may_resume(out: Store, stage: str, identity: Mapping[str, Any]) -> bool:
     """Whether `stage`'s finished items in `out` may be kept: only when `out` records this very identity (an
     output without a record, e.g. from older code, cannot be trusted). Records `identity` in `out` either way,
     before any item is written, so an interrupted run resumes."""
     key = f"{stage}.resume.json"
-    record = json.loads(json.dumps({"identity": dict(identity), "sha256": identity_hash(identity)}, default=str))
+    record = _record(identity)
     previous = out.read_json(key) if out.exists(key) else None
     if previous == record:
         return True

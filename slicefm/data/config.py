@@ -28,3 +28,7 @@ class IngestConfig(Strict):
     workers: int = Field(2, ge=1)
     # Tilted-gantry series are kept unresampled up to this tilt (deg) and quarantined above it.
     max_tilt_deg: float = Field(1.0, ge=0, lt=90)
+    # The fused ingest + preprocess pass (the pipeline's data step, `slicefm ingest --preprocess-out`) also
+    # writes the canonical int16 volumes (~0.5 MB per 512 px slice), so `slicefm preprocess` can later re-run
+    # alone on its ingest output. `slicefm ingest` alone always writes them.
+    keep_volumes: bool = False

@@ -9,9 +9,12 @@ One bad scan never stops the batch: it goes to quarantine.csv with the file and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,12 @@ DEFAULT_MAX_TILT_DEG = 1.0  # config ingest.max_tilt_deg
 TILT_TAG_TOLERANCE_DEG = 0.1  # GantryDetectorTilt is nominal: only a larger difference is worth a mention
 
 
+# Work a fused pass does in the worker on each accepted scan, after its checks and int16 conversion:
+# (scan_id, int16 HU volume, the candidate, z spacing in mm) -> anything picklable (sent back in _Loaded.extra).
+# A module-level function (or functools.partial of one), so it can cross into the worker processes.
+PerScanHook = Callable[[str, np.ndarray, ScanCandidate, float], object]
+
+
 class NoUsableScansError(RuntimeError):
     """Every scan of the source was quarantined."""
 
@@ -56,6 +65,7 @@ class IngestResult:
     n_lesions: int
     cohort: str
     fmt: str
+    extra: dict[str, object] | None = None  # scan_id -> what the per-scan hook returned (fused passes)
 
 
 def label_slug(name: str) -> str:
@@ -102,14 +112,21 @@ def _tilt_warning(res: _Loaded, max_tilt_deg: float) -> str:
     return text
 
 
+_INT16_CHUNK_SLICES = 8
+
+
 def _to_int16(hu: np.ndarray) -> np.ndarray:
     """Rounded, clipped int16 HU. Rounds and clips `hu` in place when it is a writable float array (the
     reader's own volume, used once): no full-size temporaries (measured ~8x faster on a 300 x 512 x 512
-    volume, side by side)."""
-    if hu.dtype.kind == "f" and hu.flags.writeable:
-        np.rint(hu, out=hu)
-        np.clip(hu, AIR_HU, MAX_HU, out=hu)
-        return hu.astype(np.int16)
+    volume, side by side), a few slices at a time so each chunk is still in cache for the cast."""
+    if hu.dtype.kind == "f" and hu.flags.writeable and hu.ndim >= 1:
+        out = np.empty(hu.shape, dtype=np.int16)
+        for i in range(0, hu.shape[0], _INT16_CHUNK_SLICES):
+            chunk = hu[i : i + _INT16_CHUNK_SLICES]
+            np.rint(chunk, out=chunk)
+            np.clip(chunk, AIR_HU, MAX_HU, out=chunk)
+            out[i : i + _INT16_CHUNK_SLICES] = chunk
+        return out
     return np.clip(np.rint(hu), AIR_HU, MAX_HU).astype(np.int16)
 
 
@@ -128,6 +145,7 @@ class _Loaded:
     scanner: str = ""
     tilt_deg: float = 0.0
     gantry_tilt_tag: float | None = None
+    extra: object = None  # what the per-scan hook returned
 
 
 def _load_and_store(
@@ -136,8 +154,11 @@ def _load_and_store(
     scan_key_fn_args: tuple[bytes, str],
     out_uri: str,
     max_tilt_deg: float = DEFAULT_MAX_TILT_DEG,
+    per_scan: PerScanHook | None = None,
+    keep_volume: bool = True,
 ) -> _Loaded:
-    """Read one candidate, check it, write its canonical volume (runs in a worker process)."""
+    """Read one candidate, check it, write its canonical volume (unless not `keep_volume`), then run
+    `per_scan` on the in-memory int16 volume (runs in a worker process)."""
     key, cohort = scan_key_fn_args
     try:
         vol = cand.load()
@@ -154,10 +175,13 @@ def _load_and_store(
     patient_ref = patient_ref or cand.ref
     scan_id = pseudonym.scan_pseudonym(key, cohort, cand.ref)
     store = open_store(out_uri)
-    store.write_npy(f"volumes/{scan_id}.npy", _to_int16(vol.hu))  # consumes vol.hu (rounded in place)
+    hu16 = _to_int16(vol.hu)  # consumes vol.hu (rounded in place)
+    if keep_volume:
+        store.write_npy(f"volumes/{scan_id}.npy", hu16)
     if cand.mask_file is not None and Path(cand.mask_file).exists():
         store.write_bytes(f"masks/{scan_id}.npz", Path(cand.mask_file).read_bytes())
     scanner = " ".join(str(vol.info.get(k, "")) for k in ("Manufacturer", "ManufacturerModelName")).strip()
+    extra = per_scan(scan_id, hu16, cand, float(vol.spacing_mm[0])) if per_scan is not None else None
     return _Loaded(
         index,
         True,
@@ -169,6 +193,7 @@ def _load_and_store(
         scanner=scanner,
         tilt_deg=float(vol.tilt_deg),
         gantry_tilt_tag=float(tag) if (tag := vol.info.get("GantryDetectorTilt")) is not None else None,
+        extra=extra,
     )
 
 
@@ -181,18 +206,27 @@ def ingest(
     workers: int = 1,
     data_version: str | None = None,
     max_tilt_deg: float = DEFAULT_MAX_TILT_DEG,
+    *,
+    per_scan: PerScanHook | None = None,
+    keep_volumes: bool = True,
 ) -> IngestResult:
     """Ingest one dataset. Raises NoUsableScansError (after writing quarantine.csv) when nothing is usable.
 
     DICOM series tilted by more than `max_tilt_deg` are quarantined (see check_tilt); milder tilts are kept
     with their angle in scans.parquet and a warning. A new local output appears whole or not at all
     (staged_output): a failure half-way leaves nothing behind.
+
+    `per_scan` runs in the workers on each accepted scan's int16 volume (the fused ingest + preprocess pass,
+    `slicefm.preprocess.fused`); its results are in `IngestResult.extra` by scan id. `keep_volumes=False`
+    writes no canonical volumes (scans.parquet's `volume` is then empty and dataset.json says so).
     """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"ingestion source {source} does not exist")
     with staged_output(out_uri) as work_uri:
-        result, no_usable = _ingest(source, work_uri, key, fmt, cohort, workers, data_version, max_tilt_deg)
+        result, no_usable = _ingest(
+            source, work_uri, key, fmt, cohort, workers, data_version, max_tilt_deg, per_scan, keep_volumes
+        )
     out = open_store(out_uri)
     if no_usable is not None:
         raise NoUsableScansError(f"{no_usable} (see {out.uri('quarantine.csv')})")
@@ -209,17 +243,23 @@ def _ingest(
     workers: int,
     data_version: str | None,
     max_tilt_deg: float,
+    per_scan: PerScanHook | None = None,
+    keep_volumes: bool = True,
 ) -> tuple[IngestResult, str | None]:
     """ingest() into `out_uri`; also the NoUsableScansError message when every scan was quarantined."""
     fmt = detect_format(source) if fmt == "auto" else fmt
-    adapter_result: AdapterResult = get_adapter(fmt)(source, cohort)
-    cohort = adapter_result.cohort
+    with contextlib.ExitStack() as pools:
+        # The worker pool starts before discovery, so its imports overlap the scan of the source tree.
+        pool = pools.enter_context(process_pool(workers, _preload(per_scan))) if workers > 1 else None
+        adapter_result: AdapterResult = get_adapter(fmt)(source, cohort)
+        cohort = adapter_result.cohort
+        log.info(
+            "ingest %s (%s, cohort %s): %d candidate scans", source, fmt, cohort, len(adapter_result.candidates)
+        )
+        loaded = _load_all(
+            adapter_result.candidates, key, cohort, out_uri, max_tilt_deg, per_scan, keep_volumes, pool
+        )
     store = open_store(out_uri)
-    log.info(
-        "ingest %s (%s, cohort %s): %d candidate scans", source, fmt, cohort, len(adapter_result.candidates)
-    )
-
-    loaded = _load_all(adapter_result.candidates, key, cohort, out_uri, workers, max_tilt_deg)
     quarantine = [(redact_uids(f, key), redact_uids(r, key)) for f, r in adapter_result.rejected]
     rows, lesion_rows = [], []
     for res in loaded:
@@ -238,7 +278,7 @@ def _ingest(
             "cohort": cohort,
             "format": cand.fmt or fmt,
             "source": redact_uids(cand.source, key),
-            "volume": f"volumes/{scan_id}.npy",
+            "volume": f"volumes/{scan_id}.npy" if keep_volumes else "",
             "modality": "CT",
             "n_slices": res.shape[0],
             "height": res.shape[1],
@@ -296,6 +336,7 @@ def _ingest(
         "labels": label_cols,
         "splits": scans["split"].value_counts().to_dict() if len(scans) else {},
         "n_scans_by_format": scans["format"].value_counts().to_dict() if len(scans) else {},
+        "volumes": keep_volumes,
     }
     store.write_bytes("dataset.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     log.info(
@@ -312,23 +353,39 @@ def _ingest(
         )
     else:
         no_usable = None
-    return IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt), no_usable
+    extra = {res.scan_id: res.extra for res in loaded if res.ok}
+    result = IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt, extra)
+    return result, no_usable
+
+
+def _preload(per_scan: PerScanHook | None) -> tuple[str, ...]:
+    """Modules the workers' server imports once: ingest's (no torch), and a per-scan hook's module."""
+    hook_module = getattr(getattr(per_scan, "func", per_scan), "__module__", None)
+    return (__name__,) if hook_module is None else (__name__, hook_module)
 
 
 def _load_all(
-    cands: list[ScanCandidate], key: bytes, cohort: str, out_uri: str, workers: int, max_tilt_deg: float
+    cands: list[ScanCandidate],
+    key: bytes,
+    cohort: str,
+    out_uri: str,
+    max_tilt_deg: float,
+    per_scan: PerScanHook | None = None,
+    keep_volumes: bool = True,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[_Loaded]:
+    """Every candidate through `_load_and_store`: in `pool` when given (and there are several), else here."""
     args = (key, cohort)
-    if workers <= 1 or len(cands) <= 1:
+    extra = {"per_scan": per_scan, "keep_volume": keep_volumes}
+    if pool is None or len(cands) <= 1:
         return [
-            _load_and_store(i, c, args, out_uri, max_tilt_deg)
+            _load_and_store(i, c, args, out_uri, max_tilt_deg, **extra)
             for i, c in enumerate(tqdm(cands, desc="ingest", unit="scan"))
         ]
-    with process_pool(workers, preload=(__name__,)) as pool:  # no torch in ingest
-        futures = [
-            pool.submit(_load_and_store, i, c, args, out_uri, max_tilt_deg) for i, c in enumerate(cands)
-        ]
-        return [f.result() for f in tqdm(futures, desc="ingest", unit="scan")]
+    futures = [
+        pool.submit(_load_and_store, i, c, args, out_uri, max_tilt_deg, **extra) for i, c in enumerate(cands)
+    ]
+    return [f.result() for f in tqdm(futures, desc="ingest", unit="scan")]
 
 
 def write_manifests(

@@ -27,7 +27,7 @@ def _key() -> bytes:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from slicefm.data.ingest import NoUsableScansError
-    from slicefm.edge.stages import ingest_stage
+    from slicefm.edge.stages import ingest_preprocess_stage, ingest_stage
 
     cfg = _config(args.config)
     if args.format:
@@ -38,8 +38,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         cfg.ingest.workers = args.workers
     if args.max_tilt_deg is not None:
         cfg.ingest.max_tilt_deg = args.max_tilt_deg
+    if args.keep_volumes:
+        cfg.ingest.keep_volumes = True
     try:
-        res = ingest_stage(cfg, args.source, args.out, _key())
+        if args.preprocess_out:
+            fused = ingest_preprocess_stage(cfg, args.source, args.out, args.preprocess_out, _key())
+            res, pre = fused.ingest, fused.preprocess
+        else:
+            res, pre = ingest_stage(cfg, args.source, args.out, _key()), None
     except NoUsableScansError as err:
         log.error("%s", err)
         return 2
@@ -47,6 +53,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         f"ingested {res.n_scans} scans ({res.fmt}, cohort {res.cohort}), {res.n_lesions} lesions, "
         f"{res.n_quarantined} quarantined -> {res.out_uri}"
     )
+    if pre is not None:
+        print(f"preprocessed in the same pass: {pre.n_slices} slices, channels {pre.channels} -> {pre.out_uri}")
     if res.n_quarantined:
         print(f"  see {res.out_uri.rstrip('/')}/quarantine.csv for what was not used and why")
     return 0
@@ -214,7 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cohort", help="cohort name (default: from the layout)")
     s.add_argument("--workers", type=int)
     s.add_argument("--max-tilt-deg", type=float, help="quarantine gantry tilts above this (default 1.0)")
-    s.add_argument("--config", help="pipeline YAML (data/ingest sections)")
+    s.add_argument(
+        "--preprocess-out",
+        help="also preprocess, in the same pass over each scan (decoded once), into this directory or s3:// URI "
+        "(the preprocess section of --config); the ingest output then holds no canonical volumes unless "
+        "--keep-volumes",
+    )
+    s.add_argument(
+        "--keep-volumes", action="store_true",
+        help="with --preprocess-out: write the canonical volumes too (what `slicefm preprocess` reads)",
+    )  # fmt: skip
+    s.add_argument("--config", help="pipeline YAML (data/ingest/preprocess sections)")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("preprocess", help="windows, body crop, resize, tiles, slabs -> slice stacks")

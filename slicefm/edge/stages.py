@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from slicefm.embed.extract import ExtractResult
     from slicefm.evaluate.external_stage import ExternalStageResult
     from slicefm.evaluate.stage import EvaluateResult
+    from slicefm.preprocess.fused import FusedResult
     from slicefm.preprocess.stage import PreprocessResult
     from slicefm.train.stage import PretrainResult
     from slicefm.train.supervised import SupervisedResult
@@ -137,6 +138,45 @@ def ingest_stage(
         _write_record(out_uri, stage, cfg, params, metrics, artifacts)
         _log_metrics(metrics)
         _log_artifacts(out_uri, artifacts)
+    return result
+
+
+def ingest_preprocess_stage(
+    cfg: PipelineConfig,
+    source: str,
+    ingest_out: str,
+    preprocess_out: str,
+    key: bytes,
+    data_version: str | None = None,
+    cohort: str = "a",
+) -> FusedResult:
+    """Ingest and preprocess one cohort in one pass (`slicefm.preprocess.fused`): each scan decoded once, one
+    worker pool, canonical volumes only with `ingest.keep_volumes`. Writes both stages' outputs with the
+    records their record steps log (stage names and params as the stages alone; param pass=fused)."""
+    from slicefm.preprocess.fused import ingest_and_preprocess
+
+    suffix = "" if cohort == "a" else f"-{cohort}"
+    data = cohort_data(cfg, cohort)
+    result = ingest_and_preprocess(
+        Path(source), ingest_out, preprocess_out, key, cfg.preprocess, data.format, data.cohort,
+        cfg.ingest.workers, data_version, max_tilt_deg=cfg.ingest.max_tilt_deg, keep_volumes=cfg.ingest.keep_volumes,
+    )  # fmt: skip
+    ing, pre = result.ingest, result.preprocess
+    ingest_params = {
+        "source_format": data.format, "workers": cfg.ingest.workers, "max_tilt_deg": cfg.ingest.max_tilt_deg,
+        "data_version": data_version or "", "pseudonym_key_fingerprint": key_fingerprint(key),
+        "keep_volumes": cfg.ingest.keep_volumes, "pass": "fused",
+    }  # fmt: skip
+    for out_uri, stage, params, metrics, artifacts in (
+        (ing.out_uri, f"ingest{suffix}", ingest_params,
+         {"n_scans": ing.n_scans, "n_quarantined": ing.n_quarantined, "n_lesions": ing.n_lesions},
+         ["dataset.json", "quarantine.csv", "config.yaml"]),
+        (pre.out_uri, f"preprocess{suffix}", {**cfg.preprocess.model_dump(mode="json"), "pass": "fused"},
+         {"n_scans": pre.n_scans, "n_slices": pre.n_slices, "n_skipped": pre.n_skipped},
+         ["preprocess.json", "config.yaml"]),
+    ):  # fmt: skip
+        open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
+        _write_record(out_uri, stage, cfg, params, metrics, artifacts)
     return result
 
 

@@ -32,7 +32,7 @@ from slicefm.predict.bundle import ModelBundle, preprocess_differences
 from slicefm.predict.report import write_attention_plot, write_report
 from slicefm.predict.scoring import inference_device, score_stack
 from slicefm.preprocess.config import PreprocessConfig
-from slicefm.preprocess.stage import preprocess_volume
+from slicefm.preprocess.stage import preprocess_volume, require_volumes
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,11 @@ def _ingested_scans(store: Store) -> list[_Scan]:
     def loader(volume: str) -> Callable[[], tuple[np.ndarray, bool]]:
         return lambda: (store.read_npy(volume, mmap=True), False)
 
+    scans = read_scans(store)
+    try:
+        require_volumes(scans, store)
+    except ValueError as err:
+        raise PredictError(f"{err}; or give the raw data or the preprocess output as --source") from err
     return [
         _Scan(
             str(r["scan_id"]),
@@ -196,7 +201,7 @@ def _ingested_scans(store: Store) -> list[_Scan]:
             float(r["spacing_z_mm"]),
             loader(str(r["volume"])),
         )
-        for r in read_scans(store).to_dict("records")
+        for r in scans.to_dict("records")
     ]
 
 

@@ -6,10 +6,14 @@ Boxes are ``(y0, y1, x0, x1)`` in pixel indices with exclusive ends, i.e. ``vol[
 from __future__ import annotations
 
 import logging
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +24,13 @@ AIR_HU = -1024.0  # what scanners store for air outside the reconstruction circl
 # 2-D connectivity inside each slice and none across slices: lets one scipy call handle every slice at once.
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def is_tensor(x: object) -> bool:
+    """Whether `x` is a torch tensor, without importing torch (not imported: it cannot be one). Keeps the
+    numpy-only preprocessing path (ingest + preprocess workers) free of torch's multi-second import."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _mask_stride(shape_yx: tuple[int, int]) -> int:
@@ -98,6 +109,17 @@ def body_mask(
     For speed the mask is computed on every `stride`-th pixel in y and x (default: a ~128 px grid, stride 4
     for 512 px slices) and expanded back by nearest neighbour, so its boundary is accurate to ~`stride` px.
     """
+    _, h, w = hu.shape if hu.ndim == 3 else (0, 0, 0)
+    coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, stride)
+    if stride == 1:
+        return coarse
+    return np.repeat(np.repeat(coarse, _grid_counts(w, stride), axis=2), _grid_counts(h, stride), axis=1)
+
+
+def _coarse_body_mask(
+    hu: np.ndarray, threshold_hu: float, opening_px: int, stride: int | None
+) -> tuple[np.ndarray, int]:
+    """`body_mask` on its sampling grid, before the expansion to full resolution, and the grid's stride."""
     if hu.ndim != 3:
         raise ValueError(f"expected HU [z, y, x], got shape {hu.shape}")
     _, h, w = hu.shape
@@ -109,10 +131,27 @@ def body_mask(
     if opening_px > 0:
         coarse = _erode_or_dilate_in_plane(coarse, opening_px, erode=True)
         coarse = _erode_or_dilate_in_plane(coarse, opening_px, erode=False)
-    coarse = _fill_holes_per_slice(_largest_component(coarse))
-    if stride == 1:
-        return coarse
-    return np.repeat(np.repeat(coarse, _grid_counts(w, stride), axis=2), _grid_counts(h, stride), axis=1)
+    return _fill_holes_per_slice(_largest_component(coarse)), stride
+
+
+def body_box(hu: np.ndarray, margin_px: int = 4, threshold_hu: float = -500.0, opening_px: int = 1) -> Box:
+    """``body_bbox(body_mask(hu), margin_px)`` computed on the mask's sampling grid: the same box, without
+    expanding the mask to full resolution (each grid sample stands for a known block of pixels)."""
+    coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, None)
+    h, w = hu.shape[-2:]
+    footprint = coarse.any(axis=0)
+    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    if rows.size == 0:
+        logger.warning("body mask is empty: using the full %dx%d image as the crop box", h, w)
+        return (0, h, 0, w)
+    # Sample k covers pixels [k * stride, k * stride + count_k): the last sample takes the remainder.
+    y_end, x_end = np.cumsum(_grid_counts(h, stride)), np.cumsum(_grid_counts(w, stride))
+    return (
+        max(0, int(rows[0]) * stride - margin_px),
+        min(h, int(y_end[rows[-1]]) + margin_px),
+        max(0, int(cols[0]) * stride - margin_px),
+        min(w, int(x_end[cols[-1]]) + margin_px),
+    )
 
 
 def body_bbox(mask: np.ndarray, margin_px: int = 4) -> Box:
@@ -173,7 +212,9 @@ def crop_to_box(
     if y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w:
         return vol[..., y0:y1, x0:x1]
     out_shape = (*vol.shape[:-2], y1 - y0, x1 - x0)
-    if isinstance(vol, torch.Tensor):
+    if is_tensor(vol):
+        import torch
+
         out = torch.full(out_shape, pad_value, dtype=vol.dtype, device=vol.device)
     else:
         info = np.iinfo(vol.dtype) if np.issubdtype(vol.dtype, np.integer) else None

@@ -9,12 +9,17 @@ as numpy arrays or CPU torch tensors, and return numpy arrays with a channel axi
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from slicefm.preprocess.config import HUWindow, ZScoreNorm
+from slicefm.preprocess.crop import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +30,7 @@ _CHUNK_SLICES = 8
 
 def _as_slices(hu: np.ndarray | torch.Tensor) -> np.ndarray:
     """[z, y, x] or [z, 1, y, x] (numpy or CPU torch) -> numpy [z, y, x] without copying when possible."""
-    arr = hu.detach().cpu().numpy() if isinstance(hu, torch.Tensor) else np.asarray(hu)
+    arr = hu.detach().cpu().numpy() if is_tensor(hu) else np.asarray(hu)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 3:
@@ -76,9 +81,19 @@ def apply_zscore(hu: np.ndarray | torch.Tensor, norm: ZScoreNorm = ZScoreNorm())
         np.clip(src, lo, hi, out=tmp, casting="unsafe")
         tmp -= mean
         tmp *= inv_std
-        # torch's float32 -> float16 cast is vectorised (F16C); numpy's measured ~3x slower.
-        torch.from_numpy(out[i : i + src.shape[0], 0]).copy_(torch.from_numpy(tmp))
+        _to_float16(tmp, out[i : i + src.shape[0], 0])
     return out
+
+
+def _to_float16(src: np.ndarray, dst: np.ndarray) -> None:
+    """float32 -> float16 (round to nearest even, as both libraries do). torch's cast is vectorised (F16C),
+    numpy's measured ~3x slower: torch when the process has it loaded, numpy rather than importing it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    else:
+        with np.errstate(over="ignore"):  # beyond float16's range -> inf, silently, as torch does
+            dst[...] = src
 
 
 def fit_zscore_norm(

@@ -1,4 +1,4 @@
-"""The ingest step on a cluster reads data it fetches itself: a `dvc pull` of a data.dvc revision from the DVC
+"""The data step (ingest + preprocess) on a cluster reads data it fetches itself: a `dvc pull` of a data.dvc revision from the DVC
 remote, or an s3:// prefix; the lineage names the version of what it read (a real DVC and a loopback S3)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.ingest import ingest
+from components.ingest_preprocess import ingest_preprocess
 from slicefm.config import (
     DataConfig,  # noqa: I001 (moves to slicefm.data.config with issue 16.1)
     PipelineConfig,
@@ -40,7 +40,9 @@ def dvc_env(tmp_path, monkeypatch, s3_env):
 
 
 def _config() -> str:
-    return data_config_yaml(PipelineConfig(data={"source": "unused", "format": "dicom"}, ingest={"workers": 1}))
+    return data_config_yaml(
+        PipelineConfig(data={"source": "unused", "format": "dicom"}, ingest={"workers": 1}, preprocess={"size": 32})
+    )
 
 
 def test_ingest_pulls_a_dvc_revision_and_records_its_md5(dvc_env, tmp_path, s3_server):
@@ -59,11 +61,11 @@ def test_ingest_pulls_a_dvc_revision_and_records_its_md5(dvc_env, tmp_path, s3_s
     outputs = []
     for i in range(2):
         scans = dataset(tmp_path, f"scans-{i}")
-        n = ingest.python_func(
+        ingest_preprocess.python_func(
             config_yaml=_config(), data_source="data/demo", store_uri="", data_version="", scans=scans,
-            dvc_file=dvc_file, dvc_remote=remote, workspace=str(workspace),
+            slices=dataset(tmp_path, f"slices-{i}"), dvc_file=dvc_file, dvc_remote=remote, workspace=str(workspace),
         )  # fmt: skip
-        assert n == 2 and scans.metadata["data_version"] == f"dvc-md5:{md5}"
+        assert scans.metadata["n_scans"] == 2 and scans.metadata["data_version"] == f"dvc-md5:{md5}"
         assert json.loads((Path(scans.path) / "dataset.json").read_text())["data_version"] == f"dvc-md5:{md5}"
         outputs.append(scans)
         if i == 0:
@@ -85,12 +87,12 @@ def test_ingest_reads_an_s3_prefix_and_versions_what_it_read(s3_env, tmp_path):
     for f in sorted(p for p in local.rglob("*") if p.is_file()):
         store.upload_file(f, f.relative_to(local).as_posix())
     scans = dataset(tmp_path, "scans")
-    n = ingest.python_func(
+    ingest_preprocess.python_func(
         config_yaml=_config(), data_source=f"{s3_env}/datasets/demo", store_uri="", data_version="release-1",
-        scans=scans,
+        scans=scans, slices=dataset(tmp_path, "slices"),
     )  # fmt: skip
     version = scans.metadata["data_version"]
-    assert n == 2 and version.startswith("s3-sha256:")
+    assert scans.metadata["n_scans"] == 2 and version.startswith("s3-sha256:")
     again = fetch_source(f"{s3_env}/datasets/demo", tmp_path / "ws")
     assert again.version == version  # the same objects: the same version
     first = store.list()[0]

@@ -38,7 +38,7 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
         return {n: t for n, t in tasks.items() if n.startswith(prefix)}
 
     inner_tasks = dag(tasks["exit-handler-1"])
-    assert {"ingest", "preprocess"} <= set(inner_tasks)
+    assert "ingest-preprocess" in inner_tasks  # one step, one pass over each scan
     # The pretraining cohort: cohort A itself, or its own ingest + preprocess (cohort "p"); the same
     # downstream graph in both branches (kfp.local cannot resolve dsl.OneOf).
     (by_source,) = find(inner_tasks, "condition-branches").values()
@@ -46,8 +46,8 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     ing_p = next(t for n, t in on_p.items() if n.startswith("ingest"))
     assert ing_p["inputs"]["parameters"]["cohort"]["runtimeValue"]["constant"] == "p"
     assert ing_p["inputs"]["parameters"]["data_source"] == {"componentInputParameter": "pipelinechannel--pretrain_source"}
-    (pre_p_name,) = (n for n in on_p if n.startswith("preprocess"))
-    for outer, train_slices_from in ((on_a, "preprocess"), (on_p, pre_p_name)):
+    (pre_p_name,) = (n for n in on_p if n.startswith("ingest-preprocess"))
+    for outer, train_slices_from in ((on_a, "ingest-preprocess"), (on_p, pre_p_name)):
         # Pretraining: inside the step (one node) or a Trainer TrainJob (several).
         (branches,) = find(outer, "condition-branches").values()
         producers = {}  # kind -> (branch, its producer task's name)
@@ -75,15 +75,18 @@ def test_compiled_pipeline_wires_every_stage(tmp_path):
     assert handler_inputs["pipelinechannel--start-tracking-run_name"] == {
         "taskOutputParameter": {"producerTask": "start-tracking", "outputParameterKey": "run_name"}
     }
-    for step in ("ingest", "preprocess"):
-        params = inner_tasks[step]["inputs"]["parameters"]
-        assert not {"run_name", "parent_run_id", "tracking_uri"} & set(params), step
-        assert params["config_yaml"] == {"componentInputParameter": "pipelinechannel--start-tracking-data_config_yaml"}
-        assert inner_tasks[step]["cachingOptions"] == {"enableCache": True}
-        record = inner_tasks[f"record-stage{'' if step == 'ingest' else '-2'}"]
+    params = inner_tasks["ingest-preprocess"]["inputs"]["parameters"]
+    assert not {"run_name", "parent_run_id", "tracking_uri"} & set(params)
+    assert params["config_yaml"] == {"componentInputParameter": "pipelinechannel--start-tracking-data_config_yaml"}
+    assert inner_tasks["ingest-preprocess"]["cachingOptions"] == {"enableCache": True}
+    for record_name, output in (("record-stage", "scans"), ("record-stage-2", "slices")):  # one per stage
+        record = inner_tasks[record_name]
         assert "enableCache" not in record["cachingOptions"]
         assert record["inputs"]["parameters"]["parent_run_id"] == {
             "componentInputParameter": "pipelinechannel--start-tracking-parent_run_id"
+        }
+        assert record["inputs"]["artifacts"]["output"]["taskOutputArtifact"] == {
+            "producerTask": "ingest-preprocess", "outputArtifactKey": output
         }
     assert "enableCache" not in tasks["start-tracking"]["cachingOptions"]
     # The MLflow parent carries the Kubeflow run's id; start-tracking's Markdown links the MLflow run.
@@ -116,7 +119,7 @@ def test_compiled_pipeline_runs_on_gpu_node_pools_with_secrets_and_retries(tmp_p
         secrets = {s["secretName"] for s in k8s[name].get("secretAsEnv", [])}
         if not name.startswith("exec-shard-indices"):
             assert "slicefm-s3" in secrets and "slicefm-mlflow" in secrets, name
-    assert {s["secretName"] for s in k8s["exec-ingest"]["secretAsEnv"]} >= {"slicefm-pseudonym"}
+    assert {s["secretName"] for s in k8s["exec-ingest-preprocess"]["secretAsEnv"]} >= {"slicefm-pseudonym"}
     assert "slicefm-pseudonym" not in {s["secretName"] for s in k8s["exec-evaluate"]["secretAsEnv"]}
 
     def all_tasks(dag_tasks: dict):
@@ -126,7 +129,7 @@ def test_compiled_pipeline_runs_on_gpu_node_pools_with_secrets_and_retries(tmp_p
             yield from all_tasks(comp.get("dag", {}).get("tasks", {}))
 
     retried = {name: t["retryPolicy"] for name, t in all_tasks(spec["root"]["dag"]["tasks"]) if "retryPolicy" in t}
-    assert retried["ingest"]["maxRetryCount"] == 2 and retried["ingest"]["backoffFactor"] == 2.0
+    assert retried["ingest-preprocess"]["maxRetryCount"] == 2 and retried["ingest-preprocess"]["backoffFactor"] == 2.0
     assert "extract" in retried and "pretrain" in retried
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"pretrain_nodes", "gpu_accelerator", "pretrain_gpus", "extract_gpus", "gpu_node_selector",
@@ -453,10 +456,10 @@ def test_cluster_settings_at_compile_time_reach_every_step(tmp_path):
         assert executor["container"]["image"] == "registry.example/slicefm:9", name
         assert [s["secretName"] for s in k8s[name]["imagePullSecret"]] == ["regcred", "other"], name
     assert k8s["exec-pretrain"]["emptyDirMounts"][0]["sizeLimit"] == "48Gi"
-    # The ingest steps keep fetched data on the PVC, mounted where their workspace parameter points.
-    (mount,) = k8s["exec-ingest"]["pvcMount"]
+    # The data steps keep fetched data on the PVC, mounted where their workspace parameter points.
+    (mount,) = k8s["exec-ingest-preprocess"]["pvcMount"]
     assert mount["mountPath"] == "/mnt/slicefm-data" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "ct-data"
-    assert "pvcMount" not in k8s["exec-preprocess"]
+    assert "pvcMount" not in k8s["exec-pretrain"]
 
 
 def test_the_kubeflow_ui_form_describes_every_parameter_and_defaults_to_the_demo_config(tmp_path):
