@@ -9,8 +9,10 @@ model): MoCo-v3 two 224 px random-resized crops + flips + brightness / contrast 
 lesion-centred momentum-encoder crops; DALE-CT (LeJEPA + 2S aux) 2 x 256 global + 8 x 144 local crops across
 12 mm slabs, label-guided centres and organ / abnormality aux targets per crop and per token cell.
 Each method reads its shards from local disk and from S3 (a moto server on 127.0.0.1 in its own process,
-started and stopped here). Rates per core use this process's CPU time, so the S3 server's own work (not on a
-training node's cores) is left out; wall-clock rates are printed beside them.
+started and stopped here); source `s3-boto3` reads the same bucket through boto3's `get_object` per range
+(`fast_range_reads=False`) instead of `S3Store`'s presigned fast path. Rates per core use this process's CPU
+time, so the S3 server's own work (not on a training node's cores) is left out; wall-clock rates are printed
+beside them.
 
 Data: a phantom cohort (`slicefm.phantom`) at `--size` px, `--slices` slices per scan (~1 mm apart, like
 DALE-CT's 1 mm resampling, so a 12 mm slab holds ~10-12 slices), ingested and preprocessed by the project:
@@ -233,10 +235,12 @@ class Timing:
         return self.items / t[part] if t[part] > 0 else float("inf")
 
 
-def measure(method_name: str, uri: str, batch: int, n_batches: int, quick: bool, size: int) -> Timing:
+def measure(
+    method_name: str, uri: str, batch: int, n_batches: int, quick: bool, size: int, **s3_options: bool
+) -> Timing:
     """Read + collate and views of `n_batches` batches (after one warm-up batch), in this process."""
     cfg = method_config(method_name, size, quick)
-    index = load_index(open_store(uri), exclude_splits=())
+    index = load_index(open_store(uri, **s3_options), exclude_splits=())
     method = build_method(cfg, index, DistContext())
     timing = Timing(0, 0.0, 0.0, 0.0, 0.0)
     epoch, done = 0, -1
@@ -276,7 +280,7 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=300, help="slices per phantom scan (~1 mm apart)")
     p.add_argument("--batches", type=int, default=6, help="timed batches per method and source")
     p.add_argument("--methods", nargs="+", default=["moco", "lecl", "dale"], choices=["moco", "lecl", "dale"])
-    p.add_argument("--sources", nargs="+", default=["local", "s3"], choices=["local", "s3"])
+    p.add_argument("--sources", nargs="+", default=["local", "s3"], choices=["local", "s3", "s3-boto3"])
     args = p.parse_args()
     if args.quick:
         args.size, args.n_scans, args.slices, args.batches = 64, 2, 60, 2
@@ -294,11 +298,12 @@ def main() -> None:
             f"{args.batches} timed batches after 1 warm-up"
         )
         header = (
-            f"{'method':8s} {'source':6s} {'batch':>5s} {'read/s':>8s} {'views/s':>8s} {'CPU path/s':>10s} "
+            f"{'method':8s} {'source':8s} {'batch':>5s} {'read/s':>8s} {'views/s':>8s} {'CPU path/s':>10s} "
             f"{'wall/s':>7s} {'need/s':>7s} {'CPU path x':>10s} {'device path x':>13s}"
         )
         print(header)
-        with s3_server() if "s3" in args.sources else _nothing() as url:
+        remote_sources = {"s3", "s3-boto3"} & set(args.sources)
+        with s3_server() if remote_sources else _nothing() as url:
             remote = {}
             if url is not None:
                 remote = {"windows": upload(windows, url), "zscore": upload(zscore, url)}
@@ -306,10 +311,11 @@ def main() -> None:
                 for source in args.sources:
                     kind = "zscore" if name == "dale" else "windows"
                     uri = (zscore if kind == "zscore" else windows) if source == "local" else remote[kind]
-                    t = measure(name, uri, batch_of[name], args.batches, args.quick, args.size)
+                    opts = {"fast_range_reads": False} if source == "s3-boto3" else {}
+                    t = measure(name, uri, batch_of[name], args.batches, args.quick, args.size, **opts)
                     need = reqs[name].per_core
                     print(
-                        f"{name:8s} {source:6s} {batch_of[name]:5d} {t.rate('read'):8.1f} {t.rate('views'):8.1f} "
+                        f"{name:8s} {source:8s} {batch_of[name]:5d} {t.rate('read'):8.1f} {t.rate('views'):8.1f} "
                         f"{t.rate('total'):10.1f} {t.rate('total', 'wall'):7.1f} {need:7.1f} "
                         f"{t.rate('total') / need:10.2f} {t.rate('read') / need:13.2f}",
                         flush=True,
