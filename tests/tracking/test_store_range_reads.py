@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slicefm.core import store as store_module
+from slicefm.core import s3_client
 from slicefm.core.store import S3Store, StoreError, open_store
 from tests.conftest import LOOPBACK
 from tests.loopback_http import loopback_server
@@ -37,7 +37,7 @@ def boto3_gets(store: S3Store) -> list[str]:
     return sent
 
 
-def cached(store: S3Store, key: str) -> store_module._Presigned:
+def cached(store: S3Store, key: str) -> s3_client._Presigned:
     return store._ranges._urls[(store.bucket, store._full_key(key))]
 
 
@@ -318,7 +318,7 @@ def test_tls_verification_is_the_clients(s3_env: str, monkeypatch, tmp_path: Pat
         (tmp_path / "ca.pem").write_text("unused")
         monkeypatch.setenv(variable, str(tmp_path / "ca.pem"))
     store = open_store(s3_env)
-    assert store_module._client_verify() == store.client._endpoint.http_session._verify
+    assert s3_client._client_verify() == store.client._endpoint.http_session._verify
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
