@@ -1,12 +1,15 @@
 """Process pools for per-scan work that are safe after torch has started threads.
 
-Forking a process whose OpenMP/torch thread pools are live can deadlock the child, so workers come
-from a forkserver (a clean process started once). Each worker uses one intra-op thread: the pool
-already occupies the cores, and oversubscription slows everything down.
+Forking a process whose OpenMP/torch thread pools are live can deadlock the child, so when torch is loaded
+workers come from a forkserver (a clean process started once, which imports the pool's modules: ~1 s, more
+than a small cohort's decode). Without torch the workers are forked from the caller, which has those modules
+already (numpy's BLAS and pyarrow's pools reset themselves in a forked child). Each worker uses one
+intra-op thread: the pool already occupies the cores, and oversubscription slows everything down.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -23,9 +26,15 @@ def _init_worker() -> None:
 
 
 def process_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
-    """A pool whose workers fork from a server that imported the modules `preload` names once (each caller
-    names its own, with whatever they import: torch for preprocess, not for ingest), so a worker starts in
-    milliseconds instead of importing them itself."""
+    """A pool whose workers start with the modules `preload` names already imported (each caller names its
+    own, with whatever they import), so a worker starts in milliseconds instead of importing them itself:
+    forked from this process (after importing them here) unless torch is loaded, else from a forkserver."""
+    if "torch" not in sys.modules:
+        for name in preload:
+            importlib.import_module(name)
+        if "torch" not in sys.modules:  # a preloaded module may bring it
+            fork = multiprocessing.get_context("fork")
+            return ProcessPoolExecutor(max_workers=workers, mp_context=fork, initializer=_init_worker)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)

@@ -56,11 +56,11 @@ def crop_box_for(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, 
     return square_box(box, (h, w))
 
 
-def normalise(hu_resized: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """[z, H, W] HU -> [z, C, H, W] uint8 windows or float16 z-scores."""
+def normalise(hu_resized: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """[z, H, W] HU -> [z, C, H, W] uint8 windows or float16 z-scores (written into `out` when given)."""
     if cfg.normalisation == "zscore":
-        return apply_zscore(hu_resized, cfg.zscore)
-    return apply_windows_uint8(hu_resized, resolve_windows(cfg))
+        return apply_zscore(hu_resized, cfg.zscore, out=out)
+    return apply_windows_uint8(hu_resized, resolve_windows(cfg), out=out)
 
 
 def preprocess_volume(
@@ -73,18 +73,21 @@ def preprocess_volume(
     """
     box = crop_box_for(hu, cfg)
     side = box[1] - box[0]
-    stack: np.ndarray | None = None
-    for i in range(0, hu.shape[0], _CHUNK_SLICES):
-        part = _preprocess_slices(hu[i : i + _CHUNK_SLICES], box, cfg)
-        if stack is None:
-            stack = np.empty((hu.shape[0], *part.shape[1:]), dtype=part.dtype)
-        stack[i : i + part.shape[0]] = part
-    assert stack is not None  # a canonical volume has >= 2 slices
+    size = cfg.size or side
+    z = hu.shape[0]
+    channels = len(channel_names(cfg))
+    dtype = np.float16 if cfg.normalisation == "zscore" else np.uint8
+    stack = np.empty((z, 5, channels, size, size) if cfg.five_cut else (z, channels, size, size), dtype=dtype)
+    for i in range(0, z, _CHUNK_SLICES):
+        _preprocess_slices(hu[i : i + _CHUNK_SLICES], box, cfg, stack[i : i + _CHUNK_SLICES])
     return stack, box, side
 
 
-def _preprocess_slices(hu: np.ndarray, box: tuple[int, int, int, int], cfg: PreprocessConfig) -> np.ndarray:
-    """A few slices -> their stack rows: crop (cast to float32 only there), resize or 5-cut tiles, normalise."""
+def _preprocess_slices(
+    hu: np.ndarray, box: tuple[int, int, int, int], cfg: PreprocessConfig, out: np.ndarray
+) -> None:
+    """A few slices -> their rows of the stack (`out`): crop (cast to float32 only there), resize or 5-cut
+    tiles, normalise."""
     cropped = np.asarray(crop_to_box(hu, box, pad_value=AIR_HU), dtype=np.float32)
     side = cropped.shape[-1]
     size = cfg.size or side
@@ -94,8 +97,9 @@ def _preprocess_slices(hu: np.ndarray, box: tuple[int, int, int, int], cfg: Prep
         tiles = tile_slices(cropped, five_cut_boxes((0, side, 0, side)), size)  # [z, 5, H, W]
         z, t = tiles.shape[:2]
         flat = normalise(tiles.reshape(z * t, size, size), cfg)
-        return flat.reshape(z, t, *flat.shape[1:])
-    return normalise(resize_hu_slices(cropped, cfg.size), cfg)
+        out[...] = flat.reshape(z, t, *flat.shape[1:])
+        return
+    normalise(resize_hu_slices(cropped, cfg.size), cfg, out=out)
 
 
 def resize_masks(
@@ -184,7 +188,7 @@ def preprocess_scan(
             "stack": key,
             "row": np.arange(n),
             "is_key_slice": [bool(b) for b in boxes],
-            "lesion_boxes": [json.dumps(b) for b in boxes],
+            "lesion_boxes": [json.dumps(b) if b else "[]" for b in boxes],  # json.dumps([]) == "[]"
         }
     )
     if masks is not None:

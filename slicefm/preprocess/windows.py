@@ -40,16 +40,19 @@ def _as_slices(hu: np.ndarray | torch.Tensor) -> np.ndarray:
     return arr
 
 
-def apply_windows_uint8(hu: np.ndarray | torch.Tensor, windows: Sequence[HUWindow]) -> np.ndarray:
+def apply_windows_uint8(
+    hu: np.ndarray | torch.Tensor, windows: Sequence[HUWindow], out: np.ndarray | None = None
+) -> np.ndarray:
     """Window HU into uint8 channels: ``[z, y, x]`` or ``[z, 1, y, x]`` -> ``[z, C, y, x]``, C = len(windows).
 
     Channel c is ``round(255 * (clip(hu, lo, hi) - lo) / (hi - lo))`` for ``windows[c]``, rounding halves up.
+    `out`: an optional uint8 ``[z, C, y, x]`` array to write into (e.g. rows of a whole scan's stack).
     """
     if len(windows) == 0:
         raise ValueError("need at least one window")
     vol = _as_slices(hu)
     z = vol.shape[0]
-    out = np.empty((z, len(windows), *vol.shape[1:]), dtype=np.uint8)
+    out = _output(out, (z, len(windows), *vol.shape[1:]), np.uint8)
     scratch = np.empty((min(z, _CHUNK_SLICES), *vol.shape[1:]), dtype=np.float32)
     for c, win in enumerate(windows):
         scale = np.float32(255.0 / (win.hi - win.lo))
@@ -67,11 +70,13 @@ def apply_windows_uint8(hu: np.ndarray | torch.Tensor, windows: Sequence[HUWindo
     return out
 
 
-def apply_zscore(hu: np.ndarray | torch.Tensor, norm: ZScoreNorm = ZScoreNorm()) -> np.ndarray:
-    """Clip and z-score HU: ``[z, y, x]`` (or ``[z, 1, y, x]``) -> float16 ``[z, 1, y, x]``."""
+def apply_zscore(
+    hu: np.ndarray | torch.Tensor, norm: ZScoreNorm = ZScoreNorm(), out: np.ndarray | None = None
+) -> np.ndarray:
+    """Clip and z-score HU: ``[z, y, x]`` (or ``[z, 1, y, x]``) -> float16 ``[z, 1, y, x]`` (into `out` if given)."""
     vol = _as_slices(hu)
     z = vol.shape[0]
-    out = np.empty((z, 1, *vol.shape[1:]), dtype=np.float16)
+    out = _output(out, (z, 1, *vol.shape[1:]), np.float16)
     scratch = np.empty((min(z, _CHUNK_SLICES), *vol.shape[1:]), dtype=np.float32)
     lo, hi = np.float32(norm.clip_lo), np.float32(norm.clip_hi)
     mean, inv_std = np.float32(norm.mean), np.float32(1.0 / norm.std)
@@ -82,6 +87,14 @@ def apply_zscore(hu: np.ndarray | torch.Tensor, norm: ZScoreNorm = ZScoreNorm())
         tmp -= mean
         tmp *= inv_std
         _to_float16(tmp, out[i : i + src.shape[0], 0])
+    return out
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out must be {np.dtype(dtype)} {shape}, got {out.dtype} {out.shape}")
     return out
 
 

@@ -460,3 +460,35 @@ def test_a_failure_half_way_leaves_no_output_behind(dicom_source, tmp_path, monk
     assert res.out_uri.rstrip("/").endswith("out") and res.n_scans == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert len(list((tmp_path / "out" / "volumes").iterdir())) == 4
+
+
+def test_ingest_starts_the_largest_scans_first_and_reports_in_candidate_order(tmp_path):
+    """Longest-processing-time order: with one worker the scans are read largest first (by the bytes each
+    adapter records), and the results still come back in the candidates' order."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from slicefm.data import ingest as ingest_module
+    from slicefm.data.adapters import get_adapter
+
+    for fmt in ("dicom", "nifti"):
+        root = generate_dataset(tmp_path / fmt, 4, fmt, seed=7, shape_xy=32)
+        cands = get_adapter(fmt)(root, None).candidates
+        files = [sorted((root / c.source).glob("*.dcm")) if fmt == "dicom" else [root / c.source] for c in cands]
+        assert [c.size_bytes for c in cands] == [sum(f.stat().st_size for f in fs) for fs in files]
+        assert len({c.size_bytes for c in cands}) > 1  # the phantom's scans differ in length
+        seen: list[int] = []
+        with ThreadPoolExecutor(1) as pool:
+            loaded = ingest_module._load_all(
+                cands, b"k" * 32, "t", str(tmp_path / f"out-{fmt}"), 1.0,
+                per_scan=partial(_record_sizes, seen), keep_volumes=False, pool=pool,
+            )  # fmt: skip
+        assert [res.index for res in loaded] == list(range(len(cands)))
+        by_size = sorted(range(len(cands)), key=lambda i: -cands[i].size_bytes)
+        assert by_size != list(range(len(cands)))  # else the order would not show
+        assert seen == [loaded[i].shape[0] for i in by_size]  # read in that order
+
+
+def _record_sizes(seen: list[int], scan_id: str, hu: np.ndarray, cand, spacing_z_mm: float) -> int:
+    seen.append(hu.shape[0])
+    return hu.shape[0]

@@ -91,7 +91,15 @@ def test_to_int16_in_chunks_equals_the_whole_volume_rule():
     ref = np.clip(np.rint(hu), -1024, 32767).astype(np.int16)
     out = ingest_module._to_int16(hu.copy())
     np.testing.assert_array_equal(out, ref)
-    assert out[0, 0, :3].tolist() == [-1024, 32767, 0]
+    assert out.dtype == np.int16 and out[0, 0, :3].tolist() == [-1024, 32767, 0]
+    # Without the cast (the fused pass): the same values, float32, in the reader's own array.
+    work = hu.copy()
+    same = ingest_module._to_int16(work, cast=False)
+    assert same is work and same.dtype == np.float32
+    np.testing.assert_array_equal(same, ref.astype(np.float32))
+    readonly = hu.copy()
+    readonly.flags.writeable = False
+    np.testing.assert_array_equal(ingest_module._to_int16(readonly, cast=False), ref.astype(np.float32))
 
 
 def test_body_box_on_the_mask_grid_equals_the_full_resolution_box(tmp_path):

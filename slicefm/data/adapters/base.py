@@ -34,6 +34,7 @@ class ScanCandidate:
     split: str = ""
     mask_file: Path | None = None  # organ/lesion masks (npz: organ, lesion) when the source has them
     fmt: str = ""  # format of this scan when the adapter reads several (mixed trees); "" = the adapter's
+    size_bytes: int = 0  # bytes `load` reads (0: unknown): ingest starts the largest scans first
 
 
 @dataclass
@@ -43,6 +44,17 @@ class AdapterResult:
     candidates: list[ScanCandidate]
     rejected: list[tuple[str, str]]  # (file relative to the source, reason)
     label_names: list[str]
+
+
+def files_size(paths: Path | list[Path]) -> int:
+    """Bytes on disk of a scan's file(s) (0 for any that cannot be stat'ed: the read will say why)."""
+    total = 0
+    for path in [paths] if isinstance(paths, Path) else paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def rel(path: Path, root: Path) -> str:

@@ -15,6 +15,7 @@ from slicefm.data.adapters.base import (
     AdapterResult,
     ScanCandidate,
     TableError,
+    files_size,
     parse_label_row,
     read_table,
     rel,
@@ -92,6 +93,7 @@ def discover(source: Path, cohort: str | None = None) -> AdapterResult:
                     ref=name,
                     source=rel(path, source),
                     load=partial(read_nifti, path, spacing, rescale),
+                    size_bytes=files_size(path),
                     patient_ref="_".join(name.split("_")[:2]),  # train_1_a_1 -> patient train_1
                     labels=labels.get(name, {}),
                     split=SPLIT_NAMES.get(split_name, ""),

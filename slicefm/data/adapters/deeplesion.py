@@ -19,6 +19,7 @@ from slicefm.data.adapters.base import (
     LesionAnnotation,
     ScanCandidate,
     TableError,
+    files_size,
     read_table,
     rel,
 )
@@ -110,6 +111,7 @@ def discover(source: Path, cohort: str | None = None) -> AdapterResult:
                     ref=f"{series}#{run[0]:03d}-{run[-1]:03d}",
                     source=f"{rel(folder, source)} [{run[0]:03d}-{run[-1]:03d}]",
                     load=partial(read_png_slices, files, spacing_zyx),
+                    size_bytes=files_size(files),
                     patient_ref=str(patient),
                     labels=labels,
                     lesions=lesions,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 
-from slicefm.data.adapters.base import AdapterResult, ScanCandidate, rel
+from slicefm.data.adapters.base import AdapterResult, ScanCandidate, files_size, rel
 from slicefm.data.adapters.masks import mask_for
 from slicefm.data.adapters.sidecar import Sidecars, is_sidecar, read_sidecars
 from slicefm.io.dicom import read_dicom_series, scan_dicom_tree
@@ -42,6 +42,7 @@ def series_candidates(
                 ref=uid,
                 source=series_dir,
                 load=partial(read_dicom_series, files, root),
+                size_bytes=files_size(files),
                 patient_ref=series_patient_ref(files[0]),
             )
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from slicefm.data.adapters.base import AdapterResult, ScanCandidate, rel
+from slicefm.data.adapters.base import AdapterResult, ScanCandidate, files_size, rel
 from slicefm.data.adapters.masks import mask_for
 from slicefm.data.adapters.sidecar import Sidecars, is_sidecar, read_sidecars
 from slicefm.io.nifti import read_nifti
@@ -31,7 +31,8 @@ def file_candidates(source: Path, files: list[Path], side: Sidecars) -> tuple[li
     for path in files:
         stem = nifti_stem(path)
         cand = ScanCandidate(
-            ref=rel(path, source), source=rel(path, source), load=partial(read_nifti, path), patient_ref=stem
+            ref=rel(path, source), source=rel(path, source), load=partial(read_nifti, path), patient_ref=stem,
+            size_bytes=files_size(path),
         )
         cand.labels, cand.lesions, key = side.lookup(stem, stem)
         cand.mask_file = mask_for(source, stem)
