@@ -140,6 +140,52 @@ def compare(data: Path, work: Path, fmt: str, workers: int, out_size: int, repea
     return best
 
 
+def breakdown(data: Path, fmt: str, out_size: int, work: Path) -> dict[str, float]:
+    """ms per slice of each step of the fused pass, one process, one thread, every series of `data`: where the
+    time beyond a bare decode goes."""
+    from slicefm.core.store import open_store
+    from slicefm.data.ingest import _to_int16, check_volume
+    from slicefm.preprocess import stage
+    from slicefm.preprocess.crop import AIR_HU, crop_to_box
+    from slicefm.preprocess.resize import resize_hu_slices
+
+    cfg = PreprocessConfig(size=out_size, workers=1)
+    steps = dict.fromkeys(("decode", "checks", "round", "crop box", "crop+cast", "resize", "windows", "write"), 0.0)
+    n_total = 0
+    if fmt == "nifti":
+        loads = [lambda p=p: read_nifti(p) for p in sorted(data.rglob("*.nii.gz"))]
+    else:
+        loads = [lambda f=sorted(f): read_dicom_series(f) for f in scan_dicom_tree(data).series.values()]
+    store = open_store(work / "breakdown")
+    for load in loads:
+        t = time.perf_counter()
+        vol = load()
+        t, steps["decode"] = time.perf_counter(), steps["decode"] + time.perf_counter() - t
+        check_volume(vol)
+        t, steps["checks"] = time.perf_counter(), steps["checks"] + time.perf_counter() - t
+        hu = _to_int16(vol.hu, cast=False)
+        t, steps["round"] = time.perf_counter(), steps["round"] + time.perf_counter() - t
+        box = stage.crop_box_for(hu, cfg)
+        t, steps["crop box"] = time.perf_counter(), steps["crop box"] + time.perf_counter() - t
+        stack = np.empty((hu.shape[0], 2, out_size, out_size), np.uint8)
+        for i in range(0, hu.shape[0], 8):
+            t = time.perf_counter()
+            cropped = np.asarray(crop_to_box(hu[i : i + 8], box, pad_value=AIR_HU), dtype=np.float32)
+            t1 = time.perf_counter()
+            resized = resize_hu_slices(cropped, out_size)
+            t2 = time.perf_counter()
+            stage.normalise(resized, cfg, out=stack[i : i + 8])
+            t3 = time.perf_counter()
+            steps["crop+cast"] += t1 - t
+            steps["resize"] += t2 - t1
+            steps["windows"] += t3 - t2
+        t = time.perf_counter()
+        store.write_npy("stack.npy", stack)
+        steps["write"] += time.perf_counter() - t
+        n_total += hu.shape[0]
+    return {k: v / n_total * 1e3 for k, v in steps.items()}
+
+
 def report(label: str, b: dict[str, float]) -> None:
     t_pre = b["t_full"] - b["t_ingest"]
     t_decode = b["slices"] / b["raw"]
@@ -159,6 +205,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--realistic", action="store_true", help="real-size series in four formats")
     p.add_argument("--lengths", type=int, nargs="+", default=[300, 400, 500, 600])
+    p.add_argument("--breakdown", action="store_true", help="also ms/slice of each fused step, one thread")
     p.add_argument("--data", type=Path, help="keep the --realistic series here (reused when present)")
     p.add_argument("--formats", nargs="+", default=["dicom", "rle", "j2k", "nifti"],
                    choices=["dicom", "rle", "j2k", "nifti"])  # fmt: skip
@@ -184,6 +231,14 @@ def main() -> None:
             print(header)
             for fmt in args.formats:
                 report(fmt, compare(dirs[fmt], Path(tmp), fmt, args.workers, args.out_size, args.repeats))
+            if args.breakdown:
+                print("\nms per slice, one process (fused steps; decode = the reader, as raw decode):")
+                for fmt in args.formats:
+                    reader_fmt = "nifti" if fmt == "nifti" else "dicom"
+                    ms = breakdown(dirs[fmt], reader_fmt, args.out_size, Path(tmp))
+                    extra = sum(v for k, v in ms.items() if k != "decode")
+                    cells = "  ".join(f"{k} {v:.2f}" for k, v in ms.items())
+                    print(f"{fmt:10s} {cells}  | beyond decode {extra:.2f} ({ms['decode'] / (ms['decode'] + extra):.2f})")
             return
         data = Path(tmp) / "dicom"
         generate_dataset(data, args.n_scans, "dicom", seed=1, shape_xy=args.size)

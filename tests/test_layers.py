@@ -39,8 +39,8 @@ SCIENCE = tuple(package for package, level in RANK.items() if level < RANK["conf
 # Tracking, orchestration and the object store's client are the edge's business...
 EDGE_ONLY = ("mlflow", "kfp", "boto3", "botocore")
 # ...except that the artifact store (the bottom layer, not science) is the one S3 client: it reads and writes
-# s3:// URIs for every package, through boto3.
-EDGE_ONLY_ALLOWED = {"slicefm.core.store": ("boto3", "botocore")}
+# s3:// URIs for every package, through boto3 (its client plumbing and ranged-read fast path in s3_client).
+EDGE_ONLY_ALLOWED = {"slicefm.core.store": ("boto3", "botocore"), "slicefm.core.s3_client": ("boto3", "botocore")}
 
 
 def module_name(path: Path) -> str:
