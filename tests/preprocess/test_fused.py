@@ -148,3 +148,14 @@ def test_float16_cast_without_torch_rounds_as_torch_does():
         mp.delitem(__import__("sys").modules, "torch")  # as in a worker that never imported torch
         windows._to_float16(x, out)
     np.testing.assert_array_equal(out.view(np.uint16), ref.view(np.uint16))
+
+
+@pytest.mark.parametrize(("side", "size"), [(412, 256), (64, 32), (100, 224), (97, 64)])
+def test_masks_resize_as_torch_nearest_exact_in_c_order(side, size):
+    masks = {"organ": np.random.default_rng(side).integers(0, 5, (3, side, side)).astype(np.uint8)}
+    out = stage_module.resize_masks(masks, (0, side, 0, side), size)["organ"]
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(masks["organ"]).unsqueeze(1), size=(size, size), mode="nearest-exact"
+    ).squeeze(1)
+    np.testing.assert_array_equal(out, ref.numpy())
+    assert out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]  # the loader reads rows of the saved mask
