@@ -62,9 +62,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from slicefm.edge.stages import preprocess_stage
+    from slicefm.preprocess.stage import MissingVolumesError
 
     cfg = _config(args.config)
-    res = preprocess_stage(cfg, args.scans, args.out)
+    try:
+        res = preprocess_stage(cfg, args.scans, args.out)
+    except MissingVolumesError as err:
+        log.error("%s", err)
+        return 2
     print(
         f"preprocessed {res.n_scans} scans ({res.n_skipped} already done), {res.n_slices} slices, "
         f"channels {res.channels} -> {res.out_uri}"

@@ -244,13 +244,17 @@ def preprocess_identity(in_store: Store, cfg: PreprocessConfig) -> dict:
     }
 
 
+class MissingVolumesError(ValueError):
+    """An ingest output without canonical volumes was given where the volumes are read."""
+
+
 def require_volumes(scans: pd.DataFrame, in_store: Store) -> None:
     """Refuse an ingest output written without canonical volumes (the fused step's default)."""
     if len(scans) and (scans["volume"] == "").any():
-        raise ValueError(
+        raise MissingVolumesError(
             f"{in_store.uri('')} was written without canonical volumes (by `slicefm ingest --preprocess-out` "
-            "or the pipeline's ingest-preprocess step with ingest.keep_volumes false): preprocess it again "
-            "with that step, or re-ingest with `slicefm ingest` to keep the volumes"
+            "or the pipeline's ingest-preprocess step, with ingest.keep_volumes false): preprocess the raw data "
+            "in that one pass again, or ingest it with `slicefm ingest` (or `--keep-volumes`) to keep them"
         )
 
 
@@ -310,4 +314,4 @@ def read_slices(store: Store) -> pd.DataFrame:
     return validate(store.read_parquet("slices.parquet"), SlicesSchema, store.uri("slices.parquet"))
 
 
-__all__ = ["run_preprocess", "preprocess_volume", "preprocess_scan", "finish_preprocess", "read_slices", "PreprocessResult"]
+__all__ = ["MissingVolumesError", "run_preprocess", "preprocess_volume", "preprocess_scan", "finish_preprocess", "read_slices", "PreprocessResult"]

@@ -109,6 +109,18 @@ def test_a_preprocess_output_made_differently_is_refused_and_nothing_written(tra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pre"]  # no output, no staging leftovers
 
 
+def test_an_ingest_output_without_volumes_is_refused_and_nothing_written(trained, tmp_path):
+    """The fused data step keeps no canonical volumes by default: predict says what to give it instead."""
+    data = tmp_path / "ingest"
+    shutil.copytree(trained.ingested, data, ignore=shutil.ignore_patterns("volumes"))
+    scans = pd.read_parquet(data / "scans.parquet")
+    scans["volume"] = ""
+    scans.to_parquet(data / "scans.parquet", index=False)
+    with pytest.raises(PredictError, match="without canonical volumes.*give the raw data or the preprocess output"):
+        run_predict(load_bundle(trained.model_dir), data, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ingest"]
+
+
 def _rewrite_series(src: Path, dest: Path, **attrs) -> None:
     dest.mkdir(parents=True)
     for f in sorted(src.iterdir()):

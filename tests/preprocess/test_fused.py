@@ -14,13 +14,14 @@ import torch
 
 from slicefm.data import ingest as ingest_module
 from slicefm.data.ingest import ingest
+from slicefm.edge.cli import main as cli_main
 from slicefm.phantom.dataset import generate_dataset
 from slicefm.preprocess import stage as stage_module
 from slicefm.preprocess.config import PreprocessConfig, ZScoreNorm
 from slicefm.preprocess.crop import body_bbox, body_box, body_mask
 from slicefm.preprocess.fused import ingest_and_preprocess
 from slicefm.preprocess.resize import resize_hu_slices, resize_slices
-from slicefm.preprocess.stage import preprocess_volume, run_preprocess
+from slicefm.preprocess.stage import MissingVolumesError, preprocess_volume, run_preprocess
 
 KEY = b"fused-test-key-0123456789abcdef"
 CFG = PreprocessConfig(size=48, workers=2, n_shards=2)
@@ -67,8 +68,11 @@ def test_fused_pass_writes_what_the_two_stages_write(raw, two_stage, tmp_path):
     assert quarantine == (two_stage / "ingest" / "quarantine.csv").read_bytes()
     assert json.loads((tmp_path / "ingest" / "dataset.json").read_text())["volumes"] is False
     # Without volumes the ingest output cannot be preprocessed alone: a clear refusal, nothing written.
-    with pytest.raises(ValueError, match="without canonical volumes"):
+    with pytest.raises(MissingVolumesError, match="without canonical volumes"):
         run_preprocess(str(tmp_path / "ingest"), str(tmp_path / "pre-again"), CFG)
+    assert not (tmp_path / "pre-again").exists()
+    argv = ["preprocess", "--scans", str(tmp_path / "ingest"), "--out", str(tmp_path / "pre-cli")]
+    assert cli_main(argv) == 2 and not (tmp_path / "pre-cli").exists()  # a message, not a traceback
 
 
 def test_fused_pass_with_volumes_matches_ingest_and_resumes_preprocess(raw, two_stage, tmp_path):
