@@ -16,48 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+from moto_s3 import s3_server
 
 from slicefm.core.store import S3Store
-
-ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}  # fmt: skip
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server on a free loopback port in a child process, with the AWS variables aimed at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update(ENV, AWS_ENDPOINT_URL=url)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def timed_reads(store: S3Store, reads: list[tuple[str, int]], length: int) -> tuple[float, float]:
@@ -79,7 +44,7 @@ def main() -> None:
     rng = random.Random(0)
     size = args.object_mib * 2**20
     load0 = os.getloadavg()[0]
-    with moto_server() as url:
+    with s3_server() as url:
         bucket = f"bench-{uuid.uuid4().hex[:10]}"
         boto3_store = S3Store(bucket, "shards", fast_range_reads=False)
         fast_store = S3Store(bucket, "shards")
