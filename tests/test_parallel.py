@@ -20,6 +20,10 @@ def _worker_state(_: int) -> tuple[int, bool, bool, str]:
 
 
 def test_pool_with_torch_loaded_uses_a_forkserver():
+    # Another test may have started this process's forkserver with another preload list: the workers still
+    # have the modules this pool names.
+    with process_pool(2, preload=("tests.parallel_probe",)) as pool:
+        list(pool.map(_worker_state, range(2)))
     with process_pool(2, preload=("slicefm.preprocess.fused",)) as pool:
         assert pool._mp_context.get_start_method() == "forkserver"
         states = list(pool.map(_worker_state, range(4)))

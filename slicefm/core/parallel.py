@@ -18,8 +18,12 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 
-def _init_worker() -> None:
+def _init_worker(preload: Sequence[str] = ()) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when a worker imports it later
+    # Already imported (forked from the caller, or a forkserver that preloaded them); a forkserver this process
+    # started earlier for another pool keeps that pool's preload list, and then the worker imports them here.
+    for name in preload:
+        importlib.import_module(name)
     torch = sys.modules.get("torch")  # preloaded by the server: its thread pool already exists
     if torch is not None:
         torch.set_num_threads(1)
@@ -34,10 +38,12 @@ def process_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
             importlib.import_module(name)
         if "torch" not in sys.modules:  # a preloaded module may bring it
             fork = multiprocessing.get_context("fork")
-            return ProcessPoolExecutor(max_workers=workers, mp_context=fork, initializer=_init_worker)
+            return ProcessPoolExecutor(max_workers=workers, mp_context=fork, initializer=_init_worker)  # inherited
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(tuple(preload),)
+    )
     # Start the server now: its imports run while the caller still prepares the work (e.g. scans a DICOM
     # tree), instead of after the first submit. A server this process already runs is kept as it is.
     multiprocessing.forkserver.ensure_running()

@@ -161,7 +161,7 @@ def test_local_run_tracks_every_stage(tmp_path, monkeypatch, capsys):
     logs = tmp_path / "state" / "logs" / "run-1"
     task_logs = sorted(logs.glob("[0-9][0-9]-*.log"))
     assert [line for line in progress if line.startswith("  + ")] and len(progress) < len(task_logs) + 10
-    assert any(line.startswith("  + ingest ") for line in progress) and (logs / "pipeline.log").stat().st_size
+    assert any(line.startswith("  + ingest-preprocess ") for line in progress) and (logs / "pipeline.log").stat().st_size
     assert any(re.fullmatch(r"\d\d-pretrain(-\d+)?\.log", p.name) for p in task_logs)  # kfp.local's task names
     assert summary.count("evaluate-ceiling · every task") == 1 and "evaluate · every task" not in summary
     rows = [r for r in _table_rows(summary) if r[0] in ("location", "findings")]

@@ -1,0 +1,1 @@
+"""An empty module for tests/test_parallel.py to preload."""
