@@ -36,15 +36,15 @@ def process_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
     if "torch" not in sys.modules:
         for name in preload:
             importlib.import_module(name)
-        if "torch" not in sys.modules:  # a preloaded module may bring it
-            fork = multiprocessing.get_context("fork")
-            return ProcessPoolExecutor(max_workers=workers, mp_context=fork, initializer=_init_worker)  # inherited
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))
+    forked = "torch" not in sys.modules  # a preloaded module may bring it
+    ctx = multiprocessing.get_context("fork" if forked else "forkserver")
+    if not forked:
+        ctx.set_forkserver_preload(list(preload))
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(tuple(preload),)
     )
-    # Start the server now: its imports run while the caller still prepares the work (e.g. scans a DICOM
-    # tree), instead of after the first submit. A server this process already runs is kept as it is.
-    multiprocessing.forkserver.ensure_running()
+    if not forked:
+        # Start the server now: its imports run while the caller still prepares the work (e.g. scans a DICOM
+        # tree), instead of after the first submit. A server this process already runs is kept as it is.
+        multiprocessing.forkserver.ensure_running()
     return pool

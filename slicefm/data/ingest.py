@@ -27,7 +27,7 @@ from slicefm.core.parallel import process_pool
 from slicefm.core.store import Store, open_store, staged_output
 from slicefm.data import pseudonym
 from slicefm.data.adapters import detect_format, get_adapter
-from slicefm.data.adapters.base import AdapterResult, ScanCandidate
+from slicefm.data.adapters.base import AdapterResult, LesionAnnotation, ScanCandidate
 from slicefm.data.schemas import (
     LABEL_PREFIX,
     LesionsSchema,
@@ -49,9 +49,8 @@ TILT_TAG_TOLERANCE_DEG = 0.1  # GantryDetectorTilt is nominal: only a larger dif
 
 # Work a fused pass does in the worker on each accepted scan, after its checks and int16 conversion:
 # (scan_id, canonical HU volume: int16, or its exact float32 values when no volume is kept, the candidate,
-# z spacing in mm) -> anything picklable (sent back in _Loaded.extra).
-# A module-level function (or functools.partial of one), so it can cross into the worker processes.
-PerScanHook = Callable[[str, np.ndarray, ScanCandidate, float], object]
+# z spacing in mm). A module-level function (or functools.partial of one), so it can cross into the workers.
+PerScanHook = Callable[[str, np.ndarray, ScanCandidate, float], None]
 
 
 class NoUsableScansError(RuntimeError):
@@ -66,7 +65,6 @@ class IngestResult:
     n_lesions: int
     cohort: str
     fmt: str
-    extra: dict[str, object] | None = None  # scan_id -> what the per-scan hook returned (fused passes)
 
 
 def label_slug(name: str) -> str:
@@ -150,7 +148,6 @@ class _Loaded:
     scanner: str = ""
     tilt_deg: float = 0.0
     gantry_tilt_tag: float | None = None
-    extra: object = None  # what the per-scan hook returned
 
 
 def _load_and_store(
@@ -182,13 +179,14 @@ def _load_and_store(
     store = open_store(out_uri)
     # Consumes vol.hu (rounded in place). A hook that does not need the int16 volume gets the same values
     # as float32 (what preprocessing would cast them to), without the int16 copy.
-    hu16 = _to_int16(vol.hu, cast=keep_volume or per_scan is None)
+    hu = _to_int16(vol.hu, cast=keep_volume or per_scan is None)
     if keep_volume:
-        store.write_npy(f"volumes/{scan_id}.npy", hu16)
+        store.write_npy(f"volumes/{scan_id}.npy", hu)
     if cand.mask_file is not None and Path(cand.mask_file).exists():
         store.write_bytes(f"masks/{scan_id}.npz", Path(cand.mask_file).read_bytes())
     scanner = " ".join(str(vol.info.get(k, "")) for k in ("Manufacturer", "ManufacturerModelName")).strip()
-    extra = per_scan(scan_id, hu16, cand, float(vol.spacing_mm[0])) if per_scan is not None else None
+    if per_scan is not None:
+        per_scan(scan_id, hu, cand, float(vol.spacing_mm[0]))
     return _Loaded(
         index,
         True,
@@ -200,7 +198,6 @@ def _load_and_store(
         scanner=scanner,
         tilt_deg=float(vol.tilt_deg),
         gantry_tilt_tag=float(tag) if (tag := vol.info.get("GantryDetectorTilt")) is not None else None,
-        extra=extra,
     )
 
 
@@ -224,7 +221,7 @@ def ingest(
     (staged_output): a failure half-way leaves nothing behind.
 
     `per_scan` runs in the workers on each accepted scan's int16 volume (the fused ingest + preprocess pass,
-    `slicefm.preprocess.fused`); its results are in `IngestResult.extra` by scan id. `keep_volumes=False`
+    `slicefm.preprocess.fused`). `keep_volumes=False`
     writes no canonical volumes (scans.parquet's `volume` is then empty and dataset.json says so).
     """
     source = Path(source)
@@ -255,9 +252,8 @@ def _ingest(
 ) -> tuple[IngestResult, str | None]:
     """ingest() into `out_uri`; also the NoUsableScansError message when every scan was quarantined."""
     fmt = detect_format(source) if fmt == "auto" else fmt
-    with contextlib.ExitStack() as pools:
-        # The worker pool starts before discovery, so its imports overlap the scan of the source tree.
-        pool = pools.enter_context(process_pool(workers, _preload(per_scan))) if workers > 1 else None
+    # The worker pool starts before discovery, so a forkserver's imports overlap the scan of the source tree.
+    with process_pool(workers, _preload(per_scan)) if workers > 1 else contextlib.nullcontext() as pool:
         adapter_result: AdapterResult = get_adapter(fmt)(source, cohort)
         cohort = adapter_result.cohort
         log.info(
@@ -301,24 +297,12 @@ def _ingest(
             row[LABEL_PREFIX + label_slug(name)] = int(cand.labels.get(name, -1))
         rows.append(row)
         for i, les in enumerate(cand.lesions):
-            if not 0 <= les.key_slice < res.shape[0]:
+            if not in_volume(les, res.shape[0]):
                 quarantine.append(
                     (cand.source, f"lesion {i}: key slice {les.key_slice} outside 0..{res.shape[0] - 1}")
                 )
                 continue
-            lesion_rows.append(
-                {
-                    "scan_id": scan_id,
-                    "lesion_index": i,
-                    "key_slice": les.key_slice,
-                    "x0": les.box_xyxy[0],
-                    "y0": les.box_xyxy[1],
-                    "x1": les.box_xyxy[2],
-                    "y1": les.box_xyxy[3],
-                    "lesion_type": les.lesion_type,
-                    "lesion_name": les.lesion_name,
-                }
-            )
+            lesion_rows.append({"scan_id": scan_id, "lesion_index": i, **lesion_record(les)})
 
     label_cols = [LABEL_PREFIX + label_slug(n) for n in adapter_result.label_names]
     scans = pd.DataFrame(rows, columns=list(ScansSchema.to_schema().columns)[:-1] + label_cols)
@@ -360,9 +344,21 @@ def _ingest(
         )
     else:
         no_usable = None
-    extra = {res.scan_id: res.extra for res in loaded if res.ok}
-    result = IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt, extra)
-    return result, no_usable
+    return IngestResult(store.uri(""), len(scans), len(quarantine_df), len(lesions), cohort, fmt), no_usable
+
+
+def in_volume(les: LesionAnnotation, n_slices: int) -> bool:
+    """Whether a lesion's key slice lies in its scan (ingest quarantines the others)."""
+    return 0 <= les.key_slice < n_slices
+
+
+def lesion_record(les: LesionAnnotation) -> dict:
+    """A lesion's lesions.parquet fields (without scan_id and lesion_index), as preprocessing reads them."""
+    x0, y0, x1, y1 = (float(v) for v in les.box_xyxy)
+    return {
+        "key_slice": les.key_slice, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+        "lesion_type": les.lesion_type, "lesion_name": les.lesion_name,
+    }  # fmt: skip
 
 
 def _preload(per_scan: PerScanHook | None) -> tuple[str, ...]:

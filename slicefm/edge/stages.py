@@ -57,6 +57,9 @@ def _tracked(
 
 
 STAGE_RECORD = "stage_record.json"
+# What the data stages' MLflow runs log from their outputs.
+INGEST_ARTIFACTS = ["dataset.json", "quarantine.csv", "config.yaml"]
+PREPROCESS_ARTIFACTS = ["preprocess.json", "config.yaml"]
 
 
 def _write_record(
@@ -120,24 +123,16 @@ def ingest_stage(
 
     stage = "ingest" if cohort == "a" else f"ingest-{cohort}"
     data = cohort_data(cfg, cohort)
-    params = {
-        "source_format": data.format,
-        "workers": cfg.ingest.workers,
-        "max_tilt_deg": cfg.ingest.max_tilt_deg,
-        "data_version": data_version or "",
-        "pseudonym_key_fingerprint": key_fingerprint(key),
-    }
+    params = _ingest_params(cfg, data, data_version, key)
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = ingest(
             Path(source), out_uri, key, data.format, data.cohort, cfg.ingest.workers, data_version,
             max_tilt_deg=cfg.ingest.max_tilt_deg,
         )  # fmt: skip
-        open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
-        metrics = {"n_scans": result.n_scans, "n_quarantined": result.n_quarantined, "n_lesions": result.n_lesions}
-        artifacts = ["dataset.json", "quarantine.csv", "config.yaml"]
-        _write_record(out_uri, stage, cfg, params, metrics, artifacts)
+        metrics = _ingest_metrics(result)
+        _keep_record(out_uri, stage, cfg, params, metrics, INGEST_ARTIFACTS)
         _log_metrics(metrics)
-        _log_artifacts(out_uri, artifacts)
+        _log_artifacts(out_uri, INGEST_ARTIFACTS)
     return result
 
 
@@ -162,22 +157,38 @@ def ingest_preprocess_stage(
         cfg.ingest.workers, data_version, max_tilt_deg=cfg.ingest.max_tilt_deg, keep_volumes=cfg.ingest.keep_volumes,
     )  # fmt: skip
     ing, pre = result.ingest, result.preprocess
-    ingest_params = {
-        "source_format": data.format, "workers": cfg.ingest.workers, "max_tilt_deg": cfg.ingest.max_tilt_deg,
-        "data_version": data_version or "", "pseudonym_key_fingerprint": key_fingerprint(key),
-        "keep_volumes": cfg.ingest.keep_volumes, "pass": "fused",
-    }  # fmt: skip
-    for out_uri, stage, params, metrics, artifacts in (
-        (ing.out_uri, f"ingest{suffix}", ingest_params,
-         {"n_scans": ing.n_scans, "n_quarantined": ing.n_quarantined, "n_lesions": ing.n_lesions},
-         ["dataset.json", "quarantine.csv", "config.yaml"]),
-        (pre.out_uri, f"preprocess{suffix}", {**cfg.preprocess.model_dump(mode="json"), "pass": "fused"},
-         {"n_scans": pre.n_scans, "n_slices": pre.n_slices, "n_skipped": pre.n_skipped},
-         ["preprocess.json", "config.yaml"]),
-    ):  # fmt: skip
-        open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
-        _write_record(out_uri, stage, cfg, params, metrics, artifacts)
+    fused = {"pass": "fused"}
+    ingest_params = {**_ingest_params(cfg, data, data_version, key), "keep_volumes": cfg.ingest.keep_volumes, **fused}
+    preprocess_params = {**cfg.preprocess.model_dump(mode="json"), **fused}
+    _keep_record(ing.out_uri, f"ingest{suffix}", cfg, ingest_params, _ingest_metrics(ing), INGEST_ARTIFACTS)
+    _keep_record(pre.out_uri, f"preprocess{suffix}", cfg, preprocess_params, _preprocess_metrics(pre), PREPROCESS_ARTIFACTS)
     return result
+
+
+def _ingest_params(cfg: PipelineConfig, data: DataConfig, data_version: str | None, key: bytes) -> dict:
+    return {
+        "source_format": data.format,
+        "workers": cfg.ingest.workers,
+        "max_tilt_deg": cfg.ingest.max_tilt_deg,
+        "data_version": data_version or "",
+        "pseudonym_key_fingerprint": key_fingerprint(key),
+    }
+
+
+def _ingest_metrics(result: IngestResult) -> dict[str, float]:
+    return {"n_scans": result.n_scans, "n_quarantined": result.n_quarantined, "n_lesions": result.n_lesions}
+
+
+def _preprocess_metrics(result: PreprocessResult) -> dict[str, float]:
+    return {"n_scans": result.n_scans, "n_slices": result.n_slices, "n_skipped": result.n_skipped}
+
+
+def _keep_record(
+    out_uri: str, stage: str, cfg: PipelineConfig, params: Mapping, metrics: Mapping, artifacts: list[str]
+) -> None:
+    """The resolved config and the stage record beside a data stage's output."""
+    open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
+    _write_record(out_uri, stage, cfg, params, metrics, artifacts)
 
 
 def cohort_data(cfg: PipelineConfig, cohort: str) -> DataConfig:
@@ -203,11 +214,10 @@ def preprocess_stage(
     params = cfg.preprocess.model_dump(mode="json")
     with _tracked(tracking_uri, parent_run_id, stage, cfg, params):
         result = run_preprocess(scans_uri, out_uri, cfg.preprocess)
-        open_store(out_uri).write_bytes("config.yaml", dump_config(cfg).encode())
-        metrics = {"n_scans": result.n_scans, "n_slices": result.n_slices, "n_skipped": result.n_skipped}
-        _write_record(out_uri, stage, cfg, params, metrics, ["preprocess.json", "config.yaml"])
+        metrics = _preprocess_metrics(result)
+        _keep_record(out_uri, stage, cfg, params, metrics, PREPROCESS_ARTIFACTS)
         _log_metrics(metrics)
-        _log_artifacts(out_uri, ["preprocess.json", "config.yaml"])
+        _log_artifacts(out_uri, PREPROCESS_ARTIFACTS)
     return result
 
 

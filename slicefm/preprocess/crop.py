@@ -109,10 +109,10 @@ def body_mask(
     For speed the mask is computed on every `stride`-th pixel in y and x (default: a ~128 px grid, stride 4
     for 512 px slices) and expanded back by nearest neighbour, so its boundary is accurate to ~`stride` px.
     """
-    _, h, w = hu.shape if hu.ndim == 3 else (0, 0, 0)
     coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, stride)
     if stride == 1:
         return coarse
+    _, h, w = hu.shape
     return np.repeat(np.repeat(coarse, _grid_counts(w, stride), axis=2), _grid_counts(h, stride), axis=1)
 
 
@@ -138,20 +138,7 @@ def body_box(hu: np.ndarray, margin_px: int = 4, threshold_hu: float = -500.0, o
     """``body_bbox(body_mask(hu), margin_px)`` computed on the mask's sampling grid: the same box, without
     expanding the mask to full resolution (each grid sample stands for a known block of pixels)."""
     coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, None)
-    h, w = hu.shape[-2:]
-    footprint = coarse.any(axis=0)
-    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
-    if rows.size == 0:
-        logger.warning("body mask is empty: using the full %dx%d image as the crop box", h, w)
-        return (0, h, 0, w)
-    # Sample k covers pixels [k * stride, k * stride + count_k): the last sample takes the remainder.
-    y_end, x_end = np.cumsum(_grid_counts(h, stride)), np.cumsum(_grid_counts(w, stride))
-    return (
-        max(0, int(rows[0]) * stride - margin_px),
-        min(h, int(y_end[rows[-1]]) + margin_px),
-        max(0, int(cols[0]) * stride - margin_px),
-        min(w, int(x_end[cols[-1]]) + margin_px),
-    )
+    return _footprint_box(coarse.any(axis=0), hu.shape[-2:], margin_px, stride)
 
 
 def body_bbox(mask: np.ndarray, margin_px: int = 4) -> Box:
@@ -162,17 +149,23 @@ def body_bbox(mask: np.ndarray, margin_px: int = 4) -> Box:
     if mask.ndim < 2:
         raise ValueError(f"expected a mask [..., y, x], got shape {mask.shape}")
     h, w = mask.shape[-2:]
-    footprint = mask.reshape(-1, h, w).any(axis=0)
-    rows = np.flatnonzero(footprint.any(axis=1))
+    return _footprint_box(mask.reshape(-1, h, w).any(axis=0), (h, w), margin_px, 1)
+
+
+def _footprint_box(footprint: np.ndarray, shape: tuple[int, ...], margin_px: int, stride: int) -> Box:
+    """The box of a 2-D footprint sampled every `stride` px of an image of `shape` (sample k covers pixels
+    [k * stride, k * stride + count_k), the last one the remainder), grown by `margin_px` and clipped."""
+    h, w = shape
+    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     if rows.size == 0:
         logger.warning("body mask is empty: using the full %dx%d image as the crop box", h, w)
         return (0, h, 0, w)
-    cols = np.flatnonzero(footprint.any(axis=0))
+    y_end, x_end = np.cumsum(_grid_counts(h, stride)), np.cumsum(_grid_counts(w, stride))
     return (
-        max(0, int(rows[0]) - margin_px),
-        min(h, int(rows[-1]) + 1 + margin_px),
-        max(0, int(cols[0]) - margin_px),
-        min(w, int(cols[-1]) + 1 + margin_px),
+        max(0, int(rows[0]) * stride - margin_px),
+        min(h, int(y_end[rows[-1]]) + margin_px),
+        max(0, int(cols[0]) * stride - margin_px),
+        min(w, int(x_end[cols[-1]]) + margin_px),
     )
 
 

@@ -12,7 +12,6 @@ without `keep_volumes` the ingest output holds manifests only (`volume` empty, d
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +20,15 @@ import numpy as np
 from slicefm.core.resume import record_identity
 from slicefm.core.store import open_store
 from slicefm.data.adapters.base import ScanCandidate
-from slicefm.data.ingest import DEFAULT_MAX_TILT_DEG, IngestResult, ingest
+from slicefm.data.ingest import DEFAULT_MAX_TILT_DEG, IngestResult, in_volume, ingest, lesion_record
 from slicefm.preprocess.config import PreprocessConfig
 from slicefm.preprocess.stage import (
     PreprocessResult,
-    _read_masks,
     finish_preprocess,
+    masks_from_npz,
     preprocess_identity,
     preprocess_scan,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,30 +38,16 @@ class FusedResult:
 
 
 def _preprocess_loaded(
-    out_uri: str, cfg_json: str, scan_id: str, hu16: np.ndarray, cand: ScanCandidate, spacing_z_mm: float
-) -> int:
-    """The per-scan hook run in ingest's worker: preprocess the scan just read. Returns its slice count."""
-    cfg = PreprocessConfig.model_validate_json(cfg_json)
-    n = hu16.shape[0]
-    # The lesions ingest keeps (key slice inside the volume; the others go to its quarantine), as the
-    # preprocess stage would read them from lesions.parquet.
-    lesions = [
-        {
-            "key_slice": les.key_slice,
-            "x0": float(les.box_xyxy[0]),
-            "y0": float(les.box_xyxy[1]),
-            "x1": float(les.box_xyxy[2]),
-            "y1": float(les.box_xyxy[3]),
-            "lesion_type": les.lesion_type,
-        }
-        for les in cand.lesions
-        if 0 <= les.key_slice < n
-    ]
+    out_uri: str, cfg_json: str, scan_id: str, hu: np.ndarray, cand: ScanCandidate, spacing_z_mm: float
+) -> None:
+    """The per-scan hook run in ingest's worker: preprocess the scan just read."""
+    # The lesions ingest keeps, as the preprocess stage would read them from lesions.parquet.
+    lesions = [lesion_record(les) for les in cand.lesions if in_volume(les, hu.shape[0])]
     masks = None
     if cand.mask_file is not None and Path(cand.mask_file).exists():
-        masks = _read_masks(Path(cand.mask_file).read_bytes())
-    rows = preprocess_scan(scan_id, spacing_z_mm, hu16, lesions, masks, open_store(out_uri), cfg)
-    return len(rows)
+        masks = masks_from_npz(Path(cand.mask_file).read_bytes())
+    cfg = PreprocessConfig.model_validate_json(cfg_json)
+    preprocess_scan(scan_id, spacing_z_mm, hu, lesions, masks, open_store(out_uri), cfg)
 
 
 def ingest_and_preprocess(
@@ -94,9 +77,7 @@ def ingest_and_preprocess(
     )  # fmt: skip
     in_store = open_store(ing.out_uri)
     record_identity(out, "preprocess", preprocess_identity(in_store, cfg))
-    scan_ids = sorted((ing.extra or {}).keys())
-    pre = finish_preprocess(in_store, out, cfg, scan_ids)
-    return FusedResult(ing, pre)
+    return FusedResult(ing, finish_preprocess(in_store, out, cfg))
 
 
 __all__ = ["ingest_and_preprocess", "FusedResult"]

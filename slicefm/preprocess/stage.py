@@ -145,11 +145,12 @@ def _scan_task(args: tuple) -> tuple[str, pd.DataFrame | None]:
     hu16 = np.load(local, mmap_mode="r") if local is not None else vol_store.read_npy(scan["volume"])
     masks = None
     if vol_store.exists(mask_key := f"masks/{scan_id}.npz"):
-        masks = _read_masks(vol_store.read_bytes(mask_key))
+        masks = masks_from_npz(vol_store.read_bytes(mask_key))
     return scan_id, preprocess_scan(scan_id, float(scan["spacing_z_mm"]), hu16, lesions, masks, out, cfg)
 
 
-def _read_masks(npz_bytes: bytes) -> dict[str, np.ndarray]:
+def masks_from_npz(npz_bytes: bytes) -> dict[str, np.ndarray]:
+    """Every array of a masks/<scan>.npz file."""
     with np.load(io.BytesIO(npz_bytes)) as npz:
         return {k: npz[k] for k in npz.files}
 
@@ -233,7 +234,7 @@ def run_preprocess(
     else:
         results = [_scan_task(t) for t in tqdm(tasks, desc="preprocess", unit="scan")]
     skipped = sum(1 for _, rows in results if rows is None)
-    return finish_preprocess(in_store, out, cfg, [r[0] for r in results], skipped)
+    return finish_preprocess(in_store, out, cfg, skipped)
 
 
 def preprocess_identity(in_store: Store, cfg: PreprocessConfig) -> dict:
@@ -258,14 +259,13 @@ def require_volumes(scans: pd.DataFrame, in_store: Store) -> None:
         )
 
 
-def finish_preprocess(
-    in_store: Store, out: Store, cfg: PreprocessConfig, scan_ids: list[str], skipped: int = 0
-) -> PreprocessResult:
-    """The stage's manifests once every scan's stack and index are written: slices.parquet (from the per-scan
-    indexes), the ingest manifests it was made from, class names of the masks, preprocess.json."""
+def finish_preprocess(in_store: Store, out: Store, cfg: PreprocessConfig, skipped: int = 0) -> PreprocessResult:
+    """The stage's manifests once the stack and index of every scan in the ingest manifest are written:
+    slices.parquet (from the per-scan indexes), the ingest manifests it was made from, class names of the
+    masks, preprocess.json."""
     scans = read_scans(in_store)
     lesions = read_lesions(in_store)
-    slices = _collect(out, scan_ids)
+    slices = _collect(out, scans["scan_id"].tolist())
     out.write_parquet("slices.parquet", slices)
     out.write_parquet("scans.parquet", scans)
     out.write_parquet("lesions.parquet", lesions)

@@ -129,7 +129,7 @@ def photometric(
         idx = torch.nonzero(blur)[:, 0].to(x.device)
         x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), sigma[blur]))
     if clamp is not None:
-        x.clamp_(*clamp)  # x is this function's own tensor from the addcmul on
+        x.clamp_(*clamp)  # x is this function's own tensor since the brightness / contrast step
     return x
 
 

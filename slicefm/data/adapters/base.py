@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +51,8 @@ def files_size(paths: Path | list[Path]) -> int:
     """Bytes on disk of a scan's file(s) (0 for any that cannot be stat'ed: the read will say why)."""
     total = 0
     for path in [paths] if isinstance(paths, Path) else paths:
-        try:
+        with contextlib.suppress(OSError):
             total += path.stat().st_size
-        except OSError:
-            pass
     return total
 
 
