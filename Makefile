@@ -16,9 +16,9 @@ help:  ## list targets
 
 setup: $(STAMP)  ## idempotent virtualenv in .venv with the pinned dependencies
 
-# Re-installs only when the lock file or pyproject changes. pip is upgraded first: the machine's
-# old pip backtracks for many minutes on this dependency set.
-$(STAMP): requirements.lock pyproject.toml
+# Re-installs only when the lock file, pyproject or the C resize kernel (setup.py builds it in place) changes.
+# pip is upgraded first: the machine's old pip backtracks for many minutes on this dependency set.
+$(STAMP): requirements.lock pyproject.toml setup.py slicefm/preprocess/_bilinear.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock

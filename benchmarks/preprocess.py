@@ -144,13 +144,11 @@ def breakdown(data: Path, fmt: str, out_size: int, work: Path) -> dict[str, floa
     """ms per slice of each step of the fused pass, one process, one thread, every series of `data`: where the
     time beyond a bare decode goes."""
     from slicefm.core.store import open_store
-    from slicefm.data.ingest import _to_int16, check_volume
+    from slicefm.data.ingest import _to_int16, check_volume, round_in_place
     from slicefm.preprocess import stage
-    from slicefm.preprocess.crop import AIR_HU, crop_to_box
-    from slicefm.preprocess.resize import resize_hu_slices
 
     cfg = PreprocessConfig(size=out_size, workers=1)
-    steps = dict.fromkeys(("decode", "checks", "round", "crop box", "crop+cast", "resize", "windows", "write"), 0.0)
+    steps = dict.fromkeys(("decode", "round+checks", "crop box", "resize+windows", "write"), 0.0)
     n_total = 0
     if fmt == "nifti":
         loads = [lambda p=p: read_nifti(p) for p in sorted(data.rglob("*.nii.gz"))]
@@ -161,24 +159,16 @@ def breakdown(data: Path, fmt: str, out_size: int, work: Path) -> dict[str, floa
         t = time.perf_counter()
         vol = load()
         t, steps["decode"] = time.perf_counter(), steps["decode"] + time.perf_counter() - t
-        check_volume(vol)
-        t, steps["checks"] = time.perf_counter(), steps["checks"] + time.perf_counter() - t
-        hu = _to_int16(vol.hu, cast=False)
-        t, steps["round"] = time.perf_counter(), steps["round"] + time.perf_counter() - t
+        value_range = round_in_place(vol.hu)
+        check_volume(vol, value_range)
+        hu = _to_int16(vol.hu, cast=False, rounded=True)
+        t, steps["round+checks"] = time.perf_counter(), steps["round+checks"] + time.perf_counter() - t
         box = stage.crop_box_for(hu, cfg)
         t, steps["crop box"] = time.perf_counter(), steps["crop box"] + time.perf_counter() - t
         stack = np.empty((hu.shape[0], 2, out_size, out_size), np.uint8)
-        for i in range(0, hu.shape[0], 8):
-            t = time.perf_counter()
-            cropped = np.asarray(crop_to_box(hu[i : i + 8], box, pad_value=AIR_HU), dtype=np.float32)
-            t1 = time.perf_counter()
-            resized = resize_hu_slices(cropped, out_size)
-            t2 = time.perf_counter()
-            stage.normalise(resized, cfg, out=stack[i : i + 8])
-            t3 = time.perf_counter()
-            steps["crop+cast"] += t1 - t
-            steps["resize"] += t2 - t1
-            steps["windows"] += t3 - t2
+        for i in range(0, hu.shape[0], stage._CHUNK_SLICES):
+            stage._preprocess_slices(hu[i : i + stage._CHUNK_SLICES], box, cfg, stack[i : i + stage._CHUNK_SLICES])
+        steps["resize+windows"] += time.perf_counter() - t
         t = time.perf_counter()
         store.write_npy("stack.npy", stack)
         steps["write"] += time.perf_counter() - t

@@ -7,7 +7,8 @@
 #   3. the wheelhouse: every pin of requirements.lock as a wheel (pip wheel; sdists built once);
 #   4. the dependency image slicefm-deps:<hash of lock, Dockerfile.deps and base>, packages served to the
 #      build over loopback (never in the build context or a layer);
-#   5. the project image: the sources on top, tagged <name>:<version> and <name>:<version>-<commit>.
+#   5. the slicefm wheel, built here (docker/dist/): its C resize kernel needs a compiler the images lack;
+#   6. the project image: that wheel on top, tagged <name>:<version> and <name>:<version>-<commit>.
 # Environment: IMAGE_NAME (slicefm), IMAGE_REGISTRY (prefix, optional), VERSION, GIT_COMMIT, TAG,
 # PYTHON_BASE, WHEELHOUSE, SLICEFM_DOCKER_DIR, PYTHON (the host python that runs pip), DOCKER_HOST.
 set -euo pipefail
@@ -73,6 +74,12 @@ if ! has_image "$deps"; then
 else
   echo "$deps present: wheelhouse not needed"
 fi
+
+step "slicefm wheel (docker/dist)"
+# Built by the host python, like the wheelhouse (same Python 3.11 ABI and Debian 12 glibc as the image). A
+# host without a C compiler gives a wheel without the kernel: the image then resizes with Pillow (same bytes).
+rm -rf docker/dist/*.whl
+"$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation -w docker/dist . 2> >(grep -v "^WARNING: Location" >&2)
 
 step "project image $IMAGE:$VERSION"
 docker build -q -f docker/Dockerfile --build-arg "DEPS_IMAGE=$deps" --build-arg "VERSION=$VERSION" \

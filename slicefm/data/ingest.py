@@ -72,8 +72,11 @@ def label_slug(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
-def check_volume(vol: Volume) -> None:
-    """Reject volumes no later stage can use (raises InvalidScanError naming the problem)."""
+def check_volume(vol: Volume, value_range: tuple[float, float] | None = None) -> None:
+    """Reject volumes no later stage can use (raises InvalidScanError naming the problem).
+
+    `value_range`: the volume's (min, max) when the caller has them (`round_in_place`), saving two passes.
+    """
     hu = vol.hu
     if hu.ndim != 3:
         raise InvalidScanError(vol.source, f"expected a 3-D volume, got shape {hu.shape}")
@@ -81,7 +84,7 @@ def check_volume(vol: Volume) -> None:
         raise InvalidScanError(vol.source, f"single-slice volume (shape {hu.shape}; need >= 2 slices)")
     # min and max are NaN or infinite exactly when some voxel is: one pass each, no mask of the whole volume
     # (counting the bad voxels only when there are some).
-    lo, hi = float(hu.min()), float(hu.max())
+    lo, hi = value_range if value_range is not None else (float(hu.min()), float(hu.max()))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InvalidScanError(vol.source, f"{int((~np.isfinite(hu)).sum())} NaN/inf voxels")
     if hi - lo < 1.0:
@@ -114,23 +117,46 @@ def _tilt_warning(res: _Loaded, max_tilt_deg: float) -> str:
 _INT16_CHUNK_SLICES = 8
 
 
-def _to_int16(hu: np.ndarray, cast: bool = True) -> np.ndarray:
+def round_in_place(hu: np.ndarray) -> tuple[float, float] | None:
+    """Round and clip a writable float volume in place (the canonical int16 values, still float), a few slices
+    at a time, and return the (min, max) of its values before rounding, taken from each chunk while it is in
+    cache: one pass over the volume instead of three. None, and `hu` untouched, when it is not a writable
+    float array. A chunk holding NaN or inf stops the pass there, so `check_volume` still counts every bad voxel.
+    """
+    if not (hu.dtype.kind == "f" and hu.flags.writeable and hu.ndim >= 1 and hu.size):
+        return None
+    lo, hi = np.inf, -np.inf
+    for i in range(0, hu.shape[0], _INT16_CHUNK_SLICES):
+        chunk = hu[i : i + _INT16_CHUNK_SLICES]
+        lo, hi = np.minimum(lo, chunk.min()), np.maximum(hi, chunk.max())  # NaN propagates
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            break
+        np.rint(chunk, out=chunk)
+        np.clip(chunk, AIR_HU, MAX_HU, out=chunk)
+    return float(lo), float(hi)
+
+
+def _to_int16(hu: np.ndarray, cast: bool = True, rounded: bool = False) -> np.ndarray:
     """Rounded, clipped int16 HU (the canonical volume). Rounds and clips `hu` in place when it is a writable
-    float array (the reader's own volume, used once): no full-size temporaries, a few slices at a time so each
-    chunk is still in cache for the cast (measured ~8x faster than whole-volume temporaries on a
-    300 x 512 x 512 volume). `cast=False` stops there and returns `hu` itself: the same values in float32,
-    for a consumer that would only cast the int16 volume back to float (the fused preprocess pass)."""
+    float array (the reader's own volume, used once; `rounded`: `round_in_place` already did): no full-size
+    temporaries, a few slices at a time so each chunk is still in cache for the cast (measured ~8x faster
+    than whole-volume temporaries on a 300 x 512 x 512 volume). `cast=False` stops there and returns `hu`
+    itself: the same values in float32, for a consumer that does not need int16 (the fused preprocess pass)."""
     if hu.dtype.kind == "f" and hu.flags.writeable and hu.ndim >= 1:
-        out = np.empty(hu.shape, dtype=np.int16) if cast else hu
+        if not cast:
+            if not rounded:
+                round_in_place(hu)
+            return hu
+        out = np.empty(hu.shape, dtype=np.int16)
         for i in range(0, hu.shape[0], _INT16_CHUNK_SLICES):
             chunk = hu[i : i + _INT16_CHUNK_SLICES]
-            np.rint(chunk, out=chunk)
-            np.clip(chunk, AIR_HU, MAX_HU, out=chunk)
-            if cast:
-                out[i : i + _INT16_CHUNK_SLICES] = chunk
+            if not rounded:
+                np.rint(chunk, out=chunk)
+                np.clip(chunk, AIR_HU, MAX_HU, out=chunk)
+            out[i : i + _INT16_CHUNK_SLICES] = chunk
         return out
-    rounded = np.clip(np.rint(hu), AIR_HU, MAX_HU)
-    return rounded.astype(np.int16) if cast else rounded.astype(np.float32)
+    rounded_hu = np.clip(np.rint(hu), AIR_HU, MAX_HU)
+    return rounded_hu.astype(np.int16) if cast else rounded_hu.astype(np.float32)
 
 
 @dataclass
@@ -164,7 +190,9 @@ def _load_and_store(
     key, cohort = scan_key_fn_args
     try:
         vol = cand.load()
-        check_volume(vol)
+        # Rounds the reader's own volume in place (it is used once) and yields its range for the checks.
+        value_range = round_in_place(vol.hu)
+        check_volume(vol, value_range)
         check_tilt(vol, max_tilt_deg)
     except InvalidScanError as err:
         return _Loaded(index, False, err.reason, source=cand.source)
@@ -179,7 +207,7 @@ def _load_and_store(
     store = open_store(out_uri)
     # Consumes vol.hu (rounded in place). A hook that does not need the int16 volume gets the same values
     # as float32 (what preprocessing would cast them to), without the int16 copy.
-    hu = _to_int16(vol.hu, cast=keep_volume or per_scan is None)
+    hu = _to_int16(vol.hu, cast=keep_volume or per_scan is None, rounded=value_range is not None)
     if keep_volume:
         store.write_npy(f"volumes/{scan_id}.npy", hu)
     if cand.mask_file is not None and Path(cand.mask_file).exists():

@@ -117,9 +117,10 @@ def body_mask(
 
 
 def _coarse_body_mask(
-    hu: np.ndarray, threshold_hu: float, opening_px: int, stride: int | None
+    hu: np.ndarray, threshold_hu: float, opening_px: int, stride: int | None, fill_holes: bool = True
 ) -> tuple[np.ndarray, int]:
-    """`body_mask` on its sampling grid, before the expansion to full resolution, and the grid's stride."""
+    """`body_mask` on its sampling grid, before the expansion to full resolution, and the grid's stride
+    (`fill_holes=False`: without the last step)."""
     if hu.ndim != 3:
         raise ValueError(f"expected HU [z, y, x], got shape {hu.shape}")
     _, h, w = hu.shape
@@ -131,13 +132,17 @@ def _coarse_body_mask(
     if opening_px > 0:
         coarse = _erode_or_dilate_in_plane(coarse, opening_px, erode=True)
         coarse = _erode_or_dilate_in_plane(coarse, opening_px, erode=False)
-    return _fill_holes_per_slice(_largest_component(coarse)), stride
+    body = _largest_component(coarse)
+    return (_fill_holes_per_slice(body) if fill_holes else body), stride
 
 
 def body_box(hu: np.ndarray, margin_px: int = 4, threshold_hu: float = -500.0, opening_px: int = 1) -> Box:
     """``body_bbox(body_mask(hu), margin_px)`` computed on the mask's sampling grid: the same box, without
     expanding the mask to full resolution (each grid sample stands for a known block of pixels)."""
-    coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, None)
+    # Filling holes cannot move a box: a hole is background enclosed by the slice's foreground, so inside its
+    # bounding box (any background pixel outside that box reaches the border in a straight line). Skipping
+    # it saves a third of the time.
+    coarse, stride = _coarse_body_mask(hu, threshold_hu, opening_px, None, fill_holes=False)
     return _footprint_box(coarse.any(axis=0), hu.shape[-2:], margin_px, stride)
 
 

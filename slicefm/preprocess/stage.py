@@ -29,7 +29,7 @@ from slicefm.preprocess.config import PreprocessConfig, channel_names, resolve_w
 from slicefm.preprocess.crop import AIR_HU, body_box, crop_to_box, square_box
 from slicefm.preprocess.resize import resize_hu_slices
 from slicefm.preprocess.slabs import slab_ids
-from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore
+from slicefm.preprocess.windows import apply_windows_uint8, apply_zscore, resize_windows_uint8
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,12 @@ def preprocess_volume(
 def _preprocess_slices(
     hu: np.ndarray, box: tuple[int, int, int, int], cfg: PreprocessConfig, out: np.ndarray
 ) -> None:
-    """A few slices -> their rows of the stack (`out`): crop (cast to float32 only there), resize or 5-cut
-    tiles, normalise."""
+    """A few slices -> their rows of the stack (`out`): crop, resize or 5-cut tiles, normalise. Windows read
+    the crop (a view of the volume) directly and resize and window in one pass (`resize_windows_uint8`);
+    the other paths cast the crop to float32 first."""
+    if cfg.normalisation == "windows" and not cfg.five_cut:
+        resize_windows_uint8(crop_to_box(hu, box, pad_value=AIR_HU), cfg.size, resolve_windows(cfg), out=out)
+        return
     cropped = np.asarray(crop_to_box(hu, box, pad_value=AIR_HU), dtype=np.float32)
     side = cropped.shape[-1]
     size = cfg.size or side

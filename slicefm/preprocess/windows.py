@@ -40,6 +40,40 @@ def _as_slices(hu: np.ndarray | torch.Tensor) -> np.ndarray:
     return arr
 
 
+def window_affine(win: HUWindow) -> tuple[np.float32, np.float32]:
+    """float32 (scale, offset) of a window: channel = trunc(clip(hu * scale + offset, 0.5, 255.5)).
+
+    "+0.5 then truncate" is folded into the offset and the clip is in the output domain: round-half-up in three
+    float32 steps, no float64. Clipping to [0.5, 255.5] equals clipping HU to [lo, hi] first.
+    """
+    scale = np.float32(255.0 / (win.hi - win.lo))
+    return scale, np.float32(0.5 - win.lo * scale)
+
+
+def resize_windows_uint8(
+    hu: np.ndarray, size: int | None, windows: Sequence[HUWindow], out: np.ndarray | None = None
+) -> np.ndarray:
+    """`resize_hu_slices` then `apply_windows_uint8`, in one pass through the C kernel when it is built.
+
+    ``[z, H, W]`` int16 or float32 HU (any strides: a crop view is read in place) -> uint8 ``[z, C, size, size]``
+    (into `out` when given), byte for byte what the two steps give; without the kernel it is those two steps.
+    """
+    from slicefm.preprocess.resize import kernel_sources, resize_hu_slices, resize_kernel
+
+    kernel = resize_kernel()
+    if kernel is None or len(windows) == 0 or len(windows) > 16:
+        return apply_windows_uint8(resize_hu_slices(hu, size), windows, out=out)
+    src = kernel_sources(np.asarray(hu))
+    side = size or src.shape[-1]
+    out = _output(out, (src.shape[0], len(windows), size or src.shape[-2], side), np.uint8)
+    if not out.flags.c_contiguous:
+        out[...] = resize_windows_uint8(src, size, windows)
+        return out
+    affine = [window_affine(w) for w in windows]
+    kernel.resize_windows(src, out, [float(s) for s, _ in affine], [float(o) for _, o in affine])
+    return out
+
+
 def apply_windows_uint8(
     hu: np.ndarray | torch.Tensor, windows: Sequence[HUWindow], out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -55,11 +89,7 @@ def apply_windows_uint8(
     out = _output(out, (z, len(windows), *vol.shape[1:]), np.uint8)
     scratch = np.empty((min(z, _CHUNK_SLICES), *vol.shape[1:]), dtype=np.float32)
     for c, win in enumerate(windows):
-        scale = np.float32(255.0 / (win.hi - win.lo))
-        # Fold "+0.5 then truncate" into the affine offset and clip in the output domain: round-half-up in
-        # three float32 passes, no float64 and no whole-volume temporaries. Clipping to [0.5, 255.5] equals
-        # clipping HU to [lo, hi] first.
-        offset = np.float32(0.5 - win.lo * scale)
+        scale, offset = window_affine(win)
         for i in range(0, z, _CHUNK_SLICES):
             src = vol[i : i + _CHUNK_SLICES]
             tmp = scratch[: src.shape[0]]

@@ -106,6 +106,34 @@ def test_to_int16_in_chunks_equals_the_whole_volume_rule():
     np.testing.assert_array_equal(ingest_module._to_int16(readonly, cast=False), ref.astype(np.float32))
 
 
+def test_round_in_place_gives_the_range_the_checks_need():
+    rng = np.random.default_rng(3)
+    hu = rng.normal(0, 2000, (21, 6, 5)).astype(np.float32)
+    before = hu.copy()
+    assert ingest_module.round_in_place(hu) == (float(before.min()), float(before.max()))
+    np.testing.assert_array_equal(hu, np.clip(np.rint(before), -1024, 32767))
+    # Then _to_int16 does not round again (and casts the same values).
+    np.testing.assert_array_equal(ingest_module._to_int16(hu, rounded=True), ingest_module._to_int16(before))
+    frozen = before.copy()
+    frozen.flags.writeable = False
+    assert ingest_module.round_in_place(frozen) is None and ingest_module.round_in_place(frozen.astype(int)) is None
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_round_in_place_leaves_bad_voxels_for_check_volume_to_count(bad):
+    from slicefm.data.ingest import InvalidScanError, check_volume
+    from slicefm.io.volume import Volume
+
+    hu = np.zeros((20, 4, 4), np.float32)
+    hu[10, 1, :3] = bad  # past the first chunk: that one is rounded, this one stops the pass
+    hu[0, 0, 0] = 300.0
+    value_range = ingest_module.round_in_place(hu)
+    assert not np.isfinite(value_range).all()
+    vol = Volume(hu=hu, spacing_mm=(1.0, 1.0, 1.0), source="bad.nii.gz", fmt="nifti")
+    with pytest.raises(InvalidScanError, match="3 NaN/inf voxels"):
+        check_volume(vol, value_range)
+
+
 def test_body_box_on_the_mask_grid_equals_the_full_resolution_box(tmp_path):
     generate_dataset(tmp_path / "raw", 2, "nifti", seed=2, shape_xy=128)
     import nibabel as nib
@@ -118,6 +146,20 @@ def test_body_box_on_the_mask_grid_equals_the_full_resolution_box(tmp_path):
         assert body_box(odd, 3) == body_bbox(body_mask(odd), 3)
     air = np.full((3, 40, 40), -1024.0, np.float32)
     assert body_box(air) == body_bbox(body_mask(air)) == (0, 40, 0, 40)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_body_box_skips_hole_filling_without_moving_the_box(seed):
+    """body_box leaves out the hole filling (a hole lies inside its slice's box): random bodies with rings,
+    lungs, islands and border contact give the box of the full mask."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    noise = ndi.gaussian_filter(rng.normal(size=(6, 96, 96)), (0.5, 4, 4))
+    vol = np.where(noise > np.quantile(noise, 0.55), 40.0, -1000.0).astype(np.float32)
+    vol[:, 30:60, 30:60] = np.where(vol[:, 30:60, 30:60] > 0, -900.0, 40.0)  # inverted core: holes and rings
+    for margin in (0, 5):
+        assert body_box(vol, margin) == body_bbox(body_mask(vol), margin)
 
 
 @pytest.mark.parametrize(("side", "size"), [(412, 256), (97, 48), (40, 64), (64, 64)])
