@@ -7,7 +7,9 @@ fused       = both in one pass (`slicefm ingest --preprocess-out`, the pipeline'
               one pool, each scan decoded once and preprocessed from memory, no canonical volumes.
 Both use the same number of worker processes. The phantom's organ/lesion masks are removed first: hospital
 archives carry none, and mask resampling is not part of the CT path being measured. Prints slices/s for each,
-each stage's share of the full path's time, and full/raw (target >= 0.8).
+each stage's share of the full path's time, and full/raw and fused/raw (target >= 0.8). The fused pass runs
+twice per repeat when the C resize kernel is built: with it, and with its Pillow fallback
+(SLICEFM_RESIZE_KERNEL=pillow, the same output bytes), side by side.
 
     .venv/bin/python benchmarks/preprocess.py --n-scans 8 --size 512 --workers 2
     .venv/bin/python benchmarks/preprocess.py --realistic [--lengths 300 400 500 600] [--formats dicom rle j2k nifti]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +38,7 @@ from slicefm.io.nifti import read_nifti
 from slicefm.phantom.dataset import generate_dataset
 from slicefm.preprocess.config import PreprocessConfig
 from slicefm.preprocess.fused import ingest_and_preprocess
+from slicefm.preprocess.resize import resize_kernel
 from slicefm.preprocess.stage import run_preprocess
 
 KEY = b"benchmark-key-0123456789"
@@ -49,12 +53,14 @@ def _decode_nifti(path: Path) -> int:
 
 
 def raw_decode(root: Path, workers: int, fmt: str = "dicom") -> tuple[int, float]:
-    """Slices and seconds to decode every series of `root` into HU arrays with `workers` processes."""
+    """Slices and seconds to decode every series of `root` into HU arrays with `workers` processes, the largest
+    series first (as ingest orders them: the comparison is then per slice, not a scheduling difference)."""
     t0 = time.perf_counter()
     if fmt == "nifti":
-        fn, groups = _decode_nifti, sorted(root.rglob("*.nii.gz"))
+        fn, groups = _decode_nifti, sorted(root.rglob("*.nii.gz"), key=lambda p: -p.stat().st_size)
     else:
-        fn, groups = _decode_dicom, [sorted(f) for f in scan_dicom_tree(root).series.values()]
+        series = [sorted(f) for f in scan_dicom_tree(root).series.values()]
+        fn, groups = _decode_dicom, sorted(series, key=lambda f: -sum(p.stat().st_size for p in f))
     with ProcessPoolExecutor(workers) as pool:
         n = sum(pool.map(fn, groups))
     return n, time.perf_counter() - t0
@@ -120,23 +126,42 @@ def realistic_data(
     return dirs
 
 
+def _with_kernel(kernel: str, fn, *args):
+    """`fn(*args)` with SLICEFM_RESIZE_KERNEL=`kernel` (worker processes inherit it: the pools start inside)."""
+    previous = os.environ.get("SLICEFM_RESIZE_KERNEL")
+    os.environ["SLICEFM_RESIZE_KERNEL"] = kernel
+    try:
+        return fn(*args)
+    finally:
+        os.environ.pop("SLICEFM_RESIZE_KERNEL") if previous is None else os.environ.update(
+            SLICEFM_RESIZE_KERNEL=previous
+        )
+
+
 def compare(data: Path, work: Path, fmt: str, workers: int, out_size: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` raw decode and full path on one folder, each repeat side by side."""
+    """Best-of-`repeats` raw decode, full path and fused pass (with the C resize kernel and, side by side, with
+    its Pillow fallback) on one folder, each repeat side by side; also the median of each repeat's own
+    fused/raw ratio (less sensitive to a noisy neighbour than the ratio of the bests)."""
     reader_fmt = "nifti" if fmt == "nifti" else "dicom"
     raw_decode(data, workers, reader_fmt)  # warm the page cache so both paths read from memory
-    best: dict[str, float] = {"raw": 0.0, "full": 0.0, "ingest": 0.0, "fused": 0.0, "slices": 0}
+    best: dict[str, float] = {"raw": 0.0, "full": 0.0, "ingest": 0.0, "fused": 0.0, "pillow": 0.0, "slices": 0}
+    paired: dict[str, list[float]] = {"fused": [], "pillow": []}
+    kernels = {"fused": "c", "pillow": "pillow"} if resize_kernel() is not None else {"fused": "pillow"}
     for r in range(repeats):
         n_raw, t_raw = raw_decode(data, workers, reader_fmt)
         n_full, t_full, t_ingest = full_path(data, work / f"{fmt}{r}", workers, out_size, reader_fmt)
         shutil.rmtree(work / f"{fmt}{r}")
-        n_fused, t_fused = fused_path(data, work / f"{fmt}{r}f", workers, out_size, reader_fmt)
-        shutil.rmtree(work / f"{fmt}{r}f")
-        assert n_raw == n_full == n_fused, (n_raw, n_full, n_fused)
-        best["fused"] = max(best["fused"], n_fused / t_fused)
+        for name, kernel in kernels.items():
+            n_fused, t_fused = _with_kernel(kernel, fused_path, data, work / f"{fmt}{r}f", workers, out_size, reader_fmt)
+            shutil.rmtree(work / f"{fmt}{r}f")
+            assert n_raw == n_full == n_fused, (n_raw, n_full, n_fused)
+            best[name] = max(best[name], n_fused / t_fused)
+            paired[name].append(t_raw / t_fused)
         if n_full / t_full > best["full"]:
             best.update(full=n_full / t_full, ingest=n_full / t_ingest, t_full=t_full, t_ingest=t_ingest)
         best["raw"] = max(best["raw"], n_raw / t_raw)
         best["slices"] = n_raw
+    best.update({f"median_{k}": float(np.median(v)) if v else float("nan") for k, v in paired.items()})
     return best
 
 
@@ -179,9 +204,11 @@ def breakdown(data: Path, fmt: str, out_size: int, work: Path) -> dict[str, floa
 def report(label: str, b: dict[str, float]) -> None:
     t_pre = b["t_full"] - b["t_ingest"]
     t_decode = b["slices"] / b["raw"]
+    pillow = f"{b['pillow']:9.1f} {b['pillow'] / b['raw']:7.2f} {b['median_pillow']:7.2f}" if b["pillow"] else " " * 25
     print(
         f"{label:10s} {int(b['slices']):6d} {b['raw']:9.1f} {b['ingest']:9.1f} {b['full']:9.1f} "
-        f"{b['full'] / b['raw']:7.2f} {b['fused']:9.1f} {b['fused'] / b['raw']:7.2f}   ingest {b['t_ingest'] / b['t_full']:4.0%} (a bare decode: "
+        f"{b['full'] / b['raw']:7.2f} {b['fused']:9.1f} {b['fused'] / b['raw']:7.2f} {b['median_fused']:7.2f} {pillow}"
+        f"   ingest {b['t_ingest'] / b['t_full']:4.0%} (a bare decode: "
         f"{t_decode / b['t_full']:4.0%} of the total), preprocess {t_pre / b['t_full']:4.0%}"
     )
 
@@ -203,8 +230,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     header = (
         f"{'format':10s} {'slices':>6s} {'raw/s':>9s} {'ingest/s':>9s} {'full/s':>9s} {'ratio':>7s} "
-        f"{'fused/s':>9s} {'ratio':>7s}   share of the full path's time"
+        f"{'fused/s':>9s} {'ratio':>7s} {'median':>7s} {'pillow/s':>9s} {'ratio':>7s} {'median':>7s}"
+        "   share of the full path's time"
     )
+    print(f"resize kernel: {'C (slicefm.preprocess._bilinear)' if resize_kernel() else 'Pillow (C kernel not built)'}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.realistic:
             t0 = time.perf_counter()
@@ -225,10 +254,12 @@ def main() -> None:
                 print("\nms per slice, one process (fused steps; decode = the reader, as raw decode):")
                 for fmt in args.formats:
                     reader_fmt = "nifti" if fmt == "nifti" else "dicom"
-                    ms = breakdown(dirs[fmt], reader_fmt, args.out_size, Path(tmp))
-                    extra = sum(v for k, v in ms.items() if k != "decode")
-                    cells = "  ".join(f"{k} {v:.2f}" for k, v in ms.items())
-                    print(f"{fmt:10s} {cells}  | beyond decode {extra:.2f} ({ms['decode'] / (ms['decode'] + extra):.2f})")
+                    for kernel in ("c", "pillow") if resize_kernel() is not None else ("pillow",):
+                        ms = _with_kernel(kernel, breakdown, dirs[fmt], reader_fmt, args.out_size, Path(tmp))
+                        extra = sum(v for k, v in ms.items() if k != "decode")
+                        cells = "  ".join(f"{k} {v:.2f}" for k, v in ms.items())
+                        label = f"{fmt} ({kernel})"
+                        print(f"{label:16s} {cells}  | beyond decode {extra:.2f} ({ms['decode'] / (ms['decode'] + extra):.2f})")
             return
         data = Path(tmp) / "dicom"
         generate_dataset(data, args.n_scans, "dicom", seed=1, shape_xy=args.size)

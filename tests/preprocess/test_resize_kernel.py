@@ -144,3 +144,15 @@ def test_preprocess_volume_same_bytes_with_and_without_the_kernel(monkeypatch, n
     without = preprocess_volume(vol, cfg)
     assert with_kernel[1:] == without[1:]
     assert with_kernel[0].tobytes() == without[0].tobytes()
+
+
+@pytest.mark.parametrize("side, size", [(412, 256), (300, 224), (97, 48), (40, 64)])
+def test_square_slices_resize_as_one_pillow_call_did(side: int, size: int) -> None:
+    """Body crops are square: for them the fixed rows-then-columns order is the order Pillow's single call
+    took, so stacks keep the bytes earlier releases wrote."""
+    from PIL import Image
+
+    plane = np.random.default_rng(side).normal(0, 300, (side, side)).astype(np.float32)
+    one_call = np.asarray(Image.fromarray(plane, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    assert _pillow_two_pass(plane, size, size).tobytes() == one_call.tobytes()
+    assert resize_hu_slices(plane[None], size)[0].tobytes() == one_call.tobytes()
