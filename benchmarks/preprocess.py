@@ -29,6 +29,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -128,14 +129,8 @@ def realistic_data(
 
 def _with_kernel(kernel: str, fn, *args):
     """`fn(*args)` with SLICEFM_RESIZE_KERNEL=`kernel` (worker processes inherit it: the pools start inside)."""
-    previous = os.environ.get("SLICEFM_RESIZE_KERNEL")
-    os.environ["SLICEFM_RESIZE_KERNEL"] = kernel
-    try:
+    with mock.patch.dict(os.environ, SLICEFM_RESIZE_KERNEL=kernel):
         return fn(*args)
-    finally:
-        os.environ.pop("SLICEFM_RESIZE_KERNEL") if previous is None else os.environ.update(
-            SLICEFM_RESIZE_KERNEL=previous
-        )
 
 
 def compare(data: Path, work: Path, fmt: str, workers: int, out_size: int, repeats: int) -> dict[str, float]:

@@ -103,12 +103,6 @@ typedef double v4d __attribute__((vector_size(32), aligned(32)));
 
 typedef long long v4l __attribute__((vector_size(32)));
 
-static inline double plane_at(const Plane *p, Py_ssize_t y, Py_ssize_t x) {
-    const char *ptr = p->base + y * p->s_row + x * p->s_col;
-    if (p->is_int16) return (double)*(const int16_t *)ptr;
-    return (double)*(const float *)ptr;
-}
-
 /* One row of the plane as doubles (exact for int16 and float32); contiguous rows convert in a SIMD loop. */
 MULTIVERSION
 static void row_to_double(const Plane *p, int w_in, const char *row, double *dst) {
@@ -240,8 +234,10 @@ static int run_job(const Job *j) {
             horizontal(&p, j->w, r0, r1, &tx, tmp, blk, rowbuf);
         } else { /* no horizontal pass: the intermediate is the input, as float32 */
             int y, x;
-            for (y = r0; y < r1; y++)
-                for (x = 0; x < j->w; x++) tmp[(size_t)(y - r0) * j->ow + x] = (float)plane_at(&p, y, x);
+            for (y = r0; y < r1; y++) {
+                row_to_double(&p, j->w, p.base + (Py_ssize_t)y * p.s_row, rowbuf);
+                for (x = 0; x < j->w; x++) tmp[(size_t)(y - r0) * j->ow + x] = (float)rowbuf[x];
+            }
         }
         for (yy = 0; yy < j->oh; yy++) {
             const float *v;
@@ -389,4 +385,8 @@ static struct PyModuleDef module = {
     "Anti-aliased bilinear slice resizing (Pillow-identical) with fused HU windowing.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__bilinear(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__bilinear(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "MAX_CHANNELS", MAX_CHANNELS) < 0) Py_CLEAR(m);
+    return m;
+}

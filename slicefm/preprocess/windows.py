@@ -17,6 +17,7 @@ import numpy as np
 
 from slicefm.preprocess.config import HUWindow, ZScoreNorm
 from slicefm.preprocess.crop import is_tensor
+from slicefm.preprocess.resize import kernel_sources, resize_hu_slices, resize_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +59,8 @@ def resize_windows_uint8(
     ``[z, H, W]`` int16 or float32 HU (any strides: a crop view is read in place) -> uint8 ``[z, C, size, size]``
     (into `out` when given), byte for byte what the two steps give; without the kernel it is those two steps.
     """
-    from slicefm.preprocess.resize import kernel_sources, resize_hu_slices, resize_kernel
-
     kernel = resize_kernel()
-    if kernel is None or len(windows) == 0 or len(windows) > 16:
+    if kernel is None or not 0 < len(windows) <= kernel.MAX_CHANNELS:
         return apply_windows_uint8(resize_hu_slices(hu, size), windows, out=out)
     src = kernel_sources(np.asarray(hu))
     side = size or src.shape[-1]
